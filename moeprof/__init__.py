@@ -1,0 +1,48 @@
+"""moeprof: a trace-driven profiler for Mixture-of-Experts inference with offloaded experts.
+
+Library first: every ``moeprof <verb>`` is one of these functions plus a renderer.
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from moeprof.analyze import AnalysisResult, BatchSizeResult, LayerResult, analyze
+from moeprof.errors import MoeprofError
+from moeprof.policies import POLICIES, BatchPlan, plan_batches
+from moeprof.synth import synthesize
+from moeprof.trace import FORMAT_VERSION, Trace, load_trace
+
+__all__ = [
+    "FORMAT_VERSION",
+    "POLICIES",
+    "AnalysisResult",
+    "BatchPlan",
+    "BatchSizeResult",
+    "LayerResult",
+    "MoeprofError",
+    "Trace",
+    "__version__",
+    "analyze",
+    "load_trace",
+    "plan_batches",
+    "synthesize",
+]
+
+# Entry points whose modules import torch or transformers load on first use, so that
+# `import moeprof` stays light for analysis-only users.
+_LAZY = {
+    "record": ("moeprof.record", "record"),
+    "import_trace": ("moeprof.importers", "import_trace"),
+    "export_trace": ("moeprof.export", "export_trace"),
+    "replay": ("moeprof.replay", "replay"),
+}
+
+
+def __getattr__(name: str) -> object:
+    if name in _LAZY:
+        import importlib
+
+        module_name, attr = _LAZY[name]
+        return getattr(importlib.import_module(module_name), attr)
+    raise AttributeError(f"module 'moeprof' has no attribute {name!r}")

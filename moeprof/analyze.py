@@ -1,0 +1,303 @@
+"""Exact expert-deduplication analysis: arrays in, dataclasses out (no printing, no files).
+
+For each batch b and MoE layer l, ``requests(b, l)`` counts (token, expert) pairs and
+``unique(b, l)`` the distinct experts. Each token's experts in a layer become a bitset (one bit
+per expert, 64 experts per uint64 word); a batch's distinct experts are the OR of its tokens'
+bitsets (``np.bitwise_or.reduceat``) and their count a popcount. The bitsets are built once per
+trace and reused for every batch size and policy, so a batch size costs one pass over
+[tokens, layers] words, with no Python loop per batch or per token.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+from moeprof.errors import MoeprofError
+from moeprof.policies import BatchPlan, check_batch_size, check_policy, plan_batches
+from moeprof.trace import Trace
+
+_WORD = 64
+
+
+def _ratio(saved: float, total: float) -> float:
+    return float(saved) / float(total) if total else 0.0
+
+
+def check_expert_ids(trace: Trace) -> None:
+    """Ids above the layer's expert count are an error (the count itself is the 'no expert' sentinel)."""
+    ids = trace.expert_ids
+    if ids.size == 0:
+        return
+    n_exp = trace.n_experts
+    if (n_exp == n_exp[0]).all():
+        bad = int(ids.max()) > int(n_exp[0])
+    else:
+        bad = bool((ids > n_exp[None, :, None]).any())
+    if bad:
+        over = np.argwhere(ids.astype(np.int64) > n_exp[None, :, None])[0]
+        t, layer = int(over[0]), int(over[1])
+        raise MoeprofError(
+            f"expert id {int(ids[t, layer].max())} at token {t}, layer {layer} is out of range: "
+            f"layer {layer} has {int(n_exp[layer])} experts"
+        )
+
+
+def expert_masks(trace: Trace) -> np.ndarray:
+    """Bitset of each token's experts per layer: uint64 [T, L, W], W = ceil(max experts / 64).
+
+    The sentinel maps to an empty set, so skipped slots cost nothing.
+    """
+    check_expert_ids(trace)
+    ids = trace.expert_ids
+    n_exp = trace.n_experts
+    e_max = int(n_exp.max())
+    n_words = (e_max + _WORD - 1) // _WORD
+    n_layers = trace.n_layers
+    # Lookup table [L, e_max + 1, W]: bit e of word e // 64; row n_experts[l] (sentinel) stays empty.
+    table = np.zeros((n_layers, e_max + 1, n_words), dtype=np.uint64)
+    experts = np.arange(e_max)
+    bits = np.left_shift(np.uint64(1), (experts % _WORD).astype(np.uint64))
+    for layer in range(n_layers):
+        e_l = int(n_exp[layer])
+        table[layer, experts[:e_l], experts[:e_l] // _WORD] = bits[:e_l]
+    uniform = bool((n_exp == n_exp[0]).all())
+    if uniform:
+        lut = table[0]  # [e_max + 1, W]
+        masks = lut[ids[:, :, 0]]
+        for k in range(1, trace.top_k):
+            masks |= lut[ids[:, :, k]]
+    else:
+        flat = table.reshape(n_layers * (e_max + 1), n_words)
+        offset = (np.arange(n_layers, dtype=np.int64) * (e_max + 1))[None, :]
+        masks = flat[offset + ids[:, :, 0]]
+        for k in range(1, trace.top_k):
+            masks |= flat[offset + ids[:, :, k]]
+    return masks
+
+
+def requests_per_layer(trace: Trace) -> np.ndarray:
+    """(token, expert) pairs per layer, int64 [L]: every non-sentinel slot. Same for any batching."""
+    ids = trace.expert_ids
+    n_exp = trace.n_experts
+    if (n_exp == n_exp[0]).all():
+        valid = ids != n_exp[0]
+    else:
+        valid = ids != n_exp[None, :, None].astype(ids.dtype)
+    return valid.sum(axis=(0, 2), dtype=np.int64)
+
+
+def unique_per_batch(masks: np.ndarray, plan: BatchPlan) -> np.ndarray:
+    """Distinct experts per batch and layer, int64 [n_batches, L]."""
+    if plan.n_batches == 0:
+        return np.zeros((0, masks.shape[1]), dtype=np.int64)
+    grouped = masks if plan.is_identity else masks[plan.order]
+    if plan.n_batches == grouped.shape[0]:  # one token per batch: nothing to merge
+        merged = grouped
+    else:
+        merged = np.bitwise_or.reduceat(grouped, plan.starts[:-1], axis=0)
+    return np.bitwise_count(merged).sum(axis=2, dtype=np.int64)
+
+
+def unique_per_layer(masks: np.ndarray, plan: BatchPlan) -> np.ndarray:
+    """Σ over batches of distinct experts, int64 [L]."""
+    return unique_per_batch(masks, plan).sum(axis=0, dtype=np.int64)
+
+
+def uniform_unique_per_layer(
+    batch_tokens: np.ndarray, n_experts: np.ndarray, top_k: int
+) -> np.ndarray:
+    """Expected Σ_b distinct experts per layer if every token drew top_k distinct experts uniformly.
+
+    A batch of n tokens touches E·(1 − (1 − k/E)^n) distinct experts in expectation.
+    """
+    sizes, count = np.unique(batch_tokens, return_counts=True)
+    e = n_experts.astype(np.float64)[None, :]
+    k = np.minimum(float(top_k), e)
+    per_size = e * (1.0 - np.power(1.0 - k / e, sizes.astype(np.float64)[:, None]))
+    return (per_size * count[:, None]).sum(axis=0)
+
+
+# ---------------------------------------------------------------------- results
+
+
+@dataclass(frozen=True)
+class LayerResult:
+    layer: int
+    model_layer: int
+    requests: int
+    unique: int
+    memory_savings: float  # also this layer's reuse factor: 1 - unique / requests
+    bytes_requested: int
+    bytes_unique: int
+    uniform_unique: float
+    uniform_memory_savings: float
+
+    @property
+    def reuse_factor(self) -> float:
+        return self.memory_savings
+
+
+@dataclass(frozen=True)
+class BatchSizeResult:
+    batch_size: int
+    policy: str
+    n_batches: int
+    tokens: int
+    requests: int
+    unique: int
+    memory_savings: float
+    bandwidth_savings: float
+    bytes_requested: int
+    bytes_unique: int
+    bytes_saved: int
+    max_reuse_factor: float
+    max_reuse_layer: int
+    mean_reuse_factor: float
+    uniform_unique: float
+    uniform_memory_savings: float
+    layers: tuple[LayerResult, ...] = field(default_factory=tuple)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["layers"] = [asdict(layer) for layer in self.layers]
+        return out
+
+
+@dataclass(frozen=True)
+class AnalysisResult:
+    trace: dict[str, Any]
+    policy: str
+    results: tuple[BatchSizeResult, ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        from moeprof import __version__
+
+        return {
+            "moeprof_version": __version__,
+            "trace": self.trace,
+            "results": [r.to_dict() for r in self.results],
+        }
+
+
+def trace_summary(trace: Trace) -> dict[str, Any]:
+    """The trace metadata as the results JSON carries it, plus counts read from the arrays."""
+    doc = trace.metadata()
+    doc["n_requests"] = trace.n_requests
+    doc["has_steps"] = trace.steps is not None
+    doc["has_gate_weights"] = trace.gate_weights is not None
+    return doc
+
+
+def summarize(
+    plan: BatchPlan,
+    requests: np.ndarray,
+    unique: np.ndarray,
+    expert_bytes: np.ndarray,
+    n_experts: np.ndarray,
+    top_k: int,
+    model_layers: Sequence[int],
+) -> BatchSizeResult:
+    """Totals and per-layer rows for one batching, from per-layer requests and unique counts."""
+    uniform = uniform_unique_per_layer(plan.batch_tokens, n_experts, top_k)
+    uniform_requests = float(plan.batch_tokens.sum()) * np.minimum(top_k, n_experts)
+    bytes_req = requests * expert_bytes
+    bytes_uni = unique * expert_bytes
+    layer_savings = [_ratio(r - u, r) for r, u in zip(requests.tolist(), unique.tolist())]
+    layers = tuple(
+        LayerResult(
+            layer=i,
+            model_layer=int(model_layers[i]),
+            requests=int(requests[i]),
+            unique=int(unique[i]),
+            memory_savings=layer_savings[i],
+            bytes_requested=int(bytes_req[i]),
+            bytes_unique=int(bytes_uni[i]),
+            uniform_unique=float(uniform[i]),
+            uniform_memory_savings=_ratio(uniform_requests[i] - uniform[i], uniform_requests[i]),
+        )
+        for i in range(requests.shape[0])
+    )
+    total_req, total_uni = int(requests.sum()), int(unique.sum())
+    total_bytes_req, total_bytes_uni = int(bytes_req.sum()), int(bytes_uni.sum())
+    memory = _ratio(total_req - total_uni, total_req)
+    # Unknown expert sizes (0) count every expert alike: bandwidth savings equal memory savings.
+    bandwidth = _ratio(total_bytes_req - total_bytes_uni, total_bytes_req) if total_bytes_req else memory
+    best = int(np.argmax(layer_savings)) if layer_savings else 0
+    return BatchSizeResult(
+        batch_size=plan.batch_size,
+        policy=plan.policy,
+        n_batches=plan.n_batches,
+        tokens=int(plan.batch_tokens.sum()),
+        requests=total_req,
+        unique=total_uni,
+        memory_savings=memory,
+        bandwidth_savings=bandwidth,
+        bytes_requested=total_bytes_req,
+        bytes_unique=total_bytes_uni,
+        bytes_saved=total_bytes_req - total_bytes_uni,
+        max_reuse_factor=layer_savings[best] if layer_savings else 0.0,
+        max_reuse_layer=best,
+        mean_reuse_factor=float(np.mean(layer_savings)) if layer_savings else 0.0,
+        uniform_unique=float(uniform.sum()),
+        uniform_memory_savings=_ratio(
+            float(uniform_requests.sum()) - float(uniform.sum()), float(uniform_requests.sum())
+        ),
+        layers=layers,
+    )
+
+
+def parse_batch_sizes(text: str | Iterable[int]) -> list[int]:
+    """'1,2,4' or [1, 2, 4] -> sorted distinct positive ints; anything else is a MoeprofError."""
+    items: list[Any]
+    if isinstance(text, str):
+        items = [s.strip() for s in text.split(",") if s.strip()]
+    else:
+        items = list(text)
+    if not items:
+        raise MoeprofError("no batch sizes given")
+    sizes = []
+    for item in items:
+        if isinstance(item, str) and re.fullmatch(r"[+-]?\d+", item):
+            value = int(item)
+        elif isinstance(item, (int, np.integer)) and not isinstance(item, bool):
+            value = int(item)
+        else:
+            raise MoeprofError(f"batch size {item!r} is not a whole number")
+        sizes.append(check_batch_size(value))
+    return sorted(set(sizes))
+
+
+def analyze(
+    trace: Trace,
+    batch_sizes: Iterable[int] | str = (1, 2, 4, 8, 16, 32, 64),
+    policy: str = "tokens",
+) -> AnalysisResult:
+    """Dedup savings of `trace` for each batch size under `policy` (one row for 'recorded')."""
+    check_policy(policy)
+    sizes = parse_batch_sizes(batch_sizes)
+    if trace.n_tokens == 0:
+        raise MoeprofError("the trace is empty (no tokens)")
+    masks = expert_masks(trace)
+    requests = requests_per_layer(trace)
+    layers = trace.moe_layer_indices
+    plans = [plan_batches(trace, policy, 0)] if policy == "recorded" else [
+        plan_batches(trace, policy, b) for b in sizes
+    ]
+    results = tuple(
+        summarize(
+            plan,
+            requests,
+            unique_per_layer(masks, plan),
+            trace.expert_bytes,
+            trace.n_experts,
+            trace.top_k,
+            layers,
+        )
+        for plan in plans
+    )
+    return AnalysisResult(trace=trace_summary(trace), policy=policy, results=results)

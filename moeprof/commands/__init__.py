@@ -1,0 +1,1 @@
+"""One module per `moeprof` verb; each defines `register(app)`."""

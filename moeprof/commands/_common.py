@@ -1,0 +1,35 @@
+"""What every command shares: consoles, the error line, common options, output checks."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import NoReturn
+
+import typer
+from rich.console import Console
+
+from moeprof.errors import MoeprofError
+
+__all__ = ["MoeprofError", "console", "err_console", "fail", "force_option", "info", "note_written"]
+
+console = Console(highlight=False)
+err_console = Console(stderr=True, highlight=False)
+
+force_option = typer.Option(False, "--force", "-f", help="Overwrite output files that exist.")
+
+
+def fail(message: str, exit_code: int = 2) -> NoReturn:
+    """The one error line: `moeprof: error: ...` on stderr, then exit."""
+    line = " ".join(str(message).split())  # one line, whatever the message held
+    sys.stderr.write(f"moeprof: error: {line}\n")
+    sys.stderr.flush()
+    sys.exit(exit_code)
+
+
+def info(message: str) -> None:
+    err_console.print(message)
+
+
+def note_written(path: str | Path, what: str) -> None:
+    err_console.print(f"[green]wrote[/green] {what}: {path}")

@@ -1,0 +1,32 @@
+"""`moeprof report`: render a results JSON (from analyze or replay) on the terminal, as markdown, as a plot."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from moeprof.commands._common import console, force_option
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("report")
+    def report_cmd(
+        results_path: Path = typer.Argument(..., metavar="RESULTS.json", help="Results JSON."),
+        markdown_out: Path | None = typer.Option(
+            None, "--markdown", help="Write the markdown report here."
+        ),
+        plot_out: Path | None = typer.Option(None, "--plot", help="Write a PNG plot here."),
+        layers: bool = typer.Option(False, "--layers", help="Also show per-layer savings."),
+        force: bool = force_option,
+    ) -> None:
+        """Show the summary and savings tables of a results file; optionally write markdown and PNG."""
+        from moeprof import _io
+        from moeprof.commands.analyze import write_outputs
+        from moeprof.report.model import load_results
+        from moeprof.report.terminal import render_terminal
+
+        _io.check_outputs([markdown_out, plot_out], force=force)
+        doc = load_results(results_path)
+        console.print(render_terminal(doc, layers=layers))
+        write_outputs(doc, json_out=None, markdown_out=markdown_out, plot_out=plot_out)

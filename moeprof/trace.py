@@ -1,0 +1,423 @@
+"""Trace format v1: the routing of a set of requests through the MoE layers of one model.
+
+The only module that knows the file format (specified in docs/trace-format.md). The container is
+safetensors: an 8-byte little-endian header length, a JSON header naming each array's dtype, shape
+and byte range, then the raw arrays. Metadata lives in the header's ``__metadata__`` (string
+values only), under ``format``, ``format_version`` and ``moeprof`` (a JSON document).
+
+Files are written with the safetensors library through a temporary file and a rename, and read
+here with a memory map, so loading a trace costs no copy and the arrays are read-only views of the
+file.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import mmap
+import os
+import platform
+import struct
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from moeprof import _io
+from moeprof.errors import MoeprofError
+
+FORMAT_NAME = "moeprof-trace"
+FORMAT_VERSION = 1
+
+# Array name -> dtype in the file. expert_ids is uint8 or uint16 (see _ids_dtype).
+_ARRAY_DTYPES: dict[str, np.dtype[Any]] = {
+    "gate_weights": np.dtype(np.float16),
+    "request_ids": np.dtype(np.int32),
+    "positions": np.dtype(np.int32),
+    "steps": np.dtype(np.int32),
+    "phase": np.dtype(np.uint8),
+    "token_ids": np.dtype(np.int32),
+}
+_OPTIONAL = ("gate_weights", "steps", "phase", "token_ids")
+_ST_DTYPES = {"U8": np.uint8, "U16": np.uint16, "I32": np.int32, "F16": np.float16}
+_NP_TO_ST = {np.dtype(v): k for k, v in _ST_DTYPES.items()}
+# Keys of the metadata document that the Trace object owns; everything else is free-form `meta`.
+_OWNED_META = ("n_experts", "expert_bytes", "top_k", "n_tokens", "n_layers")
+
+PHASE_PREFILL = 0
+PHASE_DECODE = 1
+
+
+def _ids_dtype(n_experts: np.ndarray) -> np.dtype[Any]:
+    # The sentinel (= expert count) must fit too: uint8 holds counts up to 255.
+    return np.dtype(np.uint8) if int(n_experts.max()) <= 255 else np.dtype(np.uint16)
+
+
+def _per_layer(value: int | Sequence[int] | np.ndarray, n_layers: int, name: str) -> np.ndarray:
+    arr = np.asarray(value, dtype=np.int64)
+    if arr.ndim == 0:
+        arr = np.full(n_layers, int(arr), dtype=np.int64)
+    if arr.shape != (n_layers,):
+        raise MoeprofError(f"{name} must be one int or one value per MoE layer ({n_layers})")
+    return arr
+
+
+def library_versions() -> dict[str, str]:
+    """Versions of what produced a trace, for provenance."""
+    from moeprof import __version__
+
+    versions = {"moeprof": __version__, "numpy": np.__version__, "python": platform.python_version()}
+    import sys
+
+    for mod in ("torch", "transformers"):
+        m = sys.modules.get(mod)
+        if m is not None and hasattr(m, "__version__"):
+            versions[mod] = str(m.__version__)
+    return versions
+
+
+class Trace:
+    """Routing decisions: ``expert_ids[T, L, K]`` plus per-token arrays, in request-major order.
+
+    Build one with :meth:`from_arrays`, read one with :func:`load_trace`. A slot holding the
+    layer's expert count (the sentinel) means "no expert" and is skipped by analysis.
+    """
+
+    expert_ids: np.ndarray
+    gate_weights: np.ndarray | None
+    request_ids: np.ndarray
+    positions: np.ndarray
+    steps: np.ndarray | None
+    phase: np.ndarray | None
+    token_ids: np.ndarray | None
+    n_experts: np.ndarray
+    expert_bytes: np.ndarray
+    meta: dict[str, Any]
+
+    def __init__(
+        self,
+        *,
+        expert_ids: np.ndarray,
+        request_ids: np.ndarray,
+        positions: np.ndarray,
+        n_experts: np.ndarray,
+        expert_bytes: np.ndarray,
+        gate_weights: np.ndarray | None = None,
+        steps: np.ndarray | None = None,
+        phase: np.ndarray | None = None,
+        token_ids: np.ndarray | None = None,
+        meta: dict[str, Any] | None = None,
+    ) -> None:
+        # Internal: arrays are already validated and ordered. Use from_arrays() or load_trace().
+        self.expert_ids = expert_ids
+        self.request_ids = request_ids
+        self.positions = positions
+        self.gate_weights = gate_weights
+        self.steps = steps
+        self.phase = phase
+        self.token_ids = token_ids
+        self.n_experts = n_experts
+        self.expert_bytes = expert_bytes
+        self.meta = dict(meta or {})
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_arrays(
+        cls,
+        expert_ids: np.ndarray | Sequence[Any],
+        *,
+        n_experts: int | Sequence[int] | np.ndarray,
+        request_ids: np.ndarray | Sequence[int] | None = None,
+        positions: np.ndarray | Sequence[int] | None = None,
+        gate_weights: np.ndarray | Sequence[Any] | None = None,
+        steps: np.ndarray | Sequence[int] | None = None,
+        phase: np.ndarray | Sequence[int] | None = None,
+        token_ids: np.ndarray | Sequence[int] | None = None,
+        expert_bytes: int | Sequence[int] | np.ndarray | None = None,
+        meta: Mapping[str, Any] | None = None,
+    ) -> Trace:
+        """Validate arrays and put the rows in request-major order (by request, then position).
+
+        ``n_experts`` and ``expert_bytes`` are one int or one value per MoE layer. Without
+        ``request_ids`` all rows are one request; without ``positions`` each request's rows are
+        numbered 0..n-1 in the order given. ``expert_bytes=None`` means the size is unknown (0).
+        """
+        ids = np.asarray(expert_ids)
+        if ids.ndim != 3:
+            raise MoeprofError(f"expert_ids must have shape [tokens, layers, top_k], got {ids.shape}")
+        n_tokens, n_layers, top_k = ids.shape
+        if n_layers == 0 or top_k == 0:
+            raise MoeprofError("expert_ids must have at least one MoE layer and one top-k slot")
+        if ids.size and not np.issubdtype(ids.dtype, np.integer):
+            raise MoeprofError(f"expert_ids must be integers, got {ids.dtype}")
+        n_exp = _per_layer(n_experts, n_layers, "n_experts")
+        if (n_exp < 1).any() or (n_exp > 65535).any():
+            raise MoeprofError("n_experts must be between 1 and 65535 per layer")
+        if ids.size:
+            if int(ids.min()) < 0:
+                raise MoeprofError("expert_ids must not be negative")
+            over = ids.astype(np.int64, copy=False) > n_exp[None, :, None]
+            if over.any():
+                t, layer, _ = np.argwhere(over)[0]
+                raise MoeprofError(
+                    f"expert id {int(ids[t, layer].max())} at token {t}, layer {layer} is out of "
+                    f"range: layer {layer} has {int(n_exp[layer])} experts"
+                )
+        ebytes = (
+            np.zeros(n_layers, dtype=np.int64)
+            if expert_bytes is None
+            else _per_layer(expert_bytes, n_layers, "expert_bytes")
+        )
+        if (ebytes < 0).any():
+            raise MoeprofError("expert_bytes must not be negative")
+
+        def per_token(value: Any, name: str) -> np.ndarray | None:
+            if value is None:
+                return None
+            arr = np.asarray(value)
+            if arr.shape != (n_tokens,):
+                raise MoeprofError(f"{name} must have shape [{n_tokens}], got {arr.shape}")
+            if arr.size and not np.issubdtype(arr.dtype, np.integer):
+                raise MoeprofError(f"{name} must be integers, got {arr.dtype}")
+            return arr.astype(_ARRAY_DTYPES[name])
+
+        req = per_token(request_ids, "request_ids")
+        if req is None:
+            req = np.zeros(n_tokens, dtype=np.int32)
+        pos = per_token(positions, "positions")
+        stp = per_token(steps, "steps")
+        phs = per_token(phase, "phase")
+        if phs is not None and phs.size and int(phs.max()) > PHASE_DECODE:
+            raise MoeprofError("phase must be 0 (prefill) or 1 (decode)")
+        tok = per_token(token_ids, "token_ids")
+        gw = None
+        if gate_weights is not None:
+            gw = np.asarray(gate_weights, dtype=np.float16)
+            if gw.shape != ids.shape:
+                raise MoeprofError(f"gate_weights must have shape {ids.shape}, got {gw.shape}")
+
+        if pos is None:
+            # Order of appearance within each request: rank of the row among its request's rows.
+            order = np.argsort(req, kind="stable")
+            sorted_req = req[order]
+            first = np.searchsorted(sorted_req, sorted_req, side="left")
+            pos = np.empty(n_tokens, dtype=np.int32)
+            pos[order] = (np.arange(n_tokens) - first).astype(np.int32)
+        order = np.lexsort((pos, req))
+        if n_tokens and not (order == np.arange(n_tokens)).all():
+            ids, req, pos = ids[order], req[order], pos[order]
+            gw = None if gw is None else gw[order]
+            stp = None if stp is None else stp[order]
+            phs = None if phs is None else phs[order]
+            tok = None if tok is None else tok[order]
+        if n_tokens > 1:
+            same = (req[1:] == req[:-1]) & (pos[1:] == pos[:-1])
+            if same.any():
+                i = int(np.argmax(same))
+                raise MoeprofError(
+                    f"request {int(req[i])} has two tokens at position {int(pos[i])}"
+                )
+
+        full_meta = dict(meta or {})
+        for key in _OWNED_META:
+            full_meta.pop(key, None)
+        full_meta.setdefault("moe_layer_indices", list(range(n_layers)))
+        full_meta.setdefault("shared_expert_bytes", 0)
+        full_meta.setdefault("created", _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
+        full_meta.setdefault("library_versions", library_versions())
+        if len(full_meta["moe_layer_indices"]) != n_layers:
+            raise MoeprofError(
+                f"moe_layer_indices names {len(full_meta['moe_layer_indices'])} layers, "
+                f"expert_ids has {n_layers}"
+            )
+        return cls(
+            expert_ids=np.ascontiguousarray(ids.astype(_ids_dtype(n_exp), copy=False)),
+            request_ids=np.ascontiguousarray(req),
+            positions=np.ascontiguousarray(pos),
+            gate_weights=None if gw is None else np.ascontiguousarray(gw),
+            steps=None if stp is None else np.ascontiguousarray(stp),
+            phase=None if phs is None else np.ascontiguousarray(phs),
+            token_ids=None if tok is None else np.ascontiguousarray(tok),
+            n_experts=n_exp,
+            expert_bytes=ebytes,
+            meta=full_meta,
+        )
+
+    # ------------------------------------------------------------------ shape
+    @property
+    def n_tokens(self) -> int:
+        return int(self.expert_ids.shape[0])
+
+    @property
+    def n_layers(self) -> int:
+        return int(self.expert_ids.shape[1])
+
+    @property
+    def top_k(self) -> int:
+        return int(self.expert_ids.shape[2])
+
+    @property
+    def n_requests(self) -> int:
+        if self.n_tokens == 0:
+            return 0
+        return int(np.count_nonzero(self.request_ids[1:] != self.request_ids[:-1]) + 1)
+
+    @property
+    def moe_layer_indices(self) -> list[int]:
+        return [int(x) for x in self.meta.get("moe_layer_indices", range(self.n_layers))]
+
+    @property
+    def expert_bytes_known(self) -> bool:
+        return bool((self.expert_bytes > 0).all())
+
+    def __repr__(self) -> str:
+        return (
+            f"Trace(tokens={self.n_tokens}, requests={self.n_requests}, layers={self.n_layers}, "
+            f"top_k={self.top_k}, experts={self.n_experts.tolist()})"
+        )
+
+    def metadata(self) -> dict[str, Any]:
+        """The full metadata document as stored in the file (JSON-serialisable)."""
+        doc: dict[str, Any] = {
+            "format": FORMAT_NAME,
+            "format_version": FORMAT_VERSION,
+            "n_tokens": self.n_tokens,
+            "n_layers": self.n_layers,
+            "top_k": self.top_k,
+            "n_experts": self.n_experts.tolist(),
+            "expert_bytes": self.expert_bytes.tolist(),
+        }
+        doc.update(self.meta)
+        return doc
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """The arrays stored in the file, by name (optional ones only when present)."""
+        out = {
+            "expert_ids": self.expert_ids,
+            "request_ids": self.request_ids,
+            "positions": self.positions,
+        }
+        for name in _OPTIONAL:
+            value = getattr(self, name)
+            if value is not None:
+                out[name] = value
+        return out
+
+    # ------------------------------------------------------------------ I/O
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Write the trace atomically (temporary file + rename)."""
+        from safetensors.numpy import save_file
+
+        header_meta = {
+            "format": FORMAT_NAME,
+            "format_version": str(FORMAT_VERSION),
+            "moeprof": json.dumps(self.metadata(), sort_keys=True),
+        }
+        tensors = {k: np.ascontiguousarray(v) for k, v in self.arrays().items()}
+        with _io.atomic_path(path) as tmp:
+            save_file(tensors, str(tmp), metadata=header_meta)
+
+
+def _corrupt(path: Path, why: str) -> MoeprofError:
+    return MoeprofError(f"{path}: not a readable moeprof trace ({why})")
+
+
+def load_trace(path: str | os.PathLike[str]) -> Trace:
+    """Read a trace file by memory map; arrays are read-only views of the file."""
+    p = Path(path)
+    if not p.exists():
+        raise MoeprofError(f"trace file {p} not found")
+    if p.is_dir():
+        raise MoeprofError(f"{p} is a folder, not a trace file")
+    size = p.stat().st_size
+    if size < 8:
+        raise _corrupt(p, "file too short")
+    with open(p, "rb") as fh:
+        (header_len,) = struct.unpack("<Q", fh.read(8))
+        if header_len <= 1 or 8 + header_len > size or header_len > 100_000_000:
+            raise _corrupt(p, "bad header length")
+        raw = fh.read(header_len)
+        try:
+            header = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise _corrupt(p, "header is not JSON") from None
+        if not isinstance(header, dict):
+            raise _corrupt(p, "header is not a JSON object")
+        file_meta = header.pop("__metadata__", None) or {}
+        if not isinstance(file_meta, dict) or file_meta.get("format") != FORMAT_NAME:
+            raise _corrupt(p, "no moeprof metadata; is this a trace written by moeprof?")
+        try:
+            version = int(file_meta.get("format_version", ""))
+        except ValueError:
+            raise _corrupt(p, "format version is not a number") from None
+        if version > FORMAT_VERSION:
+            raise MoeprofError(
+                f"{p}: trace format version {version} is newer than this moeprof reads "
+                f"(version {FORMAT_VERSION}); upgrade moeprof"
+            )
+        if version < 1:
+            raise _corrupt(p, f"unknown format version {version}")
+        try:
+            doc = json.loads(file_meta["moeprof"])
+        except (KeyError, TypeError, json.JSONDecodeError):
+            raise _corrupt(p, "metadata document missing or not JSON") from None
+        data_start = 8 + header_len
+        buf: mmap.mmap | bytes
+        buf = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) if size > 0 else b""
+
+    arrays: dict[str, np.ndarray] = {}
+    for name, info in header.items():
+        try:
+            dtype = np.dtype(_ST_DTYPES[info["dtype"]])
+            shape = tuple(int(s) for s in info["shape"])
+            begin, end = (int(x) for x in info["data_offsets"])
+        except (KeyError, TypeError, ValueError):
+            raise _corrupt(p, f"bad entry for array {name!r}") from None
+        count = int(np.prod(shape)) if shape else 1
+        if end - begin != count * dtype.itemsize or begin < 0:
+            raise _corrupt(p, f"array {name!r} size does not match its shape")
+        if data_start + end > size:
+            raise _corrupt(p, "file is truncated")
+        arrays[name] = np.frombuffer(buf, dtype=dtype, count=count, offset=data_start + begin).reshape(
+            shape
+        )
+
+    for required in ("expert_ids", "request_ids", "positions"):
+        if required not in arrays:
+            raise _corrupt(p, f"array {required!r} missing")
+    ids = arrays["expert_ids"]
+    if ids.ndim != 3 or ids.dtype not in (np.uint8, np.uint16):
+        raise _corrupt(p, "expert_ids must be uint8/uint16 [tokens, layers, top_k]")
+    n_tokens, n_layers, _ = ids.shape
+    try:
+        n_exp = np.asarray(doc["n_experts"], dtype=np.int64)
+        ebytes = np.asarray(doc["expert_bytes"], dtype=np.int64)
+    except (KeyError, TypeError, ValueError):
+        raise _corrupt(p, "n_experts / expert_bytes missing from metadata") from None
+    if n_exp.shape != (n_layers,) or ebytes.shape != (n_layers,):
+        raise _corrupt(p, "n_experts / expert_bytes do not have one value per layer")
+    for name, arr in arrays.items():
+        if name == "expert_ids":
+            continue
+        if name == "gate_weights":
+            ok = arr.shape == ids.shape and arr.dtype == np.float16
+        elif name in _ARRAY_DTYPES:
+            ok = arr.shape == (n_tokens,) and arr.dtype == _ARRAY_DTYPES[name]
+        else:
+            raise _corrupt(p, f"unknown array {name!r}")
+        if not ok:
+            raise _corrupt(p, f"array {name!r} has the wrong shape or dtype")
+    meta = {k: v for k, v in doc.items() if k not in _OWNED_META and k not in ("format", "format_version")}
+    return Trace(
+        expert_ids=ids,
+        request_ids=arrays["request_ids"],
+        positions=arrays["positions"],
+        gate_weights=arrays.get("gate_weights"),
+        steps=arrays.get("steps"),
+        phase=arrays.get("phase"),
+        token_ids=arrays.get("token_ids"),
+        n_experts=n_exp,
+        expert_bytes=ebytes,
+        meta=meta,
+    )
