@@ -17,11 +17,17 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed
 
+# The main job on built-in defaults: make a trace, analyse it, print and write the report.
 demo: install
-	$(VENV)/bin/moeprof demo --out demo-out --force
+	mkdir -p demo-out
+	$(VENV)/bin/moeprof synth -o demo-out/demo.moe --experts 8 --top-k 2 --layers 8 \
+	  --requests 32 --tokens 128 --length-spread 0.5 --zipf 0.8 --locality 0.3 --force
+	$(VENV)/bin/moeprof analyze demo-out/demo.moe --batch-sizes 1,2,4,8,16,32,64 \
+	  --json demo-out/results.json --markdown demo-out/report.md --plot demo-out/savings.png --force
 
 lint: install
 	$(VENV)/bin/ruff check moeprof tests benchmarks scripts
+	$(VENV)/bin/ruff format --check moeprof tests benchmarks scripts
 
 typecheck: install
 	$(VENV)/bin/mypy

@@ -12,8 +12,8 @@ import pkgutil
 import sys
 from collections.abc import Sequence
 
-import click
 import typer
+from typer.exceptions import TyperException
 
 from moeprof import __version__
 from moeprof.commands import _common
@@ -68,15 +68,18 @@ def main(argv: Sequence[str] | None = None) -> None:
         rv = command.main(args=args, prog_name="moeprof", standalone_mode=False)
     except _common.MoeprofError as exc:
         _common.fail(exc.message, exc.exit_code)
-    except click.exceptions.NoArgsIsHelpError as exc:
-        click.echo(exc.ctx.get_help() if exc.ctx else str(exc))
-        sys.exit(0)
-    except click.UsageError as exc:
-        hint = f" (see 'moeprof {exc.ctx.command.name} --help')" if exc.ctx and exc.ctx.parent else ""
-        _common.fail(exc.format_message() + hint, 2)
-    except click.ClickException as exc:
-        _common.fail(exc.format_message(), exc.exit_code)
-    except (click.exceptions.Abort, KeyboardInterrupt):
+    except TyperException as exc:  # typer's (vendored click) usage errors
+        ctx = getattr(exc, "ctx", None)
+        if type(exc).__name__ == "NoArgsIsHelpError" and ctx is not None:
+            typer.echo(ctx.get_help())
+            sys.exit(0)
+        hint = ""
+        if ctx is not None and ctx.parent is not None and ctx.command.name:
+            hint = f" (see 'moeprof {ctx.command.name} --help')"
+        _common.fail(exc.format_message() + hint, 2 if ctx is not None else exc.exit_code)
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+    except (typer.Abort, KeyboardInterrupt):
         _common.fail("interrupted", 130)
     except BrokenPipeError:
         sys.exit(0)

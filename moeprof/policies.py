@@ -124,7 +124,9 @@ def plan_batches(trace: Trace, policy: str, batch_size: int) -> BatchPlan:
         return _plan_from_batch_ids(policy, b, step)
     # recorded
     if trace.steps is None:
-        raise MoeprofError("policy 'recorded' needs a trace with recorded steps; this trace has none")
+        raise MoeprofError(
+            "policy 'recorded' needs a trace with recorded steps; this trace has none"
+        )
     _, dense = np.unique(trace.steps, return_inverse=True)
     plan = _plan_from_batch_ids(policy, 0, dense.astype(np.int64))
     largest = int(plan.batch_tokens.max()) if plan.n_batches else 0

@@ -39,7 +39,9 @@ def _popularity(
                 f"{list(pop.shape)}"
             )
         if (pop < 0).any() or (pop.sum(axis=1) <= 0).any():
-            raise MoeprofError("popularity counts must be non-negative with a positive sum per layer")
+            raise MoeprofError(
+                "popularity counts must be non-negative with a positive sum per layer"
+            )
         return pop / pop.sum(axis=1, keepdims=True)
     ranks = np.arange(1, n_experts + 1, dtype=np.float64)
     base = ranks ** (-zipf)
@@ -49,7 +51,9 @@ def _popularity(
     return probs / probs.sum(axis=1, keepdims=True)
 
 
-def _ranked_draws(rng: np.random.Generator, log_p: np.ndarray, n_tokens: int, n_cand: int) -> np.ndarray:
+def _ranked_draws(
+    rng: np.random.Generator, log_p: np.ndarray, n_tokens: int, n_cand: int
+) -> np.ndarray:
     """For each token, `n_cand` distinct experts in Gumbel-top-k order: int64 [T, n_cand]."""
     out = np.empty((n_tokens, n_cand), dtype=np.int64)
     n_exp = log_p.shape[0]
@@ -65,9 +69,7 @@ def _ranked_draws(rng: np.random.Generator, log_p: np.ndarray, n_tokens: int, n_
     return out
 
 
-def _apply_locality(
-    cand: np.ndarray, fresh: np.ndarray, top_k: int
-) -> np.ndarray:
+def _apply_locality(cand: np.ndarray, fresh: np.ndarray, top_k: int) -> np.ndarray:
     """Slots not drawn fresh repeat the slot's last fresh draw; collisions take the next candidate."""
     n_tokens = cand.shape[0]
     rows = np.arange(n_tokens)[:, None]
@@ -135,7 +137,9 @@ def synthesize(
         log_p = np.log(probs)  # experts never chosen get -inf and are never drawn
     n_nonzero = (probs > 0).sum(axis=1)
     if (n_nonzero < top_k).any():
-        raise MoeprofError(f"popularity gives some layer fewer than top-k={top_k} experts to choose")
+        raise MoeprofError(
+            f"popularity gives some layer fewer than top-k={top_k} experts to choose"
+        )
     n_cand = min(n_experts, 2 * top_k, int(n_nonzero.min()))
     ids = np.empty((n_tokens, n_layers, top_k), dtype=np.int64)
     for layer in range(n_layers):
@@ -151,14 +155,18 @@ def synthesize(
         "top_k": top_k,
         "n_layers": n_layers,
         "n_requests": n_requests,
-        "tokens_per_request": base_len.tolist() if np.ndim(tokens_per_request) else int(base_len[0]),
+        "tokens_per_request": base_len.tolist()
+        if np.ndim(tokens_per_request)
+        else int(base_len[0]),
         "length_spread": length_spread,
         "zipf": zipf,
         "locality": locality,
         "popularity": "given" if popularity is not None else None,
         "seed": seed,
     }
-    full_meta: dict[str, Any] = {"model": {"id": "synthetic", "architecture": None, "revision": None}}
+    full_meta: dict[str, Any] = {
+        "model": {"id": "synthetic", "architecture": None, "revision": None}
+    }
     full_meta["source"] = settings
     full_meta.update(meta or {})
     return Trace.from_arrays(

@@ -67,7 +67,11 @@ def library_versions() -> dict[str, str]:
     """Versions of what produced a trace, for provenance."""
     from moeprof import __version__
 
-    versions = {"moeprof": __version__, "numpy": np.__version__, "python": platform.python_version()}
+    versions = {
+        "moeprof": __version__,
+        "numpy": np.__version__,
+        "python": platform.python_version(),
+    }
     import sys
 
     for mod in ("torch", "transformers"):
@@ -145,7 +149,9 @@ class Trace:
         """
         ids = np.asarray(expert_ids)
         if ids.ndim != 3:
-            raise MoeprofError(f"expert_ids must have shape [tokens, layers, top_k], got {ids.shape}")
+            raise MoeprofError(
+                f"expert_ids must have shape [tokens, layers, top_k], got {ids.shape}"
+            )
         n_tokens, n_layers, top_k = ids.shape
         if n_layers == 0 or top_k == 0:
             raise MoeprofError("expert_ids must have at least one MoE layer and one top-k slot")
@@ -224,7 +230,9 @@ class Trace:
             full_meta.pop(key, None)
         full_meta.setdefault("moe_layer_indices", list(range(n_layers)))
         full_meta.setdefault("shared_expert_bytes", 0)
-        full_meta.setdefault("created", _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
+        full_meta.setdefault(
+            "created", _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+        )
         full_meta.setdefault("library_versions", library_versions())
         if len(full_meta["moe_layer_indices"]) != n_layers:
             raise MoeprofError(
@@ -379,9 +387,9 @@ def load_trace(path: str | os.PathLike[str]) -> Trace:
             raise _corrupt(p, f"array {name!r} size does not match its shape")
         if data_start + end > size:
             raise _corrupt(p, "file is truncated")
-        arrays[name] = np.frombuffer(buf, dtype=dtype, count=count, offset=data_start + begin).reshape(
-            shape
-        )
+        arrays[name] = np.frombuffer(
+            buf, dtype=dtype, count=count, offset=data_start + begin
+        ).reshape(shape)
 
     for required in ("expert_ids", "request_ids", "positions"):
         if required not in arrays:
@@ -408,7 +416,11 @@ def load_trace(path: str | os.PathLike[str]) -> Trace:
             raise _corrupt(p, f"unknown array {name!r}")
         if not ok:
             raise _corrupt(p, f"array {name!r} has the wrong shape or dtype")
-    meta = {k: v for k, v in doc.items() if k not in _OWNED_META and k not in ("format", "format_version")}
+    meta = {
+        k: v
+        for k, v in doc.items()
+        if k not in _OWNED_META and k not in ("format", "format_version")
+    }
     return Trace(
         expert_ids=ids,
         request_ids=arrays["request_ids"],

@@ -26,7 +26,9 @@ def write_outputs(
     if json_out is not None:
         rendered.append((json_out, (json.dumps(doc, indent=2) + "\n").encode(), "results JSON"))
     if markdown_out is not None:
-        rendered.append((markdown_out, render_markdown(doc, title=title).encode(), "markdown report"))
+        rendered.append(
+            (markdown_out, render_markdown(doc, title=title).encode(), "markdown report")
+        )
     if plot_out is not None:
         from moeprof.report.plot import render_plot
 

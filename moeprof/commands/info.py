@@ -52,7 +52,10 @@ def register(app: typer.Typer) -> None:
                 else (human_bytes(ebytes[0]) if len(set(ebytes)) == 1 else str(ebytes)),
             ),
             ("shared-expert bytes", f"{int(doc.get('shared_expert_bytes') or 0):,}"),
-            ("arrays", ", ".join(f"{k} {tuple(v.shape)} {v.dtype}" for k, v in trace.arrays().items())),
+            (
+                "arrays",
+                ", ".join(f"{k} {tuple(v.shape)} {v.dtype}" for k, v in trace.arrays().items()),
+            ),
             ("steps recorded", "yes" if trace.steps is not None else "no"),
             ("created", str(doc.get("created", "—"))),
             ("file size", human_bytes(doc["file_bytes"])),

@@ -35,7 +35,9 @@ def register(app: typer.Typer) -> None:
             "--expert-bytes",
             help="Bytes of one routed expert (default: one Mixtral-8x7B expert in bf16).",
         ),
-        seed: int = typer.Option(0, "--seed", help="Random seed; the same seed gives the same trace."),
+        seed: int = typer.Option(
+            0, "--seed", help="Random seed; the same seed gives the same trace."
+        ),
         force: bool = force_option,
     ) -> None:
         """Write a synthetic routing trace (deterministic for a seed)."""

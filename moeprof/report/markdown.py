@@ -24,7 +24,6 @@ def batch_table_rows(model: ReportModel) -> tuple[list[str], list[list[str]]]:
         "Avg Memory Savings",
         "Avg Bandwidth Savings",
         "Max Reuse Factor",
-        "Bytes Requested",
         "Bytes Saved",
         "Uniform Expectation",
     ]
@@ -34,8 +33,7 @@ def batch_table_rows(model: ReportModel) -> tuple[list[str], list[list[str]]]:
             f"{r.n_batches:,}",
             pct(r.memory_savings),
             pct(r.bandwidth_savings),
-            f"{r.max_reuse_factor:.3f} (layer {r.max_reuse_layer})",
-            human_bytes(r.bytes_requested) if model.summary.expert_bytes_known else "—",
+            f"{r.max_reuse_factor:.3f} (L{r.max_reuse_layer})",
             human_bytes(r.bytes_saved) if model.summary.expert_bytes_known else "—",
             pct(r.uniform_memory_savings),
         ]
@@ -54,7 +52,15 @@ def summary_items(model: ReportModel) -> list[tuple[str, str]]:
             f"{pct(bb.bandwidth_savings)} at batch size {bb.batch_size}"
             + (f" ({human_bytes(bb.bytes_saved)} saved)" if s.expert_bytes_known else ""),
         ),
-        ("Average reuse factor", f"{s.average_reuse_factor:.3f} (mean over layers and batch sizes)"),
+        (
+            "Average reuse factor",
+            f"{s.average_reuse_factor:.3f} (mean over layers and batch sizes)",
+        ),
+        (
+            "Expert traffic without dedup",
+            f"{bm.requests:,} expert loads"
+            + (f", {human_bytes(bm.bytes_requested)}" if s.expert_bytes_known else ""),
+        ),
         ("Batching policy", s.policy),
         ("Model", s.model + (f" ({s.architecture})" if s.architecture != "—" else "")),
         ("Source", s.source),
@@ -80,8 +86,9 @@ def render_markdown(doc: dict[str, Any], title: str = "moeprof report") -> str:
     parts += ["", "## Savings by Batch Size", "", md_table(header, rows), ""]
     parts += [
         "Memory savings count expert loads avoided; bandwidth savings weigh them by each layer's "
-        "expert bytes. *Uniform Expectation* is the memory savings if every token picked its "
-        "experts uniformly at random, for the same batches.",
+        "expert bytes. *Max Reuse Factor* is the best layer's 1 − unique/requests (L = MoE layer). "
+        "*Uniform Expectation* is the memory savings if every token picked its experts uniformly "
+        "at random, for the same batches.",
         "",
         "## Savings per Layer",
         "",

@@ -90,6 +90,7 @@ def load_results(path: str | os.PathLike[str]) -> dict[str, Any]:
 class BatchRow:
     batch_size: int
     n_batches: int
+    requests: int
     memory_savings: float
     bandwidth_savings: float
     max_reuse_factor: float
@@ -139,6 +140,7 @@ def _row(r: dict[str, Any]) -> BatchRow:
     return BatchRow(
         batch_size=int(r["batch_size"]),
         n_batches=int(r.get("n_batches", 0)),
+        requests=int(r["requests"]),
         memory_savings=float(r["memory_savings"]),
         bandwidth_savings=float(r["bandwidth_savings"]),
         max_reuse_factor=float(r.get("max_reuse_factor", savings[best] if savings else 0.0)),
@@ -170,8 +172,12 @@ def _layer_label(layer: dict[str, Any]) -> str:
     return f"{idx}" if idx == model_layer else f"{idx} (model layer {model_layer})"
 
 
-def _recommendations(rows: list[BatchRow], layer_rows: list[tuple[str, tuple[float, ...]]],
-                     expert_bytes_known: bool, tokens: int) -> list[str]:
+def _recommendations(
+    rows: list[BatchRow],
+    layer_rows: list[tuple[str, tuple[float, ...]]],
+    expert_bytes_known: bool,
+    tokens: int,
+) -> list[str]:
     out: list[str] = []
     reaching = [r for r in rows if r.memory_savings >= HALF]
     if reaching:
@@ -274,8 +280,10 @@ def _technical(doc: dict[str, Any], rows: list[BatchRow]) -> list[str]:
                 f"depending on the layer, so bandwidth and memory savings can differ."
             )
     else:
-        lines.append("This trace does not record expert sizes: byte counts are 0 and bandwidth "
-                     "savings are taken equal to memory savings.")
+        lines.append(
+            "This trace does not record expert sizes: byte counts are 0 and bandwidth "
+            "savings are taken equal to memory savings."
+        )
     if e and top_k and n_experts and min(n_experts) == max(n_experts):
         b = rows[-1].batch_size
         expected = e * (1 - (1 - top_k / e) ** b)

@@ -4,17 +4,20 @@ from __future__ import annotations
 
 from typing import Any
 
+from rich import box
 from rich.console import Group
 from rich.table import Table
 
 from moeprof.report.markdown import batch_table_rows, layer_table_rows, summary_items
 from moeprof.report.model import ReportModel, build_report
 
+TERMINAL_HEADER = ["Batch", "Batches", "Memory", "Bandwidth", "Max reuse", "Saved", "Uniform"]
+
 
 def _table(title: str, header: list[str], rows: list[list[str]]) -> Table:
-    table = Table(title=title, title_justify="left", header_style="bold")
+    table = Table(title=title, title_justify="left", header_style="bold", box=box.SIMPLE_HEAD)
     for i, name in enumerate(header):
-        table.add_column(name, justify="left" if i == 0 else "right")
+        table.add_column(name, justify="left" if i == 0 else "right", no_wrap=True)
     for row in rows:
         table.add_row(*row)
     return table
@@ -32,8 +35,12 @@ def summary_table(model: ReportModel) -> Table:
 def render_terminal(doc: dict[str, Any], *, layers: bool = False) -> Group:
     """Summary and savings-by-batch-size tables (and per-layer savings when `layers`)."""
     model = build_report(doc)
-    header, rows = batch_table_rows(model)
-    parts: list[Any] = [summary_table(model), _table("Savings by Batch Size", header, rows)]
+    _, rows = batch_table_rows(model)
+    # Same columns as the markdown table, with headers short enough for an 80-column terminal.
+    parts: list[Any] = [
+        summary_table(model),
+        _table("Savings by Batch Size", TERMINAL_HEADER, rows),
+    ]
     if layers:
         header, rows = layer_table_rows(model)
         parts.append(_table("Savings per Layer", header, rows))

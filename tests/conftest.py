@@ -1,0 +1,114 @@
+"""Shared test helpers: reference locations, CLI runner, small random traces."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import moeprof
+from moeprof.trace import Trace
+
+REPO = Path(__file__).resolve().parent.parent
+DATA = Path(__file__).resolve().parent / "data"
+SHARED = REPO.parent / "shared"
+REFERENCE_TRACES = SHARED / "reference-traces"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    try:
+        import torch
+
+        has_cuda = bool(torch.cuda.is_available())
+    except Exception:  # torch missing or broken: no CUDA either way
+        has_cuda = False
+    if has_cuda:
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@dataclass
+class CliResult:
+    exit_code: int
+    stdout: str
+    stderr: str
+
+
+@pytest.fixture
+def run_cli(capsys: pytest.CaptureFixture[str]):
+    """Run `moeprof ARGS` in-process; returns exit code and captured output."""
+    from moeprof.cli import main
+
+    def run(*args: str | Path) -> CliResult:
+        try:
+            main([str(a) for a in args])
+            code = 0
+        except SystemExit as exc:
+            code = int(exc.code or 0) if not isinstance(exc.code, str) else 1
+        out, err = capsys.readouterr()
+        return CliResult(code, out, err)
+
+    return run
+
+
+def random_trace(
+    rng: np.random.Generator,
+    *,
+    n_tokens: int | None = None,
+    n_layers: int | None = None,
+    top_k: int | None = None,
+    n_experts: int | Sequence[int] | None = None,
+    sentinel_rate: float = 0.1,
+    with_steps: bool = True,
+) -> Trace:
+    """A small random trace with varied shapes, request lengths, sentinels and optional steps."""
+    n_tokens = int(rng.integers(1, 60)) if n_tokens is None else n_tokens
+    n_layers = int(rng.integers(1, 4)) if n_layers is None else n_layers
+    top_k = int(rng.integers(1, 5)) if top_k is None else top_k
+    if n_experts is None:
+        choices = [top_k, 4, 8, 16, 64, 65, 130, 300]
+        n_experts = [int(max(top_k, rng.choice(choices))) for _ in range(n_layers)]
+    n_exp = np.broadcast_to(np.asarray(n_experts), (n_layers,))
+    ids = np.empty((n_tokens, n_layers, top_k), dtype=np.int64)
+    for layer in range(n_layers):
+        e = int(n_exp[layer])
+        draws = np.argsort(rng.random((n_tokens, e)), axis=1)[:, :top_k]
+        # Skew towards few experts sometimes, so batches share experts.
+        if rng.random() < 0.5 and e > top_k:
+            draws = np.argsort(rng.random((n_tokens, e)) * (1 + np.arange(e)), axis=1)[:, :top_k]
+        ids[:, layer] = draws
+    drop = rng.random(ids.shape) < sentinel_rate
+    ids = np.where(drop, n_exp[None, :, None], ids)
+    n_req = int(rng.integers(1, max(2, n_tokens // 3) + 1))
+    request_ids = rng.integers(0, n_req, size=n_tokens) * 7 + 3  # sparse, unsorted ids
+    positions = rng.permutation(n_tokens).astype(np.int64)
+    steps = rng.integers(0, max(1, n_tokens // 2), size=n_tokens) if with_steps else None
+    return Trace.from_arrays(
+        ids,
+        n_experts=[int(x) for x in n_exp],
+        request_ids=request_ids,
+        positions=positions,
+        steps=steps,
+        expert_bytes=[int(x) for x in rng.integers(1, 1000, size=n_layers)],
+    )
+
+
+@pytest.fixture
+def small_trace() -> Trace:
+    return moeprof.synthesize(
+        n_experts=8,
+        top_k=2,
+        n_layers=3,
+        n_requests=5,
+        tokens_per_request=20,
+        length_spread=0.5,
+        zipf=1.0,
+        locality=0.3,
+        seed=1,
+    )

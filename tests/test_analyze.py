@@ -1,0 +1,221 @@
+"""Analysis against a brute-force reference written independently of moeprof's policy code."""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+
+import numpy as np
+import pytest
+from conftest import random_trace
+
+import moeprof
+from moeprof.errors import MoeprofError
+from moeprof.trace import Trace
+
+
+def reference_batches(trace: Trace, policy: str, b: int) -> list[list[int]]:
+    """Rows of each batch, by direct simulation (one Python step at a time)."""
+    n = trace.n_tokens
+    if policy == "tokens":
+        return [list(range(s, min(n, s + b))) for s in range(0, n, b)]
+    if policy == "recorded":
+        groups: dict[int, list[int]] = defaultdict(list)
+        for row, step in enumerate(trace.steps.tolist()):
+            groups[step].append(row)
+        return [groups[s] for s in sorted(groups)]
+    # decode: continuous batching with b slots
+    rows_of: dict[int, list[tuple[int, int]]] = defaultdict(list)
+    order: list[int] = []
+    for row, (req, pos) in enumerate(zip(trace.request_ids.tolist(), trace.positions.tolist())):
+        if req not in rows_of:
+            order.append(req)
+        rows_of[req].append((pos, row))
+    waiting = [sorted(rows_of[r]) for r in order]
+    active: list[list[tuple[int, int]]] = []
+    batches = []
+    while waiting or active:
+        while len(active) < b and waiting:
+            active.append(waiting.pop(0))
+        batches.append([req_rows.pop(0)[1] for req_rows in active])
+        active = [req_rows for req_rows in active if req_rows]
+    return batches
+
+
+def reference_counts(trace: Trace, batches: list[list[int]]) -> tuple[list[int], list[int]]:
+    ids = trace.expert_ids.tolist()
+    n_exp = trace.n_experts.tolist()
+    requests = [0] * trace.n_layers
+    unique = [0] * trace.n_layers
+    for rows in batches:
+        for layer in range(trace.n_layers):
+            chosen = [e for r in rows for e in ids[r][layer] if e != n_exp[layer]]
+            requests[layer] += len(chosen)
+            unique[layer] += len(set(chosen))
+    return requests, unique
+
+
+@pytest.mark.parametrize("policy", ["tokens", "decode", "recorded"])
+def test_policies_match_brute_force(policy: str) -> None:
+    rng = np.random.default_rng(1234)
+    for _ in range(120):
+        trace = random_trace(rng)
+        sizes = sorted({int(x) for x in rng.integers(1, 12, size=3)} | {1})
+        result = moeprof.analyze(trace, sizes, policy=policy)
+        rows = result.results
+        assert len(rows) == (1 if policy == "recorded" else len(sizes))
+        for row in rows:
+            batches = reference_batches(trace, policy, row.batch_size)
+            requests, unique = reference_counts(trace, batches)
+            assert row.n_batches == len(batches)
+            assert [layer.requests for layer in row.layers] == requests
+            assert [layer.unique for layer in row.layers] == unique
+            assert row.requests == sum(requests) and row.unique == sum(unique)
+            eb = trace.expert_bytes.tolist()
+            assert row.bytes_requested == sum(r * e for r, e in zip(requests, eb))
+            assert row.bytes_unique == sum(u * e for u, e in zip(unique, eb))
+            if sum(requests):
+                assert row.memory_savings == pytest.approx(1 - sum(unique) / sum(requests))
+            bytes_req = row.bytes_requested
+            if bytes_req:
+                assert row.bandwidth_savings == pytest.approx(1 - row.bytes_unique / bytes_req)
+
+
+def test_plan_batches_rows_match_reference() -> None:
+    rng = np.random.default_rng(7)
+    for _ in range(60):
+        trace = random_trace(rng)
+        for policy in ("tokens", "decode", "recorded"):
+            b = int(rng.integers(1, 6))
+            plan = moeprof.plan_batches(trace, policy, b)
+            got = [sorted(plan.rows(i).tolist()) for i in range(plan.n_batches)]
+            want = [sorted(rows) for rows in reference_batches(trace, policy, b)]
+            assert got == want, policy
+
+
+def test_uniform_expectation_formula() -> None:
+    trace = moeprof.synthesize(
+        n_experts=8, top_k=2, n_layers=2, n_requests=1, tokens_per_request=64, seed=3
+    )
+    row = moeprof.analyze(trace, [8]).results[0]
+    expected_unique = 8 * (1 - (1 - 2 / 8) ** 8)  # per full batch of 8 tokens
+    assert row.uniform_unique == pytest.approx(2 * 8 * expected_unique)
+    assert row.uniform_memory_savings == pytest.approx(1 - expected_unique / 16)
+    # Short last batch uses its own size.
+    trace = moeprof.synthesize(
+        n_experts=8, top_k=2, n_layers=1, n_requests=1, tokens_per_request=10, seed=3
+    )
+    row = moeprof.analyze(trace, [8]).results[0]
+    want = 8 * (1 - 0.75**8) + 8 * (1 - 0.75**2)
+    assert row.uniform_unique == pytest.approx(want)
+
+
+def test_uniform_synthetic_routing_matches_uniform_expectation() -> None:
+    trace = moeprof.synthesize(
+        n_experts=16, top_k=2, n_layers=4, n_requests=50, tokens_per_request=200, seed=11
+    )
+    for row in moeprof.analyze(trace, [2, 8, 32]).results:
+        assert row.memory_savings == pytest.approx(row.uniform_memory_savings, abs=0.01)
+
+
+def test_batch_size_one_saves_nothing_and_max_reuse() -> None:
+    trace = moeprof.synthesize(n_experts=8, top_k=2, n_layers=3, seed=0, zipf=1.2)
+    rows = moeprof.analyze(trace, [1, 16]).results
+    assert rows[0].memory_savings == 0.0 and rows[0].unique == rows[0].requests
+    big = rows[1]
+    per_layer = [1 - layer.unique / layer.requests for layer in big.layers]
+    assert big.max_reuse_factor == pytest.approx(max(per_layer))
+    assert big.max_reuse_layer == int(np.argmax(per_layer))
+    assert big.mean_reuse_factor == pytest.approx(float(np.mean(per_layer)))
+
+
+def test_unknown_expert_bytes_bandwidth_equals_memory() -> None:
+    ids = np.array([[[0, 1]], [[1, 2]], [[0, 1]]])
+    trace = Trace.from_arrays(ids, n_experts=4)
+    row = moeprof.analyze(trace, [3]).results[0]
+    assert (row.requests, row.unique) == (6, 3)
+    assert row.bytes_requested == 0
+    assert row.bandwidth_savings == row.memory_savings == 0.5
+
+
+def test_heterogeneous_expert_bytes_weight_bandwidth() -> None:
+    # Layer 0: both tokens share expert 0 (1 saved of 2); layer 1: distinct (0 saved).
+    ids = np.array([[[0], [0]], [[0], [1]]])
+    trace = Trace.from_arrays(ids, n_experts=2, expert_bytes=[100, 300])
+    row = moeprof.analyze(trace, [2]).results[0]
+    assert row.memory_savings == pytest.approx(1 / 4)
+    assert row.bandwidth_savings == pytest.approx(100 / 800)
+
+
+def test_results_json_shape() -> None:
+    trace = moeprof.synthesize(n_layers=2, seed=0)
+    doc = moeprof.analyze(trace, "1,8").to_dict()
+    assert doc["moeprof_version"] == moeprof.__version__
+    assert doc["trace"]["n_tokens"] == trace.n_tokens
+    assert [r["batch_size"] for r in doc["results"]] == [1, 8]
+    for key in (
+        "requests",
+        "unique",
+        "memory_savings",
+        "bandwidth_savings",
+        "bytes_requested",
+        "bytes_unique",
+        "policy",
+        "layers",
+        "uniform_memory_savings",
+        "max_reuse_factor",
+    ):
+        assert key in doc["results"][1]
+    assert set(doc["results"][1]["layers"][0]) >= {"layer", "requests", "unique", "memory_savings"}
+
+
+@pytest.mark.parametrize("bad", ["0", "-1", "x", "1.5", "", "4,,a"])
+def test_bad_batch_sizes(bad: str) -> None:
+    trace = moeprof.synthesize(n_layers=1, seed=0)
+    with pytest.raises(MoeprofError):
+        moeprof.analyze(trace, bad)
+
+
+def test_unknown_policy_and_missing_steps() -> None:
+    trace = moeprof.synthesize(n_layers=1, seed=0)
+    with pytest.raises(MoeprofError, match="unknown policy"):
+        moeprof.analyze(trace, [1], policy="greedy")
+    with pytest.raises(MoeprofError, match="recorded steps"):
+        moeprof.analyze(trace, [1], policy="recorded")
+
+
+def test_empty_trace_is_an_error() -> None:
+    trace = Trace.from_arrays(np.zeros((0, 2, 2), dtype=np.int64), n_experts=4)
+    with pytest.raises(MoeprofError, match="empty"):
+        moeprof.analyze(trace, [1])
+
+
+def test_ids_out_of_range_rejected_by_analysis_of_loaded_trace() -> None:
+    # Build a valid trace, then corrupt an id the way a foreign writer could.
+    trace = Trace.from_arrays(np.array([[[0, 1]]]), n_experts=4)
+    trace.expert_ids = np.array([[[0, 9]]], dtype=np.uint8)
+    with pytest.raises(MoeprofError, match="out of range"):
+        moeprof.analyze(trace, [1])
+
+
+def test_decode_policy_fills_slots_from_queue() -> None:
+    # Requests of lengths 3, 1, 2 with 2 slots: steps [A0 B0] [A1 C0] [A2 C1].
+    req = np.array([0, 0, 0, 1, 2, 2])
+    ids = np.arange(6).reshape(6, 1, 1)
+    trace = Trace.from_arrays(ids, n_experts=8, request_ids=req)
+    plan = moeprof.plan_batches(trace, "decode", 2)
+    assert [sorted(plan.rows(i).tolist()) for i in range(plan.n_batches)] == [
+        [0, 3],
+        [1, 4],
+        [2, 5],
+    ]
+
+
+def test_large_expert_counts_use_multiple_words() -> None:
+    rng = np.random.default_rng(5)
+    for n_exp in (64, 65, 128, 300):
+        trace = random_trace(rng, n_tokens=40, n_layers=2, top_k=3, n_experts=n_exp)
+        row = moeprof.analyze(trace, [40]).results[0]
+        _, unique = reference_counts(trace, [list(range(40))])
+        assert [layer.unique for layer in row.layers] == unique
+        assert math.isfinite(row.memory_savings)
