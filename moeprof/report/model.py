@@ -167,6 +167,20 @@ def _expert_bytes_text(expert_bytes: list[int]) -> tuple[str, bool]:
     return f"{human_bytes(lo)}–{human_bytes(hi)}", True
 
 
+def _source_text(source: dict[str, Any], max_settings: int = 10) -> str:
+    """'synth (seed=0, zipf=0.8, ...)': how the trace was made, scalar settings only."""
+    kind = str(source.get("kind") or "unknown")
+    settings = [
+        f"{k}={v}"
+        for k, v in source.items()
+        if k != "kind" and v is not None and isinstance(v, (str, int, float, bool))
+    ]
+    if not settings:
+        return kind
+    more = ", …" if len(settings) > max_settings else ""
+    return f"{kind} ({', '.join(settings[:max_settings])}{more})"
+
+
 def _layer_label(layer: dict[str, Any]) -> str:
     idx, model_layer = int(layer["layer"]), int(layer.get("model_layer", layer["layer"]))
     return f"{idx}" if idx == model_layer else f"{idx} (model layer {model_layer})"
@@ -321,7 +335,7 @@ def build_report(doc: dict[str, Any]) -> ReportModel:
     summary = Summary(
         model=str(model.get("id") or "unknown"),
         architecture=str(model.get("architecture") or "—"),
-        source=str(source.get("kind") or "unknown"),
+        source=_source_text(source),
         created=str(trace.get("created") or "—"),
         tokens=int(trace.get("n_tokens", results[0].get("tokens", 0))),
         requests=int(trace.get("n_requests", 0)),
