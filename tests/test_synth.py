@@ -10,7 +10,7 @@ from moeprof.errors import MoeprofError
 
 
 def test_shape_and_determinism() -> None:
-    a = moeprof.synthesize(
+    settings = dict(
         n_experts=16,
         top_k=4,
         n_layers=3,
@@ -19,30 +19,10 @@ def test_shape_and_determinism() -> None:
         length_spread=0.5,
         zipf=1.1,
         locality=0.4,
-        seed=9,
     )
-    b = moeprof.synthesize(
-        n_experts=16,
-        top_k=4,
-        n_layers=3,
-        n_requests=7,
-        tokens_per_request=30,
-        length_spread=0.5,
-        zipf=1.1,
-        locality=0.4,
-        seed=9,
-    )
-    c = moeprof.synthesize(
-        n_experts=16,
-        top_k=4,
-        n_layers=3,
-        n_requests=7,
-        tokens_per_request=30,
-        length_spread=0.5,
-        zipf=1.1,
-        locality=0.4,
-        seed=10,
-    )
+    a = moeprof.synthesize(**settings, seed=9)
+    b = moeprof.synthesize(**settings, seed=9)
+    c = moeprof.synthesize(**settings, seed=10)
     assert a.expert_ids.shape[1:] == (3, 4) and a.n_requests == 7
     assert np.array_equal(a.expert_ids, b.expert_ids) and np.array_equal(a.positions, b.positions)
     assert not np.array_equal(a.expert_ids, c.expert_ids)

@@ -11,12 +11,28 @@ from rich.console import Console
 
 from moeprof.errors import MoeprofError
 
-__all__ = ["MoeprofError", "console", "err_console", "fail", "force_option", "info", "note_written"]
+__all__ = [
+    "MoeprofError",
+    "console",
+    "err_console",
+    "fail",
+    "force_option",
+    "info",
+    "layers_option",
+    "markdown_option",
+    "note_written",
+    "plot_option",
+]
 
 console = Console(highlight=False)
 err_console = Console(stderr=True, highlight=False)
 
 force_option = typer.Option(False, "--force", "-f", help="Overwrite output files that exist.")
+markdown_option = typer.Option(None, "--markdown", help="Write the markdown report here.")
+plot_option = typer.Option(
+    None, "--plot", help="Write a PNG plot of savings against batch size here."
+)
+layers_option = typer.Option(False, "--layers", help="Also show per-layer savings.")
 
 
 def fail(message: str, exit_code: int = 2) -> NoReturn:

@@ -7,7 +7,14 @@ from pathlib import Path
 
 import typer
 
-from moeprof.commands._common import console, force_option, note_written
+from moeprof.commands._common import (
+    console,
+    force_option,
+    layers_option,
+    markdown_option,
+    note_written,
+    plot_option,
+)
 
 
 def write_outputs(
@@ -53,11 +60,9 @@ def register(app: typer.Typer) -> None:
             "batching, B slots), recorded (the steps the model really ran).",
         ),
         json_out: Path | None = typer.Option(None, "--json", help="Write the results JSON here."),
-        markdown_out: Path | None = typer.Option(
-            None, "--markdown", help="Write the markdown report here."
-        ),
-        plot_out: Path | None = typer.Option(None, "--plot", help="Write a PNG plot here."),
-        layers: bool = typer.Option(False, "--layers", help="Also show per-layer savings."),
+        markdown_out: Path | None = markdown_option,
+        plot_out: Path | None = plot_option,
+        layers: bool = layers_option,
         force: bool = force_option,
     ) -> None:
         """Count per-batch expert loads with and without deduplication, for each batch size.

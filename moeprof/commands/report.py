@@ -6,18 +6,22 @@ from pathlib import Path
 
 import typer
 
-from moeprof.commands._common import console, force_option
+from moeprof.commands._common import (
+    console,
+    force_option,
+    layers_option,
+    markdown_option,
+    plot_option,
+)
 
 
 def register(app: typer.Typer) -> None:
     @app.command("report")
     def report_cmd(
         results_path: Path = typer.Argument(..., metavar="RESULTS.json", help="Results JSON."),
-        markdown_out: Path | None = typer.Option(
-            None, "--markdown", help="Write the markdown report here."
-        ),
-        plot_out: Path | None = typer.Option(None, "--plot", help="Write a PNG plot here."),
-        layers: bool = typer.Option(False, "--layers", help="Also show per-layer savings."),
+        markdown_out: Path | None = markdown_option,
+        plot_out: Path | None = plot_option,
+        layers: bool = layers_option,
         force: bool = force_option,
     ) -> None:
         """Show the summary and savings tables of a results file; optionally write markdown and PNG."""
