@@ -94,7 +94,13 @@ def render_markdown(doc: dict[str, Any], title: str = "moeprof report") -> str:
         "",
     ]
     header, rows = layer_table_rows(model)
-    parts += [md_table(header, rows), "", "## Recommendations", ""]
+    parts += [md_table(header, rows), ""]
+    from moeprof.report.replay import replay_markdown  # imports md_table from here
+
+    replay_section = replay_markdown(doc)
+    if replay_section:
+        parts += [replay_section.rstrip("\n"), ""]
+    parts += ["## Recommendations", ""]
     parts += [f"{i}. {text}" for i, text in enumerate(model.recommendations, 1)]
     parts += ["", "## Technical Analysis", ""]
     parts += [f"- {line}" for line in model.technical]

@@ -10,6 +10,7 @@ from rich.table import Table
 
 from moeprof.report.markdown import batch_table_rows, layer_table_rows, summary_items
 from moeprof.report.model import ReportModel, build_report
+from moeprof.report.replay import replay_renderables
 
 TERMINAL_HEADER = ["Batch", "Batches", "Memory", "Bandwidth", "Max reuse", "Saved", "Uniform"]
 
@@ -44,4 +45,5 @@ def render_terminal(doc: dict[str, Any], *, layers: bool = False) -> Group:
     if layers:
         header, rows = layer_table_rows(model)
         parts.append(_table("Savings per Layer", header, rows))
+    parts += replay_renderables(doc)
     return Group(*parts)

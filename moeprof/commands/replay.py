@@ -1,0 +1,163 @@
+"""`moeprof replay`: re-execute a trace's expert loads (naive, dedup, LRU) and measure them."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from moeprof.commands._common import console, err_console, force_option, info, note_written
+
+
+def render_outputs(
+    doc: dict[str, Any], *, json_out: Path | None, markdown_out: Path | None
+) -> None:
+    """Render everything first, then write each file atomically."""
+    from moeprof import _io
+    from moeprof.report.markdown import render_markdown
+    from moeprof.report.replay import replay_markdown
+
+    rendered: list[tuple[Path, bytes, str]] = []
+    if json_out is not None:
+        rendered.append((json_out, (json.dumps(doc, indent=2) + "\n").encode(), "results JSON"))
+    if markdown_out is not None:
+        text = render_markdown(doc, title="moeprof replay report")
+        if "## Replay (measured)" not in text:  # a renderer without the replay section
+            text = text.rstrip("\n") + "\n\n" + replay_markdown(doc)
+        rendered.append((markdown_out, text.encode(), "markdown report"))
+    for path, data, what in rendered:
+        _io.write_bytes(path, data)
+        note_written(path, what)
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("replay")
+    def replay_cmd(
+        trace_path: Path = typer.Argument(..., metavar="TRACE", help="Trace file (.moe)."),
+        device: str = typer.Option(
+            "cpu",
+            "--device",
+            "-d",
+            help="cuda (or cuda:N) for real PCIe copies; cpu for the "
+            "CPU backend (host copies, no NVML).",
+        ),
+        strategies: str = typer.Option(
+            "naive,dedup,lru", "--strategies", "-s", help="Comma-separated: naive, dedup, lru."
+        ),
+        batch_sizes: str = typer.Option(
+            "8,64", "--batch-sizes", "-b", help="Comma-separated batch sizes."
+        ),
+        policy: str = typer.Option(
+            "tokens", "--policy", "-p", help="How tokens form batches: tokens, decode, recorded."
+        ),
+        cache_experts: int = typer.Option(
+            0,
+            "--cache-experts",
+            "-C",
+            help="lru: experts kept on the device per layer across batches.",
+        ),
+        max_batches: int | None = typer.Option(
+            None, "--max-batches", help="Replay only the first N batches of each batch size."
+        ),
+        layers: str | None = typer.Option(
+            None, "--layers", help="Comma-separated MoE layer indices to replay (default: all)."
+        ),
+        expert_bytes: int | None = typer.Option(
+            None,
+            "--expert-bytes",
+            help="Replay blocks of N bytes instead of the trace's expert size (full-size bytes "
+            "are projected in the results).",
+        ),
+        compute: bool = typer.Option(
+            False,
+            "--compute",
+            help="Also run each loaded expert's SwiGLU FFN on its tokens, "
+            "overlapping copies with compute, and report per-batch latency.",
+        ),
+        hidden_size: int | None = typer.Option(
+            None,
+            "--hidden-size",
+            help="--compute: model hidden size (default: trace metadata, else 4096).",
+        ),
+        json_out: Path | None = typer.Option(None, "--json", help="Write the results JSON here."),
+        markdown_out: Path | None = typer.Option(
+            None, "--markdown", help="Write the markdown report here."
+        ),
+        force: bool = force_option,
+    ) -> None:
+        """Copy each batch's experts host->device per strategy, timed, with NVML on the link.
+
+        Example: moeprof replay demo.moe --device cuda --batch-sizes 8,64 --expert-bytes 16777216 --json replay.json
+        """
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+        )
+
+        from moeprof import _io
+        from moeprof.analyze import parse_batch_sizes
+        from moeprof.policies import check_policy
+        from moeprof.replay import ReplayInterrupted, replay
+        from moeprof.replay.schedule import check_strategies
+        from moeprof.report.terminal import render_terminal
+        from moeprof.trace import load_trace
+
+        check_policy(policy)
+        sizes = parse_batch_sizes(batch_sizes)
+        chosen = check_strategies(strategies)
+        _io.check_outputs([json_out, markdown_out], force=force)
+        trace = load_trace(trace_path)
+
+        progress = Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("batches"),
+            TimeElapsedColumn(),
+            console=err_console,
+            transient=True,
+        )
+        tasks: dict[str, Any] = {}
+
+        def on_progress(label: str, done: int, total: int) -> None:
+            if not tasks:
+                progress.start()  # only once work begins: refusals print nothing but their line
+            if label not in tasks:
+                tasks[label] = progress.add_task(label, total=total)
+            progress.update(tasks[label], completed=done)
+
+        def show_and_write(doc: dict[str, Any]) -> None:
+            doc["trace"]["path"] = str(trace_path)
+            console.print(render_terminal(doc))  # includes the replay tables
+            render_outputs(doc, json_out=json_out, markdown_out=markdown_out)
+
+        try:
+            try:
+                result = replay(
+                    trace,
+                    device=device,
+                    strategies=chosen,
+                    batch_sizes=sizes,
+                    policy=policy,
+                    cache_experts=cache_experts,
+                    max_batches=max_batches,
+                    layers=layers,
+                    expert_bytes=expert_bytes,
+                    compute=compute,
+                    hidden_size=hidden_size,
+                    on_progress=on_progress,
+                )
+            finally:
+                if tasks:
+                    progress.stop()
+        except ReplayInterrupted as exc:
+            if exc.partial is not None and exc.partial.runs:
+                info("[yellow]interrupted[/yellow]: writing the runs that finished")
+                show_and_write(exc.partial.to_dict())
+            raise KeyboardInterrupt from None
+        show_and_write(result.to_dict())

@@ -1,0 +1,763 @@
+"""Replay: copy counts against analyze and an independent LRU, the slot protocol against a
+simulated pair of CUDA streams, bad input, Ctrl-C, renderers, and (with CUDA) the GPU path."""
+
+from __future__ import annotations
+
+import json
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from conftest import REFERENCE_TRACES, random_trace
+
+import moeprof
+from moeprof.analyze import analyze
+from moeprof.errors import MoeprofError
+from moeprof.policies import plan_batches
+from moeprof.replay import ReplayInterrupted, replay
+from moeprof.replay import engine as engine_mod
+from moeprof.replay.backends import Backend, ffn_shape
+from moeprof.replay.results import compare_with_naive
+from moeprof.replay.schedule import build_schedule
+from moeprof.report.replay import replay_markdown, replay_renderables, replay_rows
+from moeprof.trace import Trace
+
+CAL = 1 << 20  # small calibration copy: tests check logic, not memory bandwidth
+
+
+def cpu_replay(trace: Trace, **kw: Any) -> Any:
+    kw.setdefault("calibrate", False)
+    kw.setdefault("expert_bytes", 1024)
+    return replay(trace, device="cpu", **kw)
+
+
+def strategy(doc_row: dict[str, Any], name: str) -> dict[str, Any]:
+    return next(s for s in doc_row["replay"]["strategies"] if s["strategy"] == name)
+
+
+def brute_force_lru(trace: Trace, policy: str, batch_size: int, layer: int, capacity: int) -> int:
+    """Misses of a per-layer LRU cache of `capacity` experts, walking every request in order.
+
+    A batch's experts are all resident while it runs (eviction once the batch is done); an
+    expert counts as a miss once per batch when it was not cached at the batch's start.
+    """
+    plan = plan_batches(trace, policy, batch_size)
+    sentinel = int(trace.n_experts[layer])
+    cache: OrderedDict[int, None] = OrderedDict()
+    misses = 0
+    for b in range(plan.n_batches):
+        loaded: set[int] = set()
+        for row in plan.rows(b):
+            for e in trace.expert_ids[row, layer].tolist():
+                if e == sentinel:
+                    continue
+                if e not in cache and e not in loaded:
+                    misses += 1
+                    loaded.add(e)
+                cache[e] = None
+                cache.move_to_end(e)
+        while len(cache) > capacity:
+            cache.popitem(last=False)
+    return misses
+
+
+# ---------------------------------------------------------------------- counts
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_cpu_copy_counts_equal_analyze(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    trace = random_trace(rng)
+    policy = ["tokens", "decode", "recorded"][seed % 3]
+    sizes = [1, 3, 8]
+    doc = cpu_replay(trace, batch_sizes=sizes, policy=policy).to_dict()
+    counted = analyze(trace, sizes, policy).to_dict()
+    assert len(doc["results"]) == len(counted["results"])
+    for row, arow in zip(doc["results"], counted["results"]):
+        plain = {k: v for k, v in row.items() if k != "replay"}
+        assert plain == arow  # the counted part is analyze's own result for the same batches
+        naive, dedup = strategy(row, "naive"), strategy(row, "dedup")
+        assert naive["copies"] == arow["requests"]
+        assert dedup["copies"] == arow["unique"]
+        assert naive["layer_copies"] == [lr["requests"] for lr in arow["layers"]]
+        assert dedup["layer_copies"] == [lr["unique"] for lr in arow["layers"]]
+        assert naive["copies_match_counted"] and dedup["copies_match_counted"]
+        assert dedup["bytes_copied"] == 1024 * arow["unique"]
+        # Full-size projection uses the trace's own expert bytes per layer.
+        assert dedup["bytes_copied_full_size"] == arow["bytes_unique"]
+
+
+@pytest.mark.parametrize("capacity", [0, 1, 3, 100])
+def test_lru_against_brute_force(capacity: int) -> None:
+    trace = moeprof.synthesize(
+        n_experts=8,
+        top_k=2,
+        n_layers=2,
+        n_requests=6,
+        tokens_per_request=24,
+        length_spread=0.5,
+        zipf=1.2,
+        locality=0.4,
+        seed=capacity,
+    )
+    sizes = [1, 4, 16]
+    doc = cpu_replay(trace, batch_sizes=sizes, cache_experts=capacity).to_dict()
+    for row in doc["results"]:
+        b = row["batch_size"]
+        lru, dedup = strategy(row, "lru"), strategy(row, "dedup")
+        expected = [brute_force_lru(trace, "tokens", b, layer, capacity) for layer in range(2)]
+        assert lru["layer_copies"] == expected
+        assert lru["copies"] + lru["hits"] == dedup["copies"]
+        if capacity == 0:
+            assert lru["layer_copies"] == dedup["layer_copies"]
+        if capacity >= 8:  # everything fits: only cold misses
+            distinct = [
+                len(set(trace.expert_ids[:, layer].ravel().tolist()) - {8}) for layer in range(2)
+            ]
+            assert lru["layer_copies"] == distinct
+
+
+def test_lru_with_decode_policy_against_brute_force() -> None:
+    trace = random_trace(np.random.default_rng(11), n_tokens=50, n_layers=2, top_k=2, n_experts=6)
+    doc = cpu_replay(trace, batch_sizes=[3], policy="decode", cache_experts=2).to_dict()
+    lru = strategy(doc["results"][0], "lru")
+    assert lru["layer_copies"] == [
+        brute_force_lru(trace, "decode", 3, layer, 2) for layer in (0, 1)
+    ]
+
+
+def test_max_batches_and_layers_count_only_what_is_replayed() -> None:
+    trace = moeprof.synthesize(n_layers=4, n_requests=5, tokens_per_request=30, zipf=1.0, seed=3)
+    doc = cpu_replay(trace, batch_sizes=[4], max_batches=5, layers="3,1").to_dict()
+    row = doc["results"][0]
+    # Independent count: the first 5 batches of 4 rows are rows 0..19.
+    sub = Trace.from_arrays(
+        trace.expert_ids[:20],
+        n_experts=trace.n_experts,
+        request_ids=trace.request_ids[:20],
+        positions=trace.positions[:20],
+        expert_bytes=trace.expert_bytes,
+    )
+    expect = analyze(sub, [4]).to_dict()["results"][0]
+    assert row["n_batches"] == 5 and row["replay"]["batches_total"] == 38
+    assert [lr["layer"] for lr in row["layers"]] == [1, 3]
+    assert row["unique"] == expect["layers"][1]["unique"] + expect["layers"][3]["unique"]
+    assert strategy(row, "dedup")["layer_copies"] == [
+        expect["layers"][1]["unique"],
+        expect["layers"][3]["unique"],
+    ]
+    assert strategy(row, "naive")["copies"] == 20 * 2 * 2
+    assert doc["replay"]["layers"] == [1, 3] and doc["replay"]["scaled_blocks"] is True
+
+
+class CheckingBackend(Backend):
+    """The CPU backend, checking every copy's bytes and which expert each compute reads."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.slot_holds: dict[int, tuple[int, int]] = {}
+        self.computed: list[tuple[int, int]] = []
+
+    def allocate_pools(self, n_experts: list[int], block_bytes: list[int]) -> None:
+        super().allocate_pools(n_experts, block_bytes)
+        for j, pool in enumerate(self.pools):
+            for e in range(pool.shape[0]):
+                pool[e].fill_((31 * j + e + 1) % 251)  # a distinct byte per (layer, expert)
+
+    def copy(self, layer: int, expert: int, slot: int) -> None:
+        super().copy(layer, expert, slot)
+        nb = self.block_bytes[layer]
+        assert bool((self.slots[slot, :nb] == (31 * layer + expert + 1) % 251).all())
+        self.slot_holds[slot] = (layer, expert)
+
+    def warm_up(self) -> None:
+        super().warm_up()
+        self.computed.clear()  # the untimed warm-up is not part of the schedule
+
+    def compute(self, layer: int, slot: int, tokens: int) -> None:
+        held = self.slot_holds[slot]
+        assert held[0] == layer
+        self.computed.append(held)
+
+
+def test_compute_reads_the_expert_the_schedule_says() -> None:
+    trace = moeprof.synthesize(
+        n_experts=8,
+        top_k=2,
+        n_layers=3,
+        n_requests=4,
+        tokens_per_request=20,
+        zipf=1.0,
+        locality=0.3,
+        seed=5,
+    )
+    for strat in ("naive", "dedup", "lru"):
+        backend = CheckingBackend()
+        replay(
+            trace,
+            strategies=[strat],
+            batch_sizes=[4],
+            cache_experts=2,
+            expert_bytes=512,
+            compute=True,
+            hidden_size=8,
+            calibrate=False,
+            backend=backend,
+        )
+        plan = plan_batches(trace, "tokens", 4)
+        sched = build_schedule(trace, plan, strat, [0, 1, 2], cache_experts=2)
+        expected = []
+        for b in range(plan.n_batches):
+            for j, ls in enumerate(sched.layers):
+                for i in range(int(ls.ptr[b]), int(ls.ptr[b + 1])):
+                    expected.append((j, int(ls.expert[i])))
+        assert backend.computed == expected, strat
+
+
+SPECMOE = REFERENCE_TRACES / "specmoe-mixtral-decode"
+
+
+def mixtral_decode_trace() -> Trace:
+    """Real Mixtral-8x7B decode routing (4 requests, 32 layers, top-2), read from the shared
+    reference folder; (token, layer) rows the recording lacks hold the sentinel."""
+    if not (SPECMOE / "gsm8k_2_routing.jsonl").exists():
+        pytest.skip(f"reference traces not found at {SPECMOE}")
+    rows = []
+    for name in ("humaneval_2_routing.jsonl", "gsm8k_2_routing.jsonl"):
+        with open(SPECMOE / name, encoding="utf-8") as fh:
+            for line in fh:
+                d = json.loads(line)
+                rows.append(
+                    ((d["dataset"], d["problem_id"]), d["token_idx"], d["layer"], d["experts"])
+                )
+    requests = {key: i for i, key in enumerate(sorted({r[0] for r in rows}))}
+    tokens = {k: i for i, k in enumerate(sorted({(requests[r[0]], r[1]) for r in rows}))}
+    ids = np.full((len(tokens), 32, 2), 8, dtype=np.int64)
+    for req, token, layer, experts in rows:
+        ids[tokens[(requests[req], token)], layer] = experts
+    return Trace.from_arrays(
+        ids,
+        n_experts=8,
+        request_ids=[k[0] for k in tokens],
+        positions=[k[1] for k in tokens],
+        expert_bytes=3 * 4096 * 14336 * 2,
+    )
+
+
+def test_real_mixtral_decode_routing() -> None:
+    trace = mixtral_decode_trace()
+    # SOURCE.md's sanity number: the 4 requests as one batch for their first 79 decode steps
+    # request 20,214 expert loads, 13,578 unique per (step, layer).
+    doc = cpu_replay(trace, policy="decode", batch_sizes=[4], max_batches=79, cache_experts=4)
+    row = doc.to_dict()["results"][0]
+    assert strategy(row, "naive")["copies"] == 20_214
+    assert strategy(row, "dedup")["copies"] == 13_578
+    lru = strategy(row, "lru")
+    full = cpu_replay(trace, policy="decode", batch_sizes=[4], cache_experts=4, layers="0,31")
+    lru_full = strategy(full.to_dict()["results"][0], "lru")
+    assert lru_full["layer_copies"] == [
+        brute_force_lru(trace, "decode", 4, layer, 4) for layer in (0, 31)
+    ]
+    assert lru["copies"] < strategy(row, "dedup")["copies"]
+
+
+# ---------------------------------------------------------------------- the CUDA slot protocol
+
+
+class StreamSimBackend(Backend):
+    """Simulates the CUDA path's two streams with vector clocks and records every hazard.
+
+    Copies run on stream 0, computes on stream 1. An operation A happens before B when B's
+    clock has seen A (same stream in order, or through an event record -> wait). A copy into a
+    slot must come after every compute that read the slot's previous expert (WAR); a compute
+    must come after the copy that filled its slot (RAW).
+    """
+
+    def __init__(self, *, honour_free: bool = True) -> None:
+        super().__init__()
+        self.vc = [[0, 0], [0, 0]]
+        self.ready: dict[int, list[int]] = {}
+        self.free: dict[int, list[int]] = {}
+        self.last_write: dict[int, tuple[int, int]] = {}
+        self.reads: dict[int, list[tuple[int, int]]] = {}
+        self.hazards: list[str] = []
+        self.honour_free = honour_free
+        self.ops = 0
+
+    def _issue(self, stream: int) -> tuple[int, list[int]]:
+        self.vc[stream][stream] += 1
+        self.ops += 1
+        return self.vc[stream][stream], list(self.vc[stream])
+
+    def copy(self, layer: int, expert: int, slot: int) -> None:
+        index, clock = self._issue(0)
+        for stream, i in self.reads.get(slot, []):
+            if clock[stream] < i:
+                self.hazards.append(f"copy into slot {slot} before compute {i} read it")
+        self.last_write[slot] = (0, index)
+        self.reads[slot] = []
+
+    def compute(self, layer: int, slot: int, tokens: int) -> None:
+        index, clock = self._issue(1)
+        stream, i = self.last_write[slot]
+        if clock[stream] < i:
+            self.hazards.append(f"compute {index} on slot {slot} before its copy landed")
+        self.reads.setdefault(slot, []).append((1, index))
+
+    def wait_slot_free(self, slot: int) -> None:
+        if self.honour_free and slot in self.free:
+            self.vc[0] = [max(a, b) for a, b in zip(self.vc[0], self.free[slot])]
+
+    def mark_slot_ready(self, slot: int) -> None:
+        self.ready[slot] = list(self.vc[0])
+
+    def wait_slot_ready(self, slot: int) -> None:
+        if slot in self.ready:
+            self.vc[1] = [max(a, b) for a, b in zip(self.vc[1], self.ready[slot])]
+
+    def mark_slot_free(self, slot: int) -> None:
+        self.free[slot] = list(self.vc[1])
+
+    def warm_up(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize("strat", ["naive", "dedup", "lru"])
+def test_slot_protocol_has_no_stream_hazards(strat: str) -> None:
+    trace = moeprof.synthesize(
+        n_experts=16, top_k=4, n_layers=3, n_requests=6, tokens_per_request=16, zipf=0.8, seed=9
+    )
+    backend = StreamSimBackend()
+    replay(
+        trace,
+        strategies=[strat],
+        batch_sizes=[2, 8],
+        cache_experts=3,
+        expert_bytes=512,
+        compute=True,
+        hidden_size=8,
+        calibrate=False,
+        backend=backend,
+    )
+    assert backend.ops > 100
+    assert backend.hazards == []
+
+
+def test_stream_simulator_catches_a_missing_wait() -> None:
+    trace = moeprof.synthesize(
+        n_experts=16, top_k=4, n_layers=2, n_requests=2, tokens_per_request=8, seed=9
+    )
+    backend = StreamSimBackend(honour_free=False)
+    replay(
+        trace,
+        strategies=["naive"],
+        batch_sizes=[4],
+        expert_bytes=512,
+        compute=True,
+        hidden_size=8,
+        calibrate=False,
+        backend=backend,
+    )
+    assert any("before compute" in h for h in backend.hazards)
+
+
+# ---------------------------------------------------------------------- results and rendering
+
+
+def test_results_json_and_markdown(tmp_path: Path) -> None:
+    trace = moeprof.synthesize(n_layers=2, n_requests=4, tokens_per_request=16, zipf=1.0, seed=1)
+    result = replay(
+        trace,
+        device="cpu",
+        batch_sizes=[2, 8],
+        expert_bytes=4096,
+        calibration_bytes=CAL,
+        compute=True,
+        hidden_size=16,
+    )
+    doc = result.to_dict()
+    json.loads(json.dumps(doc))
+    info = doc["replay"]
+    assert info["ran_on_cpu"] is True and "CPU" in info["note"]
+    assert info["measurement_method"] == "counted_only"
+    assert info["peak_h2d_gbps"] > 0 and info["calibration"]["bytes"] == CAL
+    for row in doc["results"]:
+        for s in row["replay"]["strategies"]:
+            assert s["seconds"] > 0
+            assert s["gbps"] == pytest.approx(s["bytes_copied"] / s["seconds"] / 1e9)
+            assert s["share_of_peak"] == pytest.approx(s["gbps"] / info["peak_h2d_gbps"])
+            assert s["nvml_rx_bytes"] is None and s["nvml_tx_bytes"] is None
+            assert "CPU backend" in s["nvml_reason"]
+            assert s["batch_latency"]["batches"] == row["n_batches"]
+            full = trace.expert_bytes[0]
+            assert s["projected_seconds_full_size"] == pytest.approx(
+                s["copies"] * full / (s["gbps"] * 1e9)
+            )
+    text = replay_markdown(doc)
+    assert text.startswith("## Replay (measured)")
+    assert "Ran on the CPU" in text and "Per-batch latency" in text
+    header, rows = replay_rows(doc)
+    assert len(rows) == 2 * 3
+    dedup8 = strategy(doc["results"][1], "dedup")
+    row = next(r for r in rows if r[0] == "8" and r[1] == "dedup")
+    assert row[header.index("Copies")] == f"{dedup8['copies']:,}"
+    assert len(replay_renderables(doc)) == 4
+    assert replay_markdown({"results": [], "trace": {}}) == ""
+
+
+def _run(strategy_name: str, nbytes: int, seconds: float, rx: int | None) -> Any:
+    from moeprof.nvml import PcieMeasurement
+    from moeprof.replay.results import StrategyRun
+
+    pcie = PcieMeasurement(
+        "nvml_counters" if rx is not None else "counted_only",
+        rx,
+        None if rx is None else 1000,
+        None,
+        seconds,
+        2,
+    )
+    return StrategyRun(
+        strategy_name,
+        8,
+        10,
+        nbytes // 100,
+        nbytes // 100,
+        "x",
+        (nbytes // 100,),
+        0,
+        nbytes,
+        nbytes,
+        seconds,
+        seconds,
+        50.0,
+        pcie,
+    )
+
+
+def test_compare_with_naive() -> None:
+    naive = _run("naive", 1000_00, 2.0, 105_000)
+    dedup = _run("dedup", 250_00, 0.52, 26_500)  # counted cost 0.25, NVML 26.5/105 = 0.2524
+    cmp = compare_with_naive(dedup, naive)
+    assert cmp["counted_savings"] == pytest.approx(0.75)
+    assert cmp["measured_savings_nvml"] == pytest.approx(1 - 26_500 / 105_000)
+    assert cmp["measured_savings_seconds"] == pytest.approx(1 - 0.52 / 2.0)
+    assert cmp["basis"] == "nvml_rx_bytes" and cmp["agrees_within_10pct"] is True
+    slow = _run("dedup", 250_00, 1.0, None)  # time says cost 0.5 vs counted 0.25
+    cmp = compare_with_naive(slow, _run("naive", 1000_00, 2.0, None))
+    assert cmp["basis"] == "seconds" and cmp["agrees_within_10pct"] is False
+    assert compare_with_naive(dedup, None)["reason"].startswith("naive was not")
+    assert compare_with_naive(naive, naive)["reason"] == "baseline"
+    # Markdown of NVML-measured runs shows the RX ratio.
+    assert dedup.measured_to_counted == pytest.approx(26_500 / 25_000)
+
+
+def test_markdown_of_nvml_measured_runs() -> None:
+    from moeprof.replay.results import ReplayResult
+
+    trace = moeprof.synthesize(n_layers=1, n_requests=2, tokens_per_request=8, seed=0)
+    analysis = analyze(trace, [8])
+    runs = (_run("naive", 1000_00, 2.0, 106_000), _run("dedup", 250_00, 0.52, 26_500))
+    info = {
+        "device": "cuda:0",
+        "device_name": "NVIDIA H200",
+        "ran_on_cpu": False,
+        "peak_h2d_gbps": 50.0,
+        "measurement_method": "nvml_counters",
+        "layers": [0],
+        "strategies": ["naive", "dedup"],
+        "policy": "tokens",
+        "link": {"pcie_gen_max": 5, "pcie_width_max": 16},
+    }
+    doc = ReplayResult(analysis, runs, info).to_dict()
+    text = replay_markdown(doc)
+    assert "NVIDIA H200" in text and "Gen5 x16" in text and "byte counters" in text
+    header, rows = replay_rows(doc)
+    naive_row, dedup_row = rows
+    assert naive_row[header.index("RX / counted")] == "1.060x"
+    assert dedup_row[header.index("RX / counted")] == "1.060x"
+    assert dedup_row[header.index("Counted savings")] == "75.0%"
+    assert dedup_row[header.index("Measured savings")] == "75.0% NVML"
+    assert dedup_row[header.index("Agree (±10%)")] == "yes"
+    assert "Ran on the CPU" not in text
+
+
+def test_ffn_shape() -> None:
+    s = ffn_shape(3 * 64 * 10 * 2, 64, 2)
+    assert (s.hidden, s.intermediate, s.weight_bytes) == (64, 10, 3 * 64 * 10 * 2)
+    small = ffn_shape(600, 4096, 4)  # 150 floats: hidden shrinks to fit
+    assert small.weight_bytes <= 600 and small.intermediate >= 1
+    with pytest.raises(MoeprofError):
+        ffn_shape(4, 64, 4)
+
+
+# ---------------------------------------------------------------------- refusals
+
+
+def test_bad_arguments_raise_before_any_work() -> None:
+    trace = moeprof.synthesize(n_layers=2, n_requests=2, tokens_per_request=8, seed=0)
+    cases = [
+        dict(strategies="naive,fast"),
+        dict(layers="0,5"),
+        dict(layers="x"),
+        dict(expert_bytes=0),
+        dict(max_batches=0),
+        dict(cache_experts=-1),
+        dict(policy="random"),
+        dict(batch_sizes="0"),
+        dict(device="tpu"),
+    ]
+    for kw in cases:
+        with pytest.raises(MoeprofError):
+            replay(trace, calibrate=False, **kw)  # type: ignore[arg-type]
+
+
+def test_unknown_expert_size_needs_expert_bytes() -> None:
+    trace = Trace.from_arrays(np.zeros((4, 1, 1), dtype=np.int64), n_experts=2)
+    with pytest.raises(MoeprofError, match="--expert-bytes"):
+        replay(trace, calibrate=False)
+    doc = replay(trace, calibrate=False, expert_bytes=256, strategies="dedup").to_dict()
+    assert doc["replay"]["expert_bytes_full"] == [256] and not doc["replay"]["expert_bytes_known"]
+
+
+def test_refuses_a_pool_larger_than_host_memory(monkeypatch: pytest.MonkeyPatch) -> None:
+    trace = moeprof.synthesize(n_layers=2, n_requests=2, tokens_per_request=8, seed=0)
+    monkeypatch.setattr(engine_mod, "host_available_bytes", lambda: 10 << 20)
+    with pytest.raises(MoeprofError, match="host memory"):
+        replay(trace, calibrate=False)  # default expert size: 336 MiB x 8 x 2 layers
+
+
+class TinyDevice(Backend):
+    def device_free_bytes(self) -> int | None:
+        return 64 << 20
+
+    def allocate_pools(self, n_experts: list[int], block_bytes: list[int]) -> None:
+        raise AssertionError("must refuse before allocating")
+
+
+def test_refuses_slots_larger_than_device_memory() -> None:
+    trace = moeprof.synthesize(n_layers=2, n_requests=2, tokens_per_request=8, seed=0)
+    with pytest.raises(MoeprofError, match="device slots"):
+        replay(trace, calibrate=False, expert_bytes=32 << 20, backend=TinyDevice())
+
+
+def test_cuda_without_cuda_is_refused() -> None:
+    torch = pytest.importorskip("torch")
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    trace = moeprof.synthesize(n_layers=1, n_requests=1, tokens_per_request=4, seed=0)
+    with pytest.raises(MoeprofError, match="--device cuda"):
+        replay(trace, device="cuda", expert_bytes=1024)
+
+
+class InterruptingBackend(Backend):
+    def __init__(self, after_copies: int) -> None:
+        super().__init__()
+        self.left = after_copies
+        self.released = False
+
+    def copy(self, layer: int, expert: int, slot: int) -> None:
+        self.left -= 1
+        if self.left < 0:
+            raise KeyboardInterrupt
+        super().copy(layer, expert, slot)
+
+    def release(self) -> None:
+        self.released = True
+        super().release()
+
+
+def test_ctrl_c_keeps_finished_runs() -> None:
+    trace = moeprof.synthesize(n_layers=2, n_requests=2, tokens_per_request=16, seed=0)
+    # naive issues 2 layers x 32 tokens x top-2 = 128 copies (+1 warm-up); dedup fewer.
+    backend = InterruptingBackend(after_copies=129 + 10)
+    with pytest.raises(ReplayInterrupted) as info:
+        replay(trace, batch_sizes=[4], expert_bytes=256, calibrate=False, backend=backend)
+    partial = info.value.partial
+    assert partial is not None and partial.interrupted
+    assert [r.strategy for r in partial.runs] == ["naive"]
+    assert partial.runs[0].copies == 128
+    assert backend.released
+    assert partial.to_dict()["replay"]["interrupted"] is True
+
+
+# ---------------------------------------------------------------------- CLI
+
+
+@pytest.fixture
+def trace_file(tmp_path: Path) -> Path:
+    path = tmp_path / "t.moe"
+    moeprof.synthesize(
+        n_layers=2, n_requests=4, tokens_per_request=16, zipf=1.0, seed=2, expert_bytes=8192
+    ).save(path)
+    return path
+
+
+def test_cli_replay_writes_json_and_markdown(
+    run_cli: Any, trace_file: Path, tmp_path: Path
+) -> None:
+    out, md = tmp_path / "r.json", tmp_path / "r.md"
+    res = run_cli(
+        "replay",
+        trace_file,
+        "--batch-sizes",
+        "2,8",
+        "--cache-experts",
+        "2",
+        "--json",
+        out,
+        "--markdown",
+        md,
+    )
+    assert res.exit_code == 0, res.stderr
+    doc = json.loads(out.read_text())
+    assert doc["replay"]["ran_on_cpu"] is True
+    assert {s["strategy"] for s in doc["results"][0]["replay"]["strategies"]} == {
+        "naive",
+        "dedup",
+        "lru",
+    }
+    text = md.read_text()
+    assert "## Replay (measured)" in text and "## Savings by Batch Size" in text
+    assert "Replay (measured)" in res.stdout
+    report = run_cli("report", out)  # the analyze part of the contract still holds
+    assert report.exit_code == 0, report.stderr
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--layers", "7"], "does not exist"),
+        (["--strategies", "naive,warp"], "unknown strategy"),
+        (["--expert-bytes", "0"], "--expert-bytes"),
+        (["--policy", "recorded"], "recorded steps"),
+        (["--batch-sizes", "a"], "batch size"),
+    ],
+)
+def test_cli_bad_input(
+    run_cli: Any, trace_file: Path, tmp_path: Path, args: list[str], message: str
+) -> None:
+    out = tmp_path / "r.json"
+    res = run_cli("replay", trace_file, *args, "--json", out)
+    assert res.exit_code == 2
+    assert res.stderr.startswith("moeprof: error:") and message in res.stderr
+    assert res.stderr.count("\n") == 1 and "Traceback" not in res.stderr
+    assert not out.exists()
+
+
+def test_cli_refuses_overwrite_and_cuda(run_cli: Any, trace_file: Path, tmp_path: Path) -> None:
+    out = tmp_path / "r.json"
+    out.write_text("keep")
+    res = run_cli("replay", trace_file, "--json", out)
+    assert res.exit_code == 2 and "--force" in res.stderr and out.read_text() == "keep"
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        res = run_cli("replay", trace_file, "--device", "cuda", "--json", tmp_path / "c.json")
+        assert res.exit_code == 2 and "--device cuda" in res.stderr
+        assert not (tmp_path / "c.json").exists()
+
+
+def test_cli_ctrl_c_writes_partial_results(
+    run_cli: Any, trace_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # naive at B=8 issues 64 tokens x 2 layers x top-2 = 256 copies (+1 warm-up), then dedup starts.
+    monkeypatch.setattr(
+        engine_mod, "make_backend", lambda device: InterruptingBackend(256 + 1 + 10)
+    )
+    out = tmp_path / "r.json"
+    res = run_cli("replay", trace_file, "--batch-sizes", "8", "--json", out)
+    assert res.exit_code == 130
+    doc = json.loads(out.read_text())
+    assert doc["replay"]["interrupted"] is True
+    assert [s["strategy"] for s in doc["results"][0]["replay"]["strategies"]] == ["naive"]
+
+
+# ---------------------------------------------------------------------- GPU
+
+
+@pytest.mark.gpu
+def test_cuda_replay_counts_times_and_measures() -> None:
+    trace = moeprof.synthesize(
+        n_experts=8, top_k=2, n_layers=2, n_requests=8, tokens_per_request=32, zipf=1.0, seed=4
+    )
+    sizes = [8, 64]
+    result = replay(
+        trace,
+        device="cuda",
+        batch_sizes=sizes,
+        cache_experts=2,
+        expert_bytes=4 << 20,
+        calibration_bytes=256 << 20,
+    )
+    doc = result.to_dict()
+    counted = analyze(trace, sizes).to_dict()
+    info = doc["replay"]
+    assert info["ran_on_cpu"] is False and info["device"].startswith("cuda")
+    assert info["peak_h2d_gbps"] > 1.0
+    assert info["measurement_method"] in ("nvml_counters", "nvml_throughput", "counted_only")
+    assert "pinned" in info["host_memory"]
+    for row, arow in zip(doc["results"], counted["results"]):
+        naive, dedup = strategy(row, "naive"), strategy(row, "dedup")
+        assert naive["copies"] == arow["requests"] and dedup["copies"] == arow["unique"]
+        for s in row["replay"]["strategies"]:
+            assert s["seconds"] > 0 and s["gbps"] > 0
+            if info["measurement_method"] == "nvml_counters":
+                assert s["nvml_rx_bytes"] is not None
+                assert s["nvml_rx_bytes"] >= 0.9 * s["bytes_copied"]
+
+
+@pytest.mark.gpu
+def test_cuda_compute_overlaps_and_reports_latency() -> None:
+    trace = moeprof.synthesize(
+        n_experts=8, top_k=2, n_layers=2, n_requests=4, tokens_per_request=16, seed=4
+    )
+    doc = replay(
+        trace,
+        device="cuda",
+        batch_sizes=[8],
+        expert_bytes=3 * 1024 * 512 * 2,
+        compute=True,
+        hidden_size=1024,
+        calibration_bytes=64 << 20,
+    ).to_dict()
+    for s in doc["results"][0]["replay"]["strategies"]:
+        lat = s["batch_latency"]
+        assert lat["batches"] == doc["results"][0]["n_batches"] and lat["mean_ms"] > 0
+    assert doc["replay"]["ffn"][0] == {"hidden": 1024, "intermediate": 512, "dtype_bytes": 2}
+
+
+def test_package_attribute_is_callable_before_and_after_import() -> None:
+    import moeprof.replay.engine  # binds moeprof.replay to the package module
+
+    trace = moeprof.synthesize(n_layers=1, n_requests=1, tokens_per_request=4, seed=0)
+    result = moeprof.replay(trace, expert_bytes=256, calibrate=False, strategies="dedup")  # type: ignore[operator]
+    assert result.runs[0].copies == analyze(trace, [8]).results[0].unique
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_up_front_slot_sizing_matches_the_schedules(seed: int) -> None:
+    from moeprof.analyze import expert_masks, unique_per_batch
+    from moeprof.replay.schedule import slots_needed
+
+    trace = random_trace(np.random.default_rng(100 + seed))
+    plan = plan_batches(trace, "tokens", 3)
+    layers = list(range(trace.n_layers))
+    unique_b = unique_per_batch(expert_masks(trace), plan)
+    requests = np.array([lr.requests for lr in analyze(trace, [3]).results[0].layers])
+    for strat in ("naive", "dedup", "lru"):
+        sched = build_schedule(trace, plan, strat, layers, cache_experts=2)
+        assert [ls.n_slots for ls in sched.layers] == slots_needed(strat, unique_b, 2, requests)
+
+
+def test_cpu_backend_restores_torch_threads(monkeypatch: pytest.MonkeyPatch) -> None:
+    torch = pytest.importorskip("torch")
+    before = torch.get_num_threads()
+    trace = moeprof.synthesize(n_layers=1, n_requests=1, tokens_per_request=8, seed=0)
+    cpu_replay(trace, calibrate=True, calibration_bytes=CAL)
+    assert torch.get_num_threads() == before
+    monkeypatch.setattr(engine_mod, "host_available_bytes", lambda: 1 << 20)
+    with pytest.raises(MoeprofError):
+        cpu_replay(trace, expert_bytes=None)
+    assert torch.get_num_threads() == before
