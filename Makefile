@@ -6,7 +6,7 @@ PIP    := $(PY) -m pip
 # A bare `torch` requirement can pull a multi-GB CUDA build; the pinned CPU build is installed first.
 TORCH_PIN ?= torch==2.13.0
 
-.PHONY: install demo test lint typecheck pytest bench clean
+.PHONY: install demo test lint typecheck pytest bench bench-replay gpu-check clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -39,6 +39,13 @@ test: lint typecheck pytest
 
 bench: install
 	$(PY) benchmarks/bench_analyze.py
+
+bench-replay: install
+	$(PY) benchmarks/bench_replay.py
+
+# On a GPU machine: gpu tests, doctor, replays, summary (uses whatever python has torch).
+gpu-check:
+	bash scripts/gpu_check.sh
 
 clean:
 	rm -rf $(VENV) demo-out .pytest_cache .mypy_cache .ruff_cache
