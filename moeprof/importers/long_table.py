@@ -1,0 +1,772 @@
+"""Long tables (CSV / JSONL): one row per (request, token, MoE layer) with that token's experts.
+
+Files are parsed by pyarrow (C++, multithreaded) and every column is converted with vectorised
+Arrow / numpy kernels; a Python pass over the file runs only to name the line of a bad row, or to
+read a JSONL file that pyarrow refuses (a column whose type changes between rows).
+
+Columns are found by name (``--request-col`` etc., else the usual names in :data:`COLUMN_NAMES`).
+The experts of a row are one list column (``"[1, 5]"``, ``"1 5"`` or ``"1,5"`` in CSV, a JSON list
+in JSONL) or one column per slot (``expert_0``, ``expert_1``, ...; empty = no expert). Without a
+request column each file is one request; without a position column a token's position is its
+order of appearance within its request and layer. Layers are renumbered densely from 0 in sorted
+order (the original numbers are kept as the trace's ``moe_layer_indices``). A token that lacks
+some layer is dropped and counted in a warning.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from moeprof.errors import MoeprofError
+from moeprof.importers import PHASES, Progress, TokenRouting, warn
+
+# Usual column names, compared after normalising (lower case, runs of other characters -> "_").
+COLUMN_NAMES: dict[str, tuple[str, ...]] = {
+    "request": (
+        "request_id",
+        "request",
+        "req_id",
+        "rid",
+        "sequence_id",
+        "seq_id",
+        "problem_id",
+        "prompt_id",
+        "sample_id",
+        "conversation_id",
+        "query_id",
+        "prompt_index",
+    ),
+    # Qualifiers combined with the request id when present (e.g. dataset + problem_id).
+    "request_scope": ("dataset", "dataset_name", "task", "benchmark"),
+    "position": (
+        "position",
+        "positions",
+        "pos",
+        "token_idx",
+        "token_index",
+        "token_position",
+        "position_id",
+        "token_pos",
+    ),
+    # model_layer first: a moeprof export has both, and it holds the model's own numbers.
+    "layer": (
+        "model_layer",
+        "layer",
+        "layer_id",
+        "layer_idx",
+        "layer_index",
+        "moe_layer",
+        "layer_number",
+    ),
+    "experts": (
+        "experts",
+        "expert_ids",
+        "activated_expert_ids",
+        "selected_experts",
+        "topk_ids",
+        "topk_idx",
+        "topk_indices",
+        "routed_experts",
+        "expert_indices",
+    ),
+    "weights": (
+        "weights",
+        "gate_weights",
+        "gating_probs",
+        "topk_weights",
+        "routing_weights",
+        "expert_weights",
+        "gate_probs",
+        "router_probs",
+        "probs",
+        "scores",
+    ),
+    "step": ("step", "steps", "forward_pass_id", "forward_step", "iteration"),
+    "phase": ("phase", "stage"),
+    "token_id": ("token_id", "input_id", "vocab_id"),
+}
+_SLOT_EXPERT = re.compile(r"^(?:experts?|expert_ids?|topk_ids?|topk_idx)_?(\d+)$")
+_SLOT_WEIGHT = re.compile(r"^(?:weights?|gate_weights?|gating_probs?|topk_weights?|probs?)_?(\d+)$")
+_INT_RE = r"^\s*[+-]?\d+\s*$"
+_FLOAT_RE = r"^\s*[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?\s*$|^\s*(?:nan|NaN|inf|-inf)\s*$"
+
+
+_Fail = Callable[[int, str], MoeprofError]  # (record index, message) -> error naming file:line
+
+
+def _norm(name: str) -> str:
+    return re.sub(r"[^0-9a-z]+", "_", name.strip().lower()).strip("_")
+
+
+# ---------------------------------------------------------------------- locating rows
+
+
+def _record_lines(path: Path, fmt: str) -> list[int]:
+    """First line number of every data record (what pyarrow calls row i), read by Python."""
+    lines: list[int] = []
+    if fmt == "long-csv":
+        with open(path, encoding="utf-8-sig", newline="") as fh:
+            reader = csv.reader(fh)
+            last = 0
+            for i, row in enumerate(reader):
+                start, last = last + 1, reader.line_num
+                if i > 0 and row:  # pyarrow skips the header and empty lines
+                    lines.append(start)
+    else:
+        with open(path, encoding="utf-8") as fh:
+            lines = [n for n, line in enumerate(fh, start=1) if line.strip()]
+    return lines
+
+
+class _Where:
+    """Turns a record index of one file into 'path:line' (computed once, on first error)."""
+
+    def __init__(self, path: Path, fmt: str) -> None:
+        self.path, self.fmt = path, fmt
+        self._lines: list[int] | None = None
+
+    def __call__(self, record: int) -> str:
+        if self._lines is None:
+            self._lines = _record_lines(self.path, self.fmt)
+        if 0 <= record < len(self._lines):
+            return f"{self.path}:{self._lines[record]}"
+        return f"{self.path} (row {record + 1})"
+
+    def fail(self, record: int, message: str) -> MoeprofError:
+        return MoeprofError(f"{self(record)}: {message}")
+
+
+# ---------------------------------------------------------------------- reading files
+
+
+def _read_csv(path: Path) -> tuple[list[str], pa.Table]:
+    import pyarrow.csv as pcsv
+
+    try:
+        with open(path, encoding="utf-8-sig", newline="") as fh:
+            header = next(csv.reader(fh), None)
+    except UnicodeDecodeError:
+        raise MoeprofError(f"{path}: not UTF-8 text") from None
+    if not header:
+        raise MoeprofError(f"{path}: empty file (no header line)")
+    if len(set(header)) != len(header):
+        raise MoeprofError(f"{path}:1: the header names a column twice")
+    try:
+        table = pcsv.read_csv(
+            path,
+            parse_options=pcsv.ParseOptions(newlines_in_values=True),
+            convert_options=pcsv.ConvertOptions(
+                column_types={name: pa.string() for name in header}, strings_can_be_null=False
+            ),
+        )
+    except (pa.ArrowInvalid, pa.ArrowException) as exc:
+        raise _diagnose_csv(path, len(header), exc) from None
+    return header, table
+
+
+def _diagnose_csv(path: Path, n_columns: int, exc: Exception) -> MoeprofError:
+    with open(path, encoding="utf-8-sig", newline="") as fh:
+        reader = csv.reader(fh)
+        last = 0
+        for i, row in enumerate(reader):
+            start, last = last + 1, reader.line_num
+            if i > 0 and row and len(row) != n_columns:
+                return MoeprofError(
+                    f"{path}:{start}: row has {len(row)} fields, the header has {n_columns}"
+                )
+    return MoeprofError(f"{path}: cannot parse as CSV ({str(exc).splitlines()[0]})")
+
+
+def _read_jsonl(path: Path) -> tuple[list[str], pa.Table]:
+    import pyarrow.json as pjson
+
+    try:
+        table = pjson.read_json(path)
+    except (pa.ArrowInvalid, pa.ArrowException) as exc:
+        return _read_jsonl_python(path, exc)
+    if table.num_rows == 0:
+        raise MoeprofError(f"{path}: no JSON records")
+    return list(table.column_names), table
+
+
+def _read_jsonl_python(path: Path, exc: Exception) -> tuple[list[str], pa.Table]:
+    """Slow path for files pyarrow refuses: bad JSON is reported by line; columns whose type
+    changes between rows are kept, with scalars as strings (the converters parse them)."""
+    records: list[dict[str, Any]] = []
+    try:
+        with open(path, encoding="utf-8") as fh:
+            for n, line in enumerate(fh, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise MoeprofError(f"{path}:{n}: not valid JSON ({err.msg})") from None
+                if not isinstance(obj, dict):
+                    raise MoeprofError(f"{path}:{n}: a record must be a JSON object")
+                records.append(obj)
+    except UnicodeDecodeError:
+        raise MoeprofError(f"{path}: not UTF-8 text") from None
+    if not records:
+        raise MoeprofError(f"{path}: no JSON records")
+    names: dict[str, None] = {}
+    for rec in records:
+        names.update(dict.fromkeys(rec))
+
+    def as_text(v: Any) -> Any:
+        if v is None or isinstance(v, str):
+            return v
+        if isinstance(v, list):
+            return [as_text(x) for x in v]
+        return json.dumps(v)
+
+    columns: dict[str, pa.Array] = {}
+    for name in names:
+        values = [rec.get(name) for rec in records]
+        try:
+            columns[name] = pa.array(values)
+        except (pa.ArrowInvalid, pa.ArrowTypeError):
+            try:
+                columns[name] = pa.array([as_text(v) for v in values])
+            except (pa.ArrowInvalid, pa.ArrowTypeError):  # lists mixed with scalars: all text
+                columns[name] = pa.array(
+                    [v if v is None or isinstance(v, str) else json.dumps(v) for v in values]
+                )
+    return list(names), pa.table(columns)
+
+
+# ---------------------------------------------------------------------- columns
+
+
+@dataclass(frozen=True)
+class _Columns:
+    request: list[str]  # empty: the file is one request
+    position: str | None
+    layer: str
+    experts: list[str]  # one list column, or one column per slot
+    weights: list[str]
+    step: str | None
+    phase: str | None
+    token_id: str | None
+
+
+def _find(names: Sequence[str], wanted: str, path: Path, flag: str) -> str:
+    if wanted in names:
+        return wanted
+    by_norm = {_norm(n): n for n in names}
+    if _norm(wanted) in by_norm:
+        return by_norm[_norm(wanted)]
+    raise MoeprofError(f"{path}: no column {wanted!r} ({flag}); columns are: {', '.join(names)}")
+
+
+def _auto(names: Sequence[str], role: str) -> str | None:
+    by_norm: dict[str, str] = {}
+    for n in names:
+        by_norm.setdefault(_norm(n), n)
+    for candidate in COLUMN_NAMES[role]:
+        if candidate in by_norm:
+            return by_norm[candidate]
+    return None
+
+
+def _slots(names: Sequence[str], pattern: re.Pattern[str]) -> list[str]:
+    found = sorted(
+        ((int(m.group(1)), n) for n in names if (m := pattern.match(_norm(n)))), key=lambda x: x[0]
+    )
+    if found and [i for i, _ in found] != list(range(found[0][0], found[0][0] + len(found))):
+        return []
+    return [n for _, n in found]
+
+
+def _split(value: str) -> list[str]:
+    return [v.strip() for v in value.split(",") if v.strip()]
+
+
+def resolve_columns(
+    names: Sequence[str],
+    path: Path,
+    *,
+    request_col: str | None = None,
+    position_col: str | None = None,
+    layer_col: str | None = None,
+    experts_col: str | None = None,
+    weights_col: str | None = None,
+) -> _Columns:
+    """Which columns hold what: the names given, else the usual names."""
+    if request_col is not None:
+        request = [_find(names, c, path, "--request-col") for c in _split(request_col)]
+    else:
+        req = _auto(names, "request")
+        scope = _auto(names, "request_scope")
+        request = [c for c in (scope, req) if c is not None] if req is not None else []
+    position = (
+        _find(names, position_col, path, "--position-col")
+        if position_col
+        else _auto(names, "position")
+    )
+    layer = _find(names, layer_col, path, "--layer-col") if layer_col else _auto(names, "layer")
+    if layer is None:
+        raise MoeprofError(
+            f"{path}: no layer column found among {', '.join(names)}; name it with --layer-col"
+        )
+    if experts_col is not None:
+        experts = [_find(names, c, path, "--experts-col") for c in _split(experts_col)]
+    else:
+        one = _auto(names, "experts")
+        experts = [one] if one is not None else _slots(names, _SLOT_EXPERT)
+    if not experts:
+        raise MoeprofError(
+            f"{path}: no experts column found among {', '.join(names)}; name it with --experts-col"
+        )
+    if weights_col is not None:
+        weights = [_find(names, c, path, "--weights-col") for c in _split(weights_col)]
+    else:
+        one_w = _auto(names, "weights")
+        weights = [one_w] if one_w is not None else _slots(names, _SLOT_WEIGHT)
+    if weights and len(experts) > 1 and len(weights) != len(experts):
+        raise MoeprofError(
+            f"{path}: {len(experts)} expert columns but {len(weights)} weight columns"
+        )
+    return _Columns(
+        request=request,
+        position=position,
+        layer=layer,
+        experts=experts,
+        weights=weights,
+        step=_auto(names, "step"),
+        phase=_auto(names, "phase"),
+        token_id=_auto(names, "token_id"),
+    )
+
+
+# ---------------------------------------------------------------------- converters
+
+
+def _first(mask: Any) -> int:
+    return int(np.argmax(mask))
+
+
+def _np(arr: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    return np.asarray(arr.to_numpy(zero_copy_only=False))
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, (float, np.floating)):
+        return f"{float(value):g}"
+    return repr(value.item() if isinstance(value, np.generic) else value)
+
+
+def _ints(
+    col: pa.ChunkedArray | pa.Array, what: str, column: str, fail: _Fail, *, nullable: bool = False
+) -> np.ndarray:
+    """int64 values of a column; with ``nullable`` nulls (and empty strings) become -1."""
+    arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+    t = arr.type
+    missing = f"no {what} ({column!r} is empty or absent)"
+    if pa.types.is_string(t) or pa.types.is_large_string(t):
+        empty = _np(pc.fill_null(pc.equal(pc.utf8_trim_whitespace(arr), ""), True))
+        ok = _np(pc.fill_null(pc.match_substring_regex(arr, _INT_RE), False)) | empty
+        if not ok.all():
+            i = _first(~ok)
+            raise fail(i, f"{what} {_show(arr[i].as_py())} in column {column!r} is not an integer")
+        if empty.any() and not nullable:
+            raise fail(_first(empty), missing)
+        filled = pc.if_else(pa.array(empty), "-1", pc.utf8_trim_whitespace(arr))
+        return _np(pc.cast(filled, pa.int64())).astype(np.int64)
+    nulls = _np(arr.is_null())
+    if nulls.any() and not nullable:
+        raise fail(_first(nulls), missing)
+    if pa.types.is_integer(t):
+        return _np(pc.fill_null(arr, -1)).astype(np.int64)
+    if pa.types.is_floating(t):
+        vals = _np(pc.fill_null(arr, -1.0)).astype(np.float64)
+        bad = ~np.isfinite(vals) | (vals != np.floor(vals))
+        if bad.any():
+            i = _first(bad)
+            raise fail(i, f"{what} {_show(vals[i])} in column {column!r} is not an integer")
+        return vals.astype(np.int64)
+    if pa.types.is_null(t):
+        if nullable:
+            return np.full(len(arr), -1, dtype=np.int64)
+        raise fail(0, missing)
+    raise fail(0, f"column {column!r} must hold integers ({what}), got {t}")
+
+
+def _floats(col: pa.ChunkedArray | pa.Array, what: str, column: str, fail: _Fail) -> np.ndarray:
+    """float64 values of a column; nulls and empty strings become NaN."""
+    arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+    t = arr.type
+    if pa.types.is_string(t) or pa.types.is_large_string(t):
+        trimmed = pc.utf8_trim_whitespace(arr)
+        empty = _np(pc.fill_null(pc.equal(trimmed, ""), True))
+        ok = _np(pc.fill_null(pc.match_substring_regex(arr, _FLOAT_RE), False)) | empty
+        if not ok.all():
+            i = _first(~ok)
+            raise fail(i, f"{what} {_show(arr[i].as_py())} in column {column!r} is not a number")
+        filled = pc.if_else(pa.array(empty), "nan", trimmed)
+        return _np(pc.cast(filled, pa.float64())).astype(np.float64)
+    if pa.types.is_integer(t) or pa.types.is_floating(t):
+        return _np(pc.cast(arr, pa.float64())).astype(np.float64)
+    if pa.types.is_null(t):
+        return np.full(len(arr), np.nan)
+    raise fail(0, f"column {column!r} must hold numbers ({what}), got {t}")
+
+
+def _lists(
+    col: pa.ChunkedArray, what: str, column: str, fail: _Fail, *, floats: bool
+) -> tuple[np.ndarray, np.ndarray]:
+    """Flattened values and per-row counts of a list column (a list type, or text like '[1, 5]')."""
+    arr = col.combine_chunks()
+    t = arr.type
+    missing = f"no {what}s ({column!r} is empty or absent)"
+    if pa.types.is_string(t) or pa.types.is_large_string(t):
+        text = pc.utf8_trim_whitespace(pc.replace_substring_regex(arr, r"[\[\]()]", ""))
+        nulls = _np(arr.is_null())
+        if nulls.any():
+            raise fail(_first(nulls), missing)
+        arr = pc.split_pattern_regex(text, r"[\s,;]+")
+        # "" splits into [""]: an empty list.
+        arr = pc.if_else(pc.equal(text, ""), pa.scalar([], type=arr.type), arr)
+        t = arr.type
+    if pa.types.is_list(t) or pa.types.is_large_list(t):
+        nulls = _np(arr.is_null())
+        if nulls.any():
+            raise fail(_first(nulls), missing)
+        counts = _np(pc.list_value_length(arr)).astype(np.int64)
+        flat = pc.list_flatten(arr)
+        row_of = np.repeat(np.arange(len(arr)), counts)
+
+        def flat_fail(element: int, message: str) -> MoeprofError:
+            return fail(int(row_of[element]), message)
+
+        if floats:
+            values = _floats(flat, what, column, flat_fail)
+        else:
+            flat_nulls = _np(flat.is_null())
+            if flat_nulls.any():
+                raise flat_fail(_first(flat_nulls), f"a {what} in column {column!r} is null")
+            values = _ints(flat, what, column, flat_fail)
+        return values, counts
+    if floats and (pa.types.is_floating(t) or pa.types.is_integer(t)):
+        return _floats(arr, what, column, fail), np.ones(len(arr), dtype=np.int64)
+    if not floats and (pa.types.is_integer(t) or pa.types.is_floating(t)):
+        return _ints(arr, what, column, fail), np.ones(len(arr), dtype=np.int64)
+    raise fail(0, f"column {column!r} must hold lists of {what}s, got {t}")
+
+
+def _matrix(
+    table: pa.Table, names: list[str], what: str, fail: _Fail, *, floats: bool, top_k: int | None
+) -> np.ndarray:
+    """[rows, K] matrix from one list column or from one column per slot (nulls -> -1 / NaN)."""
+    n = table.num_rows
+    if len(names) > 1:
+        cols = [
+            _floats(table[c], what, c, fail)
+            if floats
+            else _ints(table[c], what, c, fail, nullable=True)
+            for c in names
+        ]
+        return np.stack(cols, axis=1)
+    values, counts = _lists(table[names[0]], what, names[0], fail, floats=floats)
+    k = int(counts[0]) if top_k is None else top_k
+    if k == 0:
+        raise fail(0, f"no {what}s in column {names[0]!r}")
+    wrong = counts != k
+    if wrong.any():
+        i = _first(wrong)
+        raise fail(i, f"{int(counts[i])} {what}s where rows have {k}")
+    return values.reshape(n, k)
+
+
+def _all_missing(col: pa.ChunkedArray) -> bool:
+    arr = col.combine_chunks()
+    if pa.types.is_string(arr.type) or pa.types.is_large_string(arr.type):
+        return bool(_np(pc.fill_null(pc.equal(pc.utf8_trim_whitespace(arr), ""), True)).all())
+    return arr.null_count == len(arr)
+
+
+def _phase_codes(col: pa.ChunkedArray, col_name: str, fail: _Fail) -> np.ndarray:
+    arr = col.combine_chunks()
+    if pa.types.is_string(arr.type) or pa.types.is_large_string(arr.type):
+        text = _np(pc.fill_null(pc.utf8_lower(pc.utf8_trim_whitespace(arr)), ""))
+        out = np.full(len(text), 255, dtype=np.int64)
+        for name, code in PHASES.items():
+            out[(text == name) | (text == str(code))] = code
+    else:
+        out = _ints(arr, "phase", col_name, fail)
+    bad = ~np.isin(out, list(PHASES.values()))
+    if bad.any():
+        raise fail(_first(bad), "phase must be prefill, decode, 0 or 1")
+    return out
+
+
+# ---------------------------------------------------------------------- one file
+
+
+@dataclass
+class _FileRows:
+    request: np.ndarray  # int64 [n]: request code within the file, first appearance order
+    request_labels: list[str]
+    position: np.ndarray | None
+    layer: np.ndarray
+    experts: np.ndarray  # int64 [n, K], -1 = no expert
+    weights: np.ndarray | None  # float64 [n, K]
+    step: np.ndarray | None
+    phase: np.ndarray | None
+    token_id: np.ndarray | None
+    columns: _Columns
+    where: _Where
+
+
+def _request_codes(
+    table: pa.Table, cols: list[str], path: Path, fail: _Fail
+) -> tuple[np.ndarray, list[str]]:
+    """Request of each row, numbered by first appearance, and a label per request."""
+    n = table.num_rows
+    if not cols:
+        return np.zeros(n, dtype=np.int64), [path.name]
+    codes = np.zeros(n, dtype=np.int64)
+    for name in cols:
+        col = table[name].combine_chunks()
+        missing = _np(col.is_null())
+        if pa.types.is_string(col.type) or pa.types.is_large_string(col.type):
+            missing |= _np(pc.fill_null(pc.equal(pc.utf8_trim_whitespace(col), ""), True))
+        if missing.any():
+            raise fail(_first(missing), f"no request id ({name!r} is empty or absent)")
+        enc = pc.dictionary_encode(col)
+        codes = codes * len(enc.dictionary) + _np(enc.indices).astype(np.int64)
+    # Renumber by first appearance so requests keep the file's order.
+    uniq, first, inverse = np.unique(codes, return_index=True, return_inverse=True)
+    rank = np.empty(len(uniq), dtype=np.int64)
+    rank[np.argsort(first, kind="stable")] = np.arange(len(uniq))
+    labels: list[str] = [""] * len(uniq)
+    for u, row in zip(range(len(uniq)), first.tolist()):
+        parts = [str(table[name][row].as_py()) for name in cols]
+        labels[int(rank[u])] = "/".join(parts)
+    return rank[inverse], labels
+
+
+def _read_file(
+    path: Path, fmt: str, options: dict[str, str | None], n_experts: int | None, top_k: int | None
+) -> _FileRows:
+    names, table = _read_csv(path) if fmt == "long-csv" else _read_jsonl(path)
+    where = _Where(path, fmt)
+    cols = resolve_columns(names, path, **options)
+    if table.num_rows == 0:
+        raise MoeprofError(f"{path}: no data rows")
+    fail = where.fail
+    layer = _ints(table[cols.layer], "layer", cols.layer, fail)
+    position = (
+        _ints(table[cols.position], "position", cols.position, fail) if cols.position else None
+    )
+    if position is not None and (position < 0).any():
+        raise fail(_first(position < 0), f"position {int(position.min())} is negative")
+    experts = _matrix(table, cols.experts, "expert id", fail, floats=False, top_k=top_k)
+    negative = experts < -1 if len(cols.experts) > 1 else experts < 0
+    if negative.any():
+        i = _first(negative.any(axis=1))
+        raise fail(i, f"expert id {int(experts[i].min())} is negative")
+    if n_experts is not None and (experts >= n_experts).any():
+        i = _first((experts >= n_experts).any(axis=1))
+        raise fail(i, f"expert id {int(experts[i].max())} is out of range for {n_experts} experts")
+    weights = None
+    if cols.weights:
+        weights = _matrix(
+            table, cols.weights, "gate weight", fail, floats=True, top_k=experts.shape[1]
+        )
+    request, labels = _request_codes(table, cols.request, path, fail)
+    # Optional per-token columns that are empty throughout (a moeprof export of a trace without
+    # them) count as absent.
+    step, phase, token = (
+        c if c is not None and not _all_missing(table[c]) else None
+        for c in (cols.step, cols.phase, cols.token_id)
+    )
+    return _FileRows(
+        request=request,
+        request_labels=labels,
+        position=position,
+        layer=layer,
+        experts=experts,
+        weights=weights,
+        step=_ints(table[step], "step", step, fail) if step else None,
+        phase=_phase_codes(table[phase], phase, fail) if phase else None,
+        token_id=_ints(table[token], "token id", token, fail) if token else None,
+        columns=cols,
+        where=where,
+    )
+
+
+# ---------------------------------------------------------------------- all files -> tokens
+
+
+def _rank_within(groups: np.ndarray) -> np.ndarray:
+    """Order of appearance of each row among rows of the same group (0, 1, 2, ...)."""
+    order = np.argsort(groups, kind="stable")
+    sorted_groups = groups[order]
+    first = np.searchsorted(sorted_groups, sorted_groups, side="left")
+    rank = np.empty(groups.shape[0], dtype=np.int64)
+    rank[order] = np.arange(groups.shape[0]) - first
+    return rank
+
+
+def _per_token(
+    values: np.ndarray, token: np.ndarray, n_tokens: int, what: str, locate: Any
+) -> np.ndarray:
+    """One value per token from its rows; every layer's row must agree."""
+    order = np.argsort(token, kind="stable")
+    first_row = order[np.searchsorted(token[order], np.arange(n_tokens))]
+    out = values[first_row]
+    differs = values != out[token]
+    if differs.any():
+        i = _first(differs)
+        raise MoeprofError(f"{locate(i)}: {what} differs from the token's other layers")
+    return out
+
+
+def _optional(parts: list[np.ndarray | None], what: str) -> np.ndarray | None:
+    present = [p is not None for p in parts]
+    if not any(present):
+        return None
+    if not all(present):
+        raise MoeprofError(f"some files have a {what} column and others do not")
+    return np.concatenate([p for p in parts if p is not None])
+
+
+def read_long_table(
+    files: Sequence[Path],
+    fmt: str,
+    *,
+    n_experts: int | None = None,
+    progress: Progress | None = None,
+    request_col: str | None = None,
+    position_col: str | None = None,
+    layer_col: str | None = None,
+    experts_col: str | None = None,
+    weights_col: str | None = None,
+) -> TokenRouting:
+    """Read long-table files (in the order given) into token-major routing."""
+    options = {
+        "request_col": request_col,
+        "position_col": position_col,
+        "layer_col": layer_col,
+        "experts_col": experts_col,
+        "weights_col": weights_col,
+    }
+    parts: list[_FileRows] = []
+    top_k: int | None = None
+    for i, path in enumerate(files):
+        rows = _read_file(path, fmt, options, n_experts, top_k)
+        if top_k is not None and rows.experts.shape[1] != top_k:
+            raise rows.where.fail(0, f"{rows.experts.shape[1]} expert ids where rows have {top_k}")
+        top_k = rows.experts.shape[1]
+        parts.append(rows)
+        if progress is not None:
+            progress(i + 1, len(files))
+
+    n_rows = [p.layer.shape[0] for p in parts]
+    file_of_row = np.repeat(np.arange(len(parts)), n_rows)
+    row_start = np.concatenate(([0], np.cumsum(n_rows)))
+
+    def locate_row(row: int) -> str:
+        f = int(file_of_row[row])
+        return parts[f].where(row - int(row_start[f]))
+
+    # Requests: (file, request code) in order of appearance across files.
+    offsets = np.concatenate(([0], np.cumsum([len(p.request_labels) for p in parts])))
+    request = np.concatenate([p.request + offsets[f] for f, p in enumerate(parts)])
+    many_files = len(parts) > 1
+    labels = [
+        (f"{p.where.path.name}:{label}" if many_files and label != p.where.path.name else label)
+        for p in parts
+        for label in p.request_labels
+    ]
+    layer_raw = np.concatenate([p.layer for p in parts])
+    layer_numbers, layer = np.unique(layer_raw, return_inverse=True)
+    n_layers = layer_numbers.shape[0]
+    positions_given = [p.position is not None for p in parts]
+    if any(positions_given) and not all(positions_given):
+        raise MoeprofError("some files have a position column and others do not")
+    if all(positions_given):
+        position = np.concatenate([p.position for p in parts if p.position is not None])
+    else:
+        # Order of appearance within (request, layer).
+        position = _rank_within(request * n_layers + layer)
+    if int(position.max()) >= 2**31:
+        raise MoeprofError(f"{locate_row(_first(position >= 2**31))}: position too large")
+
+    token_key = request * (1 << 31) + position
+    token_keys, token = np.unique(token_key, return_inverse=True)
+    n_tokens0 = token_keys.shape[0]
+    cell = token * n_layers + layer
+    order = np.argsort(cell, kind="stable")
+    dup = cell[order][1:] == cell[order][:-1]
+    if dup.any():
+        j = _first(dup)
+        first_row, again = int(order[j]), int(order[j + 1])
+        raise MoeprofError(
+            f"{locate_row(again)}: a second row for request {labels[int(request[again])]!r}, "
+            f"position {int(position[again])}, layer {int(layer_numbers[layer[again]])} "
+            f"(first at {locate_row(first_row)})"
+        )
+    counts = np.bincount(token, minlength=n_tokens0)
+    complete = counts == n_layers
+
+    experts = np.concatenate([p.experts for p in parts])
+    k = experts.shape[1]
+    ids = np.full((n_tokens0, n_layers, k), -1, dtype=np.int64)
+    ids[token, layer] = experts
+    weights_rows = _optional([p.weights for p in parts], "gate weights")
+    weights = None
+    if weights_rows is not None:
+        weights = np.full((n_tokens0, n_layers, k), np.nan, dtype=np.float64)
+        weights[token, layer] = weights_rows
+
+    def per_token(name: str, what: str) -> np.ndarray | None:
+        values = _optional([getattr(p, name) for p in parts], what)
+        if values is None:
+            return None
+        return _per_token(values, token, n_tokens0, what, locate_row)[complete]
+
+    steps = per_token("step", "step")
+    phase = per_token("phase", "phase")
+    token_ids = per_token("token_id", "token id")
+
+    token_request = (token_keys >> 31).astype(np.int64)
+    token_position = (token_keys & ((1 << 31) - 1)).astype(np.int64)
+    n_dropped = int((~complete).sum())
+    if n_dropped:
+        t = _first(~complete)
+        warn(
+            f"dropped {n_dropped:,} of {n_tokens0:,} tokens that lack some of the {n_layers} "
+            f"layers (first: request {labels[int(token_request[t])]!r}, position "
+            f"{int(token_position[t])}, {int(counts[t])} layers)"
+        )
+    kept_request = token_request[complete]
+    used, dense = np.unique(kept_request, return_inverse=True)
+    return TokenRouting(
+        expert_ids=ids[complete],
+        request_ids=dense.astype(np.int64),
+        positions=token_position[complete],
+        request_labels=[labels[int(r)] for r in used],
+        layer_numbers=[int(x) for x in layer_numbers],
+        gate_weights=None if weights is None else weights[complete],
+        steps=steps,
+        phase=phase,
+        token_ids=token_ids,
+        details={
+            "rows": int(sum(n_rows)),
+            "dropped_tokens": n_dropped,
+            # The columns read (of the first file), for provenance.
+            "columns": {k: v for k, v in asdict(parts[0].columns).items() if v not in (None, [])},
+        },
+    )
