@@ -17,11 +17,11 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed
 
-# The main job on built-in defaults: make a trace, analyse it, print and write the report.
+# The main job on built-in defaults: record routing from the built-in demo MoE model (a small
+# Qwen3-MoE trained on Python's own sources), analyse it, print and write the report.
 demo: install
 	mkdir -p demo-out
-	$(VENV)/bin/moeprof synth -o demo-out/demo.moe --experts 8 --top-k 2 --layers 8 \
-	  --requests 32 --tokens 128 --length-spread 0.5 --zipf 0.8 --locality 0.3 --force
+	$(VENV)/bin/moeprof record -o demo-out/demo.moe --force
 	$(VENV)/bin/moeprof analyze demo-out/demo.moe --batch-sizes 1,2,4,8,16,32,64 \
 	  --json demo-out/results.json --markdown demo-out/report.md --plot demo-out/savings.png --force
 
@@ -39,6 +39,7 @@ test: lint typecheck pytest
 
 bench: install
 	$(PY) benchmarks/bench_analyze.py
+	$(PY) benchmarks/bench_record.py
 
 bench-replay: install
 	$(PY) benchmarks/bench_replay.py

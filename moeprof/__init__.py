@@ -40,9 +40,11 @@ _LAZY = {
 
 
 def __getattr__(name: str) -> object:
-    if name in _LAZY:
-        import importlib
+    import importlib
 
+    if name == "demo":
+        return importlib.import_module("moeprof.demo")
+    if name in _LAZY:
         module_name, attr = _LAZY[name]
         return getattr(importlib.import_module(module_name), attr)
     raise AttributeError(f"module 'moeprof' has no attribute {name!r}")

@@ -1,0 +1,141 @@
+"""Overhead of recording: the demo model's greedy generation with and without `moeprof.record`.
+
+Repetitions are interleaved (plain, recorded, recorded, plain, ...) so that drift in machine load
+hits both sides alike; the slowdown is the median of the per-pair ratios. Building the trace
+(`to_trace`, once after the run) is timed separately. Target: <= 5 % slowdown.
+
+    .venv/bin/python benchmarks/bench_record.py                  # CPU
+    .venv/bin/python benchmarks/bench_record.py --device cuda    # GPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from typing import Any
+
+import torch
+
+import moeprof
+from moeprof import demo
+from moeprof.record.run import encode
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def generate_all(
+    model: Any, batches: list[dict[str, torch.Tensor]], new_tokens: int
+) -> list[torch.Tensor]:
+    outs = []
+    for inputs in batches:
+        outs.append(
+            model.generate(
+                **inputs, max_new_tokens=new_tokens, do_sample=False, min_new_tokens=new_tokens
+            )
+        )
+    return outs
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="auto", help="auto (stored bfloat16) or float32")
+    ap.add_argument("--prompts", type=int, default=16, help="prompts from the demo set")
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--max-new-tokens", type=int, default=32)
+    ap.add_argument("--reps", type=int, default=7, help="pairs of timed runs")
+    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    ap.add_argument("--json", action="store_true", help="print the numbers as JSON too")
+    args = ap.parse_args()
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
+    model, tokenizer = demo.load(dtype=dtype, device=str(device))
+    prompts = demo.prompts()[: args.prompts]
+    batches = [
+        encode(tokenizer, prompts[i : i + args.batch_size], device)
+        for i in range(0, len(prompts), args.batch_size)
+    ]
+    new = args.max_new_tokens
+
+    def plain() -> tuple[float, list[torch.Tensor]]:
+        _sync(device)
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            outs = generate_all(model, batches, new)
+        _sync(device)
+        return time.perf_counter() - t0, outs
+
+    def recorded() -> tuple[float, list[torch.Tensor], Any]:
+        _sync(device)
+        t0 = time.perf_counter()
+        with torch.inference_mode(), moeprof.record(model) as rec:
+            outs = generate_all(model, batches, new)
+        _sync(device)
+        return time.perf_counter() - t0, outs, rec
+
+    # Warm-up (allocator, kernels, lazy imports), and a correctness check: same tokens either way.
+    _, ref = plain()
+    _, got, rec = recorded()
+    same = all(torch.equal(a, b) for a, b in zip(ref, got, strict=True))
+    t0 = time.perf_counter()
+    trace = rec.to_trace()
+    to_trace_s = time.perf_counter() - t0
+
+    plain_s: list[float] = []
+    rec_s: list[float] = []
+    for r in range(args.reps):
+        order = (plain, recorded) if r % 2 == 0 else (recorded, plain)
+        for fn in order:
+            seconds = fn()[0]
+            (plain_s if fn is plain else rec_s).append(seconds)
+    ratios = [b / a for a, b in zip(plain_s, rec_s, strict=True)]
+    slowdown = statistics.median(ratios) - 1.0
+    tokens = trace.n_tokens
+    result = {
+        "device": str(device),
+        "dtype": str(model.dtype).removeprefix("torch."),
+        "threads": torch.get_num_threads(),
+        "prompts": len(prompts),
+        "batch_size": args.batch_size,
+        "max_new_tokens": new,
+        "tokens_recorded": tokens,
+        "forward_passes": rec.n_passes,
+        "reps": args.reps,
+        "plain_median_s": statistics.median(plain_s),
+        "recorded_median_s": statistics.median(rec_s),
+        "slowdown": slowdown,
+        "slowdown_min_max": [min(ratios) - 1.0, max(ratios) - 1.0],
+        "to_trace_s": to_trace_s,
+        "same_tokens": same,
+    }
+    print(
+        f"demo model on {device} ({result['dtype']}, {result['threads']} threads): "
+        f"{len(prompts)} prompts, batch {args.batch_size}, {new} new tokens, "
+        f"{tokens:,} tokens in {rec.n_passes} forward passes per run"
+    )
+    print(f"{'':24}{'median s':>10}{'tokens/s':>12}")
+    for name, values in (("generate", plain_s), ("generate + record", rec_s)):
+        med = statistics.median(values)
+        print(f"{name:24}{med:10.3f}{tokens / med:12,.0f}")
+    print(
+        f"slowdown: {100 * slowdown:+.1f}% (median of {args.reps} interleaved pairs; "
+        f"range {100 * result['slowdown_min_max'][0]:+.1f}% .. {100 * result['slowdown_min_max'][1]:+.1f}%)"
+    )
+    print(f"to_trace(): {1000 * to_trace_s:.1f} ms once per run; same tokens generated: {same}")
+    if args.json:
+        print(json.dumps(result, indent=2))
+    if not same:
+        sys.exit("recording changed the generated tokens")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,368 @@
+"""Where routing lives in a model: a registry of adapters, one per way of routing.
+
+An :class:`Adapter` says which modules to hook and how to read, from the hook's arguments or
+output, the routed expert ids ``[tokens, k]`` (in router order) and the gate weights ``[tokens, k]``.
+Reading happens on the device: an adapter must not move tensors to the host or call ``.item()``.
+
+Built in, tried in this order (user adapters, registered with :func:`register_adapter`, first):
+
+- ``llama4``: Llama 4's experts take pre-scaled, expert-sorted inputs and no indices; the ids are
+  the router's own top-k of its logits (the same ``torch.topk`` call on the same tensor).
+- ``jetmoe``: JetMoe's ``JetMoeTopKGating`` (feed-forward MoE only; the mixture-of-attention
+  experts are not offloadable weights and are not recorded).
+- ``dbrx``: DBRX's ``DbrxExperts`` (ids and weights as arguments; experts stored as [E*ffn, hidden]).
+- ``fused-experts``: any experts module whose ``forward(hidden_states, top_k_index,
+  top_k_weights)`` receives the routing, which covers most transformers >= 5 MoE models
+  (Mixtral, Qwen2/3-MoE, OLMoE, DeepSeek-V2/V3, GPT-OSS, Granite-MoE, PhiMoE, Ernie 4.5, GLM-4.5...).
+
+The first adapter that matches any module of a model is used for the whole model.
+"""
+
+from __future__ import annotations
+
+import inspect
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from moeprof.errors import MoeprofError
+from moeprof.record import sizes
+
+Routing = tuple[torch.Tensor, torch.Tensor | None]
+RoutingFn = Callable[[nn.Module, tuple[Any, ...], dict[str, Any], Any], Routing]
+
+
+@dataclass(frozen=True)
+class Adapter:
+    """How to find MoE layers in a model and read their routing.
+
+    - ``matches(name, module, parent)``: is this module (qualified ``name``, owning ``parent``)
+      one MoE layer's routing point?
+    - ``routing(module, args, kwargs, output)``: expert ids ``[N, k]`` (integers, router order)
+      and gate weights ``[N, k]`` (or None) for the N tokens of this call. ``output`` is None for
+      ``hook="pre"`` (read the inputs) and the module's output for ``hook="post"``.
+    - ``n_experts(module, parent)``: routed experts of the layer (ids >= this are "no expert").
+    - ``expert_modules(module, parent)``: modules holding the routed experts' weights, for
+      :func:`moeprof.record.sizes.routed_expert_bytes` (default: the hooked module).
+    - ``shared_modules(module, parent, layer)``: always-resident shared experts (default: children
+      of the block or decoder layer named ``shared*``, see :mod:`moeprof.record.sizes`).
+    """
+
+    name: str
+    matches: Callable[[str, nn.Module, nn.Module | None], bool]
+    routing: RoutingFn
+    n_experts: Callable[[nn.Module, nn.Module | None], int]
+    hook: Literal["pre", "post"] = "pre"
+    expert_modules: Callable[[nn.Module, nn.Module | None], Sequence[nn.Module]] | None = None
+    shared_modules: (
+        Callable[[nn.Module, nn.Module | None, nn.Module | None], Sequence[nn.Module]] | None
+    ) = None
+    description: str = ""
+
+
+@dataclass(frozen=True)
+class MoeLayer:
+    """One MoE layer found in a model, with everything the recorder and the trace need."""
+
+    index: int  # MoE layer number (0..L-1)
+    name: str  # qualified name of the hooked module
+    module: nn.Module
+    model_layer: int  # decoder-layer index in the model
+    n_experts: int
+    expert_bytes: int
+    shared_expert_bytes: int
+    expert_dtype: str | None
+    adapter: Adapter = field(repr=False)
+
+
+_USER_ADAPTERS: list[Adapter] = []
+
+
+def register_adapter(adapter: Adapter) -> Adapter:
+    """Add an adapter for your own model; user adapters are tried before the built-in ones.
+
+    Registering a name again replaces the earlier adapter of that name.
+    """
+    if not isinstance(adapter, Adapter):
+        raise MoeprofError("register_adapter() takes a moeprof.record.Adapter")
+    if adapter.hook not in ("pre", "post"):
+        raise MoeprofError(f"adapter {adapter.name!r}: hook must be 'pre' or 'post'")
+    unregister_adapter(adapter.name)
+    _USER_ADAPTERS.insert(0, adapter)
+    return adapter
+
+
+def unregister_adapter(name: str) -> None:
+    _USER_ADAPTERS[:] = [a for a in _USER_ADAPTERS if a.name != name]
+
+
+def adapters() -> list[Adapter]:
+    """All adapters in the order they are tried."""
+    return [*_USER_ADAPTERS, *_BUILTIN]
+
+
+# ---------------------------------------------------------------------------- shared helpers
+_EXPERT_COUNT_ATTRS = (
+    "num_experts",
+    "num_local_experts",
+    "n_routed_experts",
+    "num_routed_experts",
+    "moe_num_experts",
+)
+
+
+def experts_count(module: nn.Module) -> int:
+    """Routed experts of a module: a count attribute, else the leading dim of a 3-D weight."""
+    for attr in _EXPERT_COUNT_ATTRS:
+        value = getattr(module, attr, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    for p in module.parameters(recurse=False):
+        if p.dim() == 3:
+            return int(p.shape[0])
+    raise MoeprofError(f"cannot tell how many experts {type(module).__name__} has")
+
+
+def _attr(module: nn.Module | None, name: str) -> Any:
+    """A submodule or attribute, typed loosely (nn.Module's own typing says Tensor | Module)."""
+    return getattr(module, name)
+
+
+def _per_token_weights(weights: torch.Tensor | None, ids: torch.Tensor) -> torch.Tensor | None:
+    """[N, k] gate weights; dense [N, E] score matrices are gathered at the chosen ids."""
+    if weights is None or not isinstance(weights, torch.Tensor) or not weights.is_floating_point():
+        return None
+    if weights.dim() == 1:
+        weights = weights.unsqueeze(-1)
+    weights = weights.reshape(-1, weights.shape[-1])
+    if weights.shape == ids.shape:
+        return weights
+    if weights.shape[0] == ids.shape[0] and weights.shape[1] > ids.shape[1]:
+        return weights.gather(1, ids.clamp(0, weights.shape[1] - 1).long())
+    return None
+
+
+def _ids_2d(ids: torch.Tensor) -> torch.Tensor:
+    if ids.dim() == 1:
+        return ids.unsqueeze(-1)
+    return ids.reshape(-1, ids.shape[-1])
+
+
+# ---------------------------------------------------------------------------- fused experts
+_INDEX_NAMES = ("top_k_index", "router_indices", "top_k_indices", "selected_experts")
+_WEIGHT_NAMES = ("top_k_weights", "routing_weights", "router_scores", "top_k_gates")
+_SIGNATURES: dict[type, tuple[str, str] | None] = {}
+
+
+def _unwrapped_forward(cls: type) -> Callable[..., Any]:
+    fn = cls.forward  # type: ignore[attr-defined]
+    # transformers' @use_experts_implementation wraps forward with functools.wraps.
+    while hasattr(fn, "__wrapped__"):
+        fn = fn.__wrapped__
+    return fn  # type: ignore[no-any-return]
+
+
+def _routing_signature(cls: type) -> tuple[str, str] | None:
+    """(index param, weight param) when forward is (self, hidden_states, <ids>, <weights>, ...)."""
+    if cls in _SIGNATURES:
+        return _SIGNATURES[cls]
+    found: tuple[str, str] | None = None
+    try:
+        params = list(inspect.signature(_unwrapped_forward(cls)).parameters)
+    except (TypeError, ValueError):
+        params = []
+    if len(params) >= 4 and params[2] in _INDEX_NAMES and params[3] in _WEIGHT_NAMES:
+        found = (params[2], params[3])
+    _SIGNATURES[cls] = found
+    return found
+
+
+def _fused_matches(name: str, module: nn.Module, parent: nn.Module | None) -> bool:
+    if _routing_signature(type(module)) is None:
+        return False
+    try:
+        experts_count(module)
+    except MoeprofError:
+        return False
+    return True
+
+
+def _fused_routing(
+    module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any
+) -> Routing:
+    sig = _routing_signature(type(module))
+    assert sig is not None
+    ids = args[1] if len(args) > 1 else kwargs[sig[0]]
+    weights = args[2] if len(args) > 2 else kwargs.get(sig[1])
+    ids = _ids_2d(ids)
+    return ids, _per_token_weights(weights, ids)
+
+
+FUSED_EXPERTS = Adapter(
+    name="fused-experts",
+    matches=_fused_matches,
+    routing=_fused_routing,
+    n_experts=lambda module, parent: experts_count(module),
+    hook="pre",
+    description="experts module whose forward receives (hidden_states, top_k_index, top_k_weights)",
+)
+
+
+# ---------------------------------------------------------------------------- DBRX
+def _dbrx_expert_modules(module: nn.Module, parent: nn.Module | None) -> Sequence[nn.Module]:
+    return [_attr(module, "mlp")] if hasattr(module, "mlp") else [module]
+
+
+DBRX = Adapter(
+    name="dbrx",
+    matches=lambda name, module, parent: type(module).__name__ == "DbrxExperts",
+    routing=_fused_routing,
+    n_experts=lambda module, parent: int(_attr(module, "num_experts")),
+    hook="pre",
+    expert_modules=_dbrx_expert_modules,
+    description="DbrxExperts(hidden_states, top_k_index, top_k_weights); w1/v1/w2 are [E*ffn, hidden]",
+)
+
+
+# ---------------------------------------------------------------------------- Llama 4
+def _llama4_routing(
+    module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any
+) -> Routing:
+    router_scores, router_logits = output[0], output[1]
+    # Llama4Router: topk(logits, k, dim=1), then sigmoid of the kept logits. The same topk call on
+    # the same tensor gives the router's ids in its order; the weights are the scores it applied.
+    ids = torch.topk(router_logits, int(_attr(module, "top_k")), dim=1).indices
+    return ids, router_scores.gather(1, ids)
+
+
+LLAMA4 = Adapter(
+    name="llama4",
+    matches=lambda name, module, parent: type(module).__name__ == "Llama4Router",
+    routing=_llama4_routing,
+    n_experts=lambda module, parent: int(_attr(module, "num_experts")),
+    hook="post",
+    expert_modules=lambda module, parent: [_attr(parent, "experts")] if parent is not None else [],
+    description="Llama4Router output (scores, logits); experts in the sibling Llama4TextExperts",
+)
+
+
+# ---------------------------------------------------------------------------- JetMoe
+def _jetmoe_routing(
+    module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any
+) -> Routing:
+    logits = output[-1]  # [N, E] float router logits
+    top_logits, ids = logits.topk(int(_attr(module, "top_k")), dim=1)
+    return ids, torch.softmax(top_logits, dim=1)
+
+
+def _jetmoe_matches(name: str, module: nn.Module, parent: nn.Module | None) -> bool:
+    # Only the feed-forward MoE (JetMoeMoE); the attention experts (JetMoeMoA) are skipped.
+    return type(module).__name__ == "JetMoeTopKGating" and type(parent).__name__ == "JetMoeMoE"
+
+
+JETMOE = Adapter(
+    name="jetmoe",
+    matches=_jetmoe_matches,
+    routing=_jetmoe_routing,
+    n_experts=lambda module, parent: int(_attr(module, "num_experts")),
+    hook="post",
+    expert_modules=lambda module, parent: (
+        [_attr(parent, "input_linear"), _attr(parent, "output_linear")]
+        if parent is not None
+        else []
+    ),
+    description="JetMoeTopKGating logits of the feed-forward MoE; experts in input/output_linear",
+)
+
+_BUILTIN: list[Adapter] = [LLAMA4, JETMOE, DBRX, FUSED_EXPERTS]
+
+
+# ---------------------------------------------------------------------------- discovery
+_LAYER_INDEX = re.compile(r"(?:^|\.)(\d+)(?:\.|$)")
+
+
+def _model_layer(name: str) -> int | None:
+    m = _LAYER_INDEX.search(name)
+    return int(m.group(1)) if m else None
+
+
+def _decoder_layer(model: nn.Module, name: str) -> nn.Module | None:
+    """The module at the first numbered path component (e.g. ``model.layers.3``)."""
+    m = _LAYER_INDEX.search(name)
+    if m is None:
+        return None
+    try:
+        return model.get_submodule(name[: m.end(1)])
+    except AttributeError:
+        return None
+
+
+def find_adapter(
+    model: nn.Module, adapter: str | Adapter | None = None
+) -> tuple[Adapter, list[tuple[str, nn.Module, nn.Module | None]]]:
+    """The adapter used for `model` and the (name, module, parent) it matches, in model order."""
+    modules = list(model.named_modules())
+    parents: dict[str, nn.Module] = {}
+    for name, module in modules:
+        for child_name, _ in module.named_children():
+            parents[f"{name}.{child_name}" if name else child_name] = module
+    if isinstance(adapter, Adapter):
+        candidates = [adapter]
+    elif isinstance(adapter, str):
+        candidates = [a for a in adapters() if a.name == adapter]
+        if not candidates:
+            known = ", ".join(a.name for a in adapters())
+            raise MoeprofError(f"no adapter named {adapter!r} (known: {known})")
+    else:
+        candidates = adapters()
+    for cand in candidates:
+        hits = [
+            (name, module, parents.get(name))
+            for name, module in modules
+            if cand.matches(name, module, parents.get(name))
+        ]
+        if hits:
+            return cand, hits
+    kind = type(model).__name__
+    raise MoeprofError(
+        f"{kind} has no MoE layer that moeprof recognises (adapters tried: "
+        f"{', '.join(a.name for a in candidates)}); for a custom model, register an adapter "
+        "with moeprof.record.register_adapter()"
+    )
+
+
+def find_moe_layers(model: nn.Module, adapter: str | Adapter | None = None) -> list[MoeLayer]:
+    """The MoE layers of `model`, in model order, with expert counts and sizes."""
+    chosen, hits = find_adapter(model, adapter)
+    layers: list[MoeLayer] = []
+    for order, (name, module, parent) in enumerate(hits):
+        n_experts = int(chosen.n_experts(module, parent))
+        if n_experts < 1:
+            raise MoeprofError(f"{name}: adapter {chosen.name!r} reports {n_experts} experts")
+        expert_mods = (
+            list(chosen.expert_modules(module, parent)) if chosen.expert_modules else [module]
+        )
+        decoder_layer = _decoder_layer(model, name)
+        if chosen.shared_modules is not None:
+            shared = list(chosen.shared_modules(module, parent, decoder_layer))
+        else:
+            shared = sizes.shared_modules(parent, decoder_layer)
+        model_layer = _model_layer(name)
+        layers.append(
+            MoeLayer(
+                index=order,
+                name=name,
+                module=module,
+                model_layer=order if model_layer is None else model_layer,
+                n_experts=n_experts,
+                expert_bytes=sizes.routed_expert_bytes(expert_mods, n_experts),
+                shared_expert_bytes=sizes.module_bytes(shared),
+                expert_dtype=sizes.expert_dtype(expert_mods),
+                adapter=chosen,
+            )
+        )
+    return layers

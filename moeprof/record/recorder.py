@@ -1,0 +1,584 @@
+"""Capture routing from a running PyTorch MoE model into a :class:`moeprof.Trace`.
+
+Hooks: one on each MoE layer's routing point (see :mod:`moeprof.record.adapters`) and a pair on
+the model itself that delimit forward passes. Each pass is one step. A layer hook only keeps
+references to the routing tensors, on their device; when the pass ends, all layers' ids, weights
+and the per-token bookkeeping are packed into one tensor and copied to the host once. So
+recording adds no host-device synchronisation per layer, only one small copy per step.
+
+Requests: each batch row is one request. A pass continues the previous pass's requests when it
+runs inside the same ``generate`` call, or (outside ``generate``) when it extends a KV cache with
+the same batch size; otherwise its rows are new requests. Padding (attention_mask 0) is not
+recorded, nor are the tokens ``generate`` keeps feeding a row after it produced its end token
+(that row has finished; a server would have dropped it).
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from moeprof.errors import MoeprofError
+from moeprof.record.adapters import Adapter, MoeLayer, Routing, find_moe_layers
+from moeprof.trace import PHASE_DECODE, PHASE_PREFILL, Trace
+
+_TOP_K_ATTRS = ("num_experts_per_tok", "moe_k", "moe_topk", "moe_top_k", "top_k")
+
+
+@dataclass
+class _Pass:
+    """One forward pass in flight: its token layout and, per MoE layer, what the hooks saw."""
+
+    batch: int
+    seq: int
+    device: torch.device
+    valid: torch.Tensor  # [B, S] bool: recorded tokens
+    positions: torch.Tensor  # [B, S] position of each token in its request
+    tokens: torch.Tensor | None  # [B, S] token ids
+    phase: int
+    request_base: int
+    captures: list[list[Routing]] = field(default_factory=list)
+
+
+@dataclass
+class _Requests:
+    """The open requests (one per batch row) that the next pass may continue."""
+
+    base: int
+    batch: int
+    row_len: torch.Tensor  # [B] tokens recorded so far per row (device)
+    done: torch.Tensor  # [B] bool: row produced its end token (device)
+
+
+@dataclass
+class _Chunk:
+    """Host copy of one pass's recorded tokens."""
+
+    expert_ids: np.ndarray  # [n, L, K] uint16 (sentinel = layer's expert count)
+    gate_weights: np.ndarray  # [n, L, K] float16 (NaN where the adapter gives none)
+    request_ids: np.ndarray  # [n] int64
+    positions: np.ndarray  # [n] int32
+    token_ids: np.ndarray | None  # [n] int32
+    step: int
+    phase: int
+
+
+def _config_top_k(model: nn.Module) -> int | None:
+    config = getattr(model, "config", None)
+    seen = [config]
+    for sub in ("text_config", "ffn_config"):
+        seen.append(getattr(config, sub, None))
+    for cfg in seen:
+        if cfg is None:
+            continue
+        for attr in _TOP_K_ATTRS:
+            value = getattr(cfg, attr, None)
+            if isinstance(value, (list, tuple)) and value:
+                value = max(int(v) for v in value)
+            if isinstance(value, int) and value > 0:
+                return value
+    return None
+
+
+class Recorder:
+    """Records routing while attached; build with :func:`record` and use as a context manager.
+
+    ``on_step(recorder)`` is called after every recorded forward pass (e.g. to drive a progress
+    bar from :attr:`n_tokens`). ``settings`` land in the trace's ``source`` metadata.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        adapter: str | Adapter | None = None,
+        model_id: str | None = None,
+        revision: str | None = None,
+        settings: dict[str, Any] | None = None,
+        on_step: Callable[[Recorder], None] | None = None,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise MoeprofError("moeprof.record() takes a torch.nn.Module (a loaded model)")
+        self.model = model
+        self.layers: list[MoeLayer] = find_moe_layers(model, adapter)
+        self.adapter = self.layers[0].adapter
+        self.settings = dict(settings or {})
+        self.model_id = model_id
+        self.revision = revision
+        self.on_step = on_step
+        self._n_experts = np.array([layer.n_experts for layer in self.layers], dtype=np.int64)
+        self._default_k = _config_top_k(model)
+        try:
+            self._forward_params = list(inspect.signature(model.forward).parameters)
+        except (TypeError, ValueError):
+            self._forward_params = []
+        self._handles: list[Any] = []
+        self._generate_patched = False
+        self._generate_prev: Any = None
+        # Recording state.
+        self._active: _Pass | None = None
+        self._open: _Requests | None = None
+        self._generate_depth = 0
+        self._generate_passes = 0
+        self._eos: list[int] = []
+        self._eos_tensor: torch.Tensor | None = None
+        self._next_request = 0
+        self._chunks: list[_Chunk] = []
+        self._layer_passes = np.zeros(len(self.layers), dtype=np.int64)
+        self._tokens_unknown = False
+        self.n_passes = 0  # forward passes recorded (= steps)
+        self.n_tokens = 0  # tokens recorded
+        self.orphan_calls = 0  # MoE-layer calls seen outside a forward of `model`
+
+    # ------------------------------------------------------------------ attach / detach
+    def __enter__(self) -> Recorder:
+        self.attach()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.detach()
+
+    def attach(self) -> None:
+        if self._handles:
+            return
+        try:
+            for layer in self.layers:
+                hook = self._layer_hook(layer.index, layer.adapter)
+                if layer.adapter.hook == "pre":
+                    h = layer.module.register_forward_pre_hook(hook, with_kwargs=True)
+                else:
+                    h = layer.module.register_forward_hook(hook, with_kwargs=True)
+                self._handles.append(h)
+            self._handles.append(
+                self.model.register_forward_pre_hook(self._begin_pass, with_kwargs=True)
+            )
+            self._handles.append(
+                self.model.register_forward_hook(self._end_pass, with_kwargs=True, always_call=True)
+            )
+            self._patch_generate()
+        except BaseException:
+            self.detach()
+            raise
+
+    def detach(self) -> None:
+        """Remove every hook (safe to call twice); a pass in flight is dropped."""
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        if self._generate_patched:
+            if self._generate_prev is None:
+                self.model.__dict__.pop("generate", None)
+            else:
+                self.model.__dict__["generate"] = self._generate_prev
+            self._generate_patched = False
+        self._active = None
+
+    @property
+    def attached(self) -> bool:
+        return bool(self._handles)
+
+    def _patch_generate(self) -> None:
+        original = getattr(self.model, "generate", None)
+        if original is None or not callable(original):
+            return
+        self._generate_prev = self.model.__dict__.get("generate")
+
+        def generate(*args: Any, **kwargs: Any) -> Any:
+            self._generate_depth += 1
+            if self._generate_depth == 1:
+                self._generate_passes = 0
+                self._open = None
+                self._set_eos(kwargs)
+            try:
+                return original(*args, **kwargs)
+            finally:
+                self._generate_depth -= 1
+                if self._generate_depth == 0:
+                    self._open = None  # the next call starts new requests
+
+        self.model.__dict__["generate"] = generate
+        self._generate_patched = True
+
+    def _set_eos(self, kwargs: dict[str, Any]) -> None:
+        eos = kwargs.get("eos_token_id")
+        if eos is None:
+            gen_config = kwargs.get("generation_config") or getattr(
+                self.model, "generation_config", None
+            )
+            eos = getattr(gen_config, "eos_token_id", None)
+        if isinstance(eos, torch.Tensor):
+            eos = eos.flatten().tolist()
+        if isinstance(eos, int):
+            eos = [eos]
+        self._eos = [int(e) for e in eos] if eos else []
+        self._eos_tensor = None
+
+    # ------------------------------------------------------------------ hooks
+    def _layer_hook(self, index: int, adapter: Adapter) -> Callable[..., None]:
+        routing = adapter.routing
+
+        if adapter.hook == "pre":
+
+            def pre(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+                p = self._active
+                if p is None:
+                    self.orphan_calls += 1
+                    return None
+                p.captures[index].append(routing(module, args, kwargs, None))
+                return None
+
+            return pre
+
+        def post(
+            module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any
+        ) -> None:
+            p = self._active
+            if p is None:
+                self.orphan_calls += 1
+                return None
+            p.captures[index].append(routing(module, args, kwargs, output))
+            return None
+
+        return post
+
+    def _begin_pass(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        # A pass still marked active here was aborted (an exception or Ctrl-C skipped its end).
+        self._active = None
+        named = dict(zip(self._forward_params, args, strict=False))
+        named.update(kwargs)
+        input_ids = named.get("input_ids")
+        embeds = named.get("inputs_embeds")
+        if isinstance(input_ids, torch.Tensor) and input_ids.dim() == 2:
+            batch, seq = int(input_ids.shape[0]), int(input_ids.shape[1])
+            device = input_ids.device
+            tokens: torch.Tensor | None = input_ids
+        elif isinstance(embeds, torch.Tensor) and embeds.dim() == 3:
+            batch, seq = int(embeds.shape[0]), int(embeds.shape[1])
+            device = embeds.device
+            tokens = None
+        else:
+            raise MoeprofError(
+                "moeprof.record: a forward pass without 2-D input_ids or 3-D inputs_embeds; "
+                "cannot tell which tokens were routed"
+            )
+        mask = named.get("attention_mask")
+        mask2d = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+
+        if self._generate_depth > 0:
+            continuing = self._generate_passes > 0 and self._open is not None
+        else:
+            has_past = mask2d is not None and int(mask2d.shape[1]) > seq
+            if not has_past:
+                cache = named.get("cache", named.get("past_key_values"))
+                get_len = getattr(cache, "get_seq_length", None)
+                has_past = bool(get_len is not None and int(get_len()) > 0)
+            continuing = has_past and self._open is not None and self._open.batch == batch
+        if self._open is not None and continuing and self._open.row_len.device != device:
+            self._open.row_len = self._open.row_len.to(device)
+            self._open.done = self._open.done.to(device)
+        if not continuing:
+            self._open = _Requests(
+                base=self._next_request,
+                batch=batch,
+                row_len=torch.zeros(batch, dtype=torch.int64, device=device),
+                done=torch.zeros(batch, dtype=torch.bool, device=device),
+            )
+            self._next_request += batch
+        requests = self._open
+        assert requests is not None
+
+        if mask2d is not None:
+            valid = mask2d[:, -seq:].to(device=device, dtype=torch.bool)
+        else:
+            valid = torch.ones((batch, seq), dtype=torch.bool, device=device)
+        decode = continuing and (self._generate_depth > 0 or seq == 1)
+        if decode and self._generate_depth > 0 and self._eos and tokens is not None:
+            # generate() feeds a finished row its end token, then padding: not real work.
+            if self._eos_tensor is None or self._eos_tensor.device != device:
+                self._eos_tensor = torch.tensor(self._eos, dtype=tokens.dtype, device=device)
+            valid = valid & ~requests.done[:, None]
+            fed_eos = torch.isin(tokens, self._eos_tensor)
+            requests.done |= fed_eos.any(dim=1)
+            valid = valid & ~fed_eos
+        counts = valid.to(torch.int64)
+        positions = requests.row_len[:, None] + counts.cumsum(dim=1) - 1
+        requests.row_len += counts.sum(dim=1)
+        self._active = _Pass(
+            batch=batch,
+            seq=seq,
+            device=device,
+            valid=valid,
+            positions=positions,
+            tokens=tokens,
+            phase=PHASE_DECODE if decode else PHASE_PREFILL,
+            request_base=requests.base,
+            captures=[[] for _ in self.layers],
+        )
+        return None
+
+    def _end_pass(
+        self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any
+    ) -> None:
+        p, self._active = self._active, None
+        if p is None or output is None:  # the forward raised: nothing to keep from it
+            return None
+        with torch.no_grad():
+            self._finish(p)
+        if self._generate_depth > 0:
+            self._generate_passes += 1
+        if self.on_step is not None:
+            self.on_step(self)
+        return None
+
+    # ------------------------------------------------------------------ one copy per step
+    def _finish(self, p: _Pass) -> None:
+        n_rows = p.batch * p.seq
+        ks = [int(c[0][0].shape[-1]) for c in p.captures if c]
+        top_k = max(ks) if ks else (self._default_k or 1)
+        for layer, caps in zip(self.layers, p.captures, strict=True):
+            if len(caps) > 1:
+                raise MoeprofError(
+                    f"MoE layer {layer.name} was called {len(caps)} times in one forward pass; "
+                    "register an adapter that hooks a module called once per layer"
+                )
+            if caps:
+                self._layer_passes[layer.index] += 1
+                if caps[0][0].shape[0] != n_rows:
+                    raise MoeprofError(
+                        f"MoE layer {layer.name} routed {int(caps[0][0].shape[0])} tokens in a "
+                        f"forward pass of {p.batch} x {p.seq} tokens; this model drops or reorders "
+                        "tokens before routing and needs its own adapter"
+                    )
+        first = p.captures[0][0] if p.captures[0] else None
+        uniform = (
+            first is not None
+            and first[1] is not None
+            and all(
+                len(c) == 1
+                and c[0][1] is not None
+                and c[0][0].shape == first[0].shape
+                and c[0][0].dtype == first[0].dtype
+                and c[0][0].device == first[0].device
+                and c[0][1].dtype == first[1].dtype  # type: ignore[union-attr]
+                and c[0][1].device == first[0].device  # type: ignore[union-attr]
+                for c in p.captures
+            )
+        )
+        if uniform:
+            # Common case: every layer routed all tokens with k slots; stack, then convert once.
+            ids_all = torch.stack([c[0][0].detach() for c in p.captures]).to(
+                device=p.device, dtype=torch.int32
+            )
+            weights_all = torch.stack([c[0][1].detach() for c in p.captures]).to(  # type: ignore[union-attr]
+                device=p.device, dtype=torch.float16
+            )
+        else:
+            ids_all, weights_all = self._stack_mixed(p, n_rows, top_k)
+        weight_bits = weights_all.view(torch.int16).to(torch.int32)
+        if p.tokens is None:
+            self._tokens_unknown = True
+            token_col = torch.zeros(n_rows, dtype=torch.int32, device=p.device)
+        else:
+            token_col = p.tokens.reshape(-1).to(device=p.device, dtype=torch.int32)
+        book = torch.stack(
+            [
+                p.valid.reshape(-1).to(torch.int32),
+                p.positions.reshape(-1).to(torch.int32),
+                token_col,
+            ]
+        )
+        packed = torch.cat([ids_all.reshape(-1), weight_bits.reshape(-1), book.reshape(-1)])
+        host = packed.cpu().numpy()  # the single device->host copy of this step
+        self._store(host, p, top_k)
+        self.n_passes += 1
+
+    def _stack_mixed(self, p: _Pass, n_rows: int, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """[L, N, K] ids (int32) and weights (fp16) when layers differ: missing calls, k, devices."""
+        ids_parts: list[torch.Tensor] = []
+        weight_parts: list[torch.Tensor] = []
+        for layer, caps in zip(self.layers, p.captures, strict=True):
+            weights: torch.Tensor | None = None
+            if caps:
+                ids, weights = caps[0]
+                ids = ids.detach().to(device=p.device, dtype=torch.int32)
+            else:  # the layer did not run in this pass: "no expert"
+                ids = torch.full(
+                    (n_rows, top_k), layer.n_experts, dtype=torch.int32, device=p.device
+                )
+            if weights is None:
+                weights = torch.full(ids.shape, math.nan, dtype=torch.float16, device=p.device)
+            else:
+                weights = weights.detach().to(device=p.device, dtype=torch.float16)
+            if ids.shape[1] < top_k:  # a layer with fewer slots: pad with "no expert"
+                pad = top_k - int(ids.shape[1])
+                ids = torch.nn.functional.pad(ids, (0, pad), value=layer.n_experts)
+                weights = torch.nn.functional.pad(weights, (0, pad), value=math.nan)
+            ids_parts.append(ids)
+            weight_parts.append(weights)
+        return torch.stack(ids_parts), torch.stack(weight_parts)
+
+    def _store(self, host: np.ndarray, p: _Pass, top_k: int) -> None:
+        n_layers = len(self.layers)
+        n_rows = p.batch * p.seq
+        size = n_layers * n_rows * top_k
+        book = host[2 * size :].reshape(3, n_rows)
+        keep = np.flatnonzero(book[0])
+        if keep.size == 0:
+            return
+        ids = host[:size].reshape(n_layers, n_rows, top_k)[:, keep].transpose(1, 0, 2)
+        sentinel = self._n_experts[None, :, None]
+        ids = np.where((ids < 0) | (ids >= sentinel), sentinel, ids).astype(np.uint16)
+        bits = host[size : 2 * size].reshape(n_layers, n_rows, top_k)[:, keep].transpose(1, 0, 2)
+        weights = (bits & 0xFFFF).astype(np.uint16).view(np.float16)
+        self._chunks.append(
+            _Chunk(
+                expert_ids=np.ascontiguousarray(ids),
+                gate_weights=np.ascontiguousarray(weights),
+                request_ids=p.request_base + keep // p.seq,
+                positions=book[1, keep].astype(np.int32),
+                token_ids=None if p.tokens is None else book[2, keep].astype(np.int32),
+                step=self.n_passes,
+                phase=p.phase,
+            )
+        )
+        self.n_tokens += int(keep.size)
+
+    # ------------------------------------------------------------------ result
+    @property
+    def top_k(self) -> int:
+        ks = [c.expert_ids.shape[2] for c in self._chunks]
+        return max(ks) if ks else (self._default_k or 1)
+
+    def metadata(self) -> dict[str, Any]:
+        """Trace metadata: model, MoE layer placement, shared-expert bytes, how it was recorded."""
+        config = getattr(self.model, "config", None)
+        model_id = self.model_id
+        if model_id is None:
+            model_id = getattr(self.model, "name_or_path", None) or getattr(
+                config, "_name_or_path", None
+            )
+        archs = getattr(config, "architectures", None) or [type(self.model).__name__]
+        revision = self.revision or getattr(config, "_commit_hash", None)
+        shared = [layer.shared_expert_bytes for layer in self.layers]
+        source: dict[str, Any] = {
+            "kind": "record",
+            "adapter": self.adapter.name,
+            "moe_modules": [layer.name for layer in self.layers],
+            "expert_dtype": self.layers[0].expert_dtype,
+            "forward_passes": self.n_passes,
+        }
+        source.update(self.settings)
+        return {
+            "model": {"id": model_id or None, "architecture": str(archs[0]), "revision": revision},
+            "moe_layer_indices": [layer.model_layer for layer in self.layers],
+            "shared_expert_bytes": max(shared) if shared else 0,
+            "shared_expert_bytes_per_layer": shared,
+            "source": source,
+        }
+
+    def to_trace(self, *, settings: dict[str, Any] | None = None) -> Trace:
+        """Everything recorded so far as a trace (rows request-major). Callable while attached."""
+        if self.n_tokens:
+            silent = [layer.name for layer in self.layers if self._layer_passes[layer.index] == 0]
+            if silent:
+                raise MoeprofError(
+                    f"the routing hook of {silent[0]} never fired although tokens went through "
+                    "the model; a fused kernel may bypass the module (e.g. use_kernels=True). "
+                    "Load the model without kernels to record it"
+                )
+        top_k = self.top_k
+        n_layers = len(self.layers)
+        ids_parts, weight_parts = [], []
+        for c in self._chunks:
+            pad = top_k - c.expert_ids.shape[2]
+            ids, weights = c.expert_ids, c.gate_weights
+            if pad:
+                ids = np.concatenate(
+                    [
+                        ids,
+                        np.broadcast_to(self._n_experts[None, :, None], (len(ids), n_layers, pad)),
+                    ],
+                    axis=2,
+                ).astype(np.uint16)
+                weights = np.concatenate(
+                    [weights, np.full((len(ids), n_layers, pad), np.nan, np.float16)], axis=2
+                )
+            ids_parts.append(ids)
+            weight_parts.append(weights)
+        if ids_parts:
+            expert_ids = np.concatenate(ids_parts)
+            gate_weights: np.ndarray | None = np.concatenate(weight_parts)
+            requests = np.concatenate([c.request_ids for c in self._chunks])
+            # Dense request numbers in order of first appearance (rows that held only padding vanish).
+            _, requests = np.unique(requests, return_inverse=True)
+            positions = np.concatenate([c.positions for c in self._chunks])
+            steps = np.concatenate(
+                [np.full(len(c.positions), c.step, np.int32) for c in self._chunks]
+            )
+            phase = np.concatenate(
+                [np.full(len(c.positions), c.phase, np.uint8) for c in self._chunks]
+            )
+            if self._tokens_unknown:
+                tokens = None
+            else:
+                tokens = np.concatenate(
+                    [c.token_ids for c in self._chunks if c.token_ids is not None]
+                )
+        else:
+            expert_ids = np.zeros((0, n_layers, top_k), np.uint16)
+            gate_weights = None
+            requests = positions = steps = np.zeros(0, np.int32)
+            phase = np.zeros(0, np.uint8)
+            tokens = None
+        if gate_weights is not None and np.isnan(gate_weights).all():
+            gate_weights = None  # the adapter exposes no weights
+        meta = self.metadata()
+        if settings:
+            meta["source"].update(settings)
+        return Trace.from_arrays(
+            expert_ids,
+            n_experts=self._n_experts,
+            request_ids=requests,
+            positions=positions,
+            gate_weights=gate_weights,
+            steps=steps,
+            phase=phase,
+            token_ids=tokens,
+            expert_bytes=[layer.expert_bytes for layer in self.layers],
+            meta=meta,
+        )
+
+
+def record(
+    model: nn.Module,
+    *,
+    adapter: str | Adapter | None = None,
+    model_id: str | None = None,
+    revision: str | None = None,
+    settings: dict[str, Any] | None = None,
+    on_step: Callable[[Recorder], None] | None = None,
+) -> Recorder:
+    """Record the routing of every forward pass of `model` while the context is open.
+
+    >>> with moeprof.record(model) as rec:          # doctest: +SKIP
+    ...     model.generate(**inputs, max_new_tokens=16)
+    >>> trace = rec.to_trace()                      # doctest: +SKIP
+
+    Finds the MoE layers now (a model without any raises MoeprofError); hooks attach on
+    entering the ``with`` block and always detach on leaving it, also on error.
+    """
+    return Recorder(
+        model,
+        adapter=adapter,
+        model_id=model_id,
+        revision=revision,
+        settings=settings,
+        on_step=on_step,
+    )
