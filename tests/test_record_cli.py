@@ -210,13 +210,36 @@ def test_unknown_hub_id_offline_is_one_line(
     assert res.stderr.count("\n") == 1
 
 
-def test_device_map_needs_accelerate(run_cli: Any, tmp_path: Path) -> None:
+def test_device_map_needs_accelerate(
+    run_cli: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import importlib.util
 
-    if importlib.util.find_spec("accelerate") is not None:
-        pytest.skip("accelerate is installed")
+    real_find_spec = importlib.util.find_spec
+
+    def no_accelerate(name: str, *args: Any, **kwargs: Any) -> Any:
+        return None if name == "accelerate" else real_find_spec(name, *args, **kwargs)
+
+    monkeypatch.setattr(importlib.util, "find_spec", no_accelerate)
     res = run_cli("record", "--device-map", "auto", "-o", tmp_path / "x.moe")
     assert res.exit_code == 2 and "accelerate" in res.stderr
+
+
+def test_device_map_auto_records_the_same_routing(run_cli: Any, tmp_path: Path) -> None:
+    """A local model placed by accelerate (device_map='auto') routes exactly as one placed by us."""
+    pytest.importorskip("accelerate")
+    folder = tmp_path / "local-demo"
+    model, tokenizer = demo.load(dtype=torch.float32)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    traces = {}
+    for name, extra in {"plain": ["--device", "cpu"], "auto": ["--device-map", "auto"]}.items():
+        out = tmp_path / f"{name}.moe"
+        res = run_cli("record", folder, "--limit", "4", "-n", "2", *extra, "-o", out)
+        assert res.exit_code == 0, res.stderr
+        traces[name] = load_trace(out)
+    assert np.array_equal(traces["plain"].expert_ids, traces["auto"].expert_ids)
+    assert traces["auto"].n_requests == 4
 
 
 def test_cuda_requested_without_cuda(run_cli: Any, tmp_path: Path) -> None:

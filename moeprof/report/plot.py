@@ -19,7 +19,8 @@ def render_plot(doc: dict[str, Any]) -> bytes:
     fig = Figure(figsize=(7, 4.2), dpi=120)
     ax = fig.add_subplot()
     ax.plot(sizes, [100 * r.memory_savings for r in model.batch_rows], "o-", label="memory savings")
-    if model.summary.expert_bytes_known:
+    differs = any(abs(r.bandwidth_savings - r.memory_savings) > 1e-9 for r in model.batch_rows)
+    if model.summary.expert_bytes_known and differs:  # equal sizes: the curves coincide
         ax.plot(
             sizes,
             [100 * r.bandwidth_savings for r in model.batch_rows],
