@@ -58,6 +58,8 @@ def expert_masks(trace: Trace) -> np.ndarray:
     e_max = int(n_exp.max())
     n_words = (e_max + _WORD - 1) // _WORD
     n_layers = trace.n_layers
+    if n_words > 1:
+        return _masks_direct(ids, n_exp, n_words)
     # Lookup table [L, e_max + 1, W]: bit e of word e // 64; row n_experts[l] (sentinel) stays empty.
     table = np.zeros((n_layers, e_max + 1, n_words), dtype=np.uint64)
     experts = np.arange(e_max)
@@ -79,6 +81,26 @@ def expert_masks(trace: Trace) -> np.ndarray:
         masks = flat[offset + ids[:, :, 0]]
         for k in range(1, trace.top_k):
             masks |= flat[offset + ids[:, :, k]]
+    return masks
+
+
+def _masks_direct(ids: np.ndarray, n_exp: np.ndarray, n_words: int) -> np.ndarray:
+    """uint64 [T, L, W] bitsets for more than 64 experts, setting each slot's bit in place.
+
+    A lookup table would hold L·E·W words (O(E²)); scattering costs O(T·L·K) whatever E is. Within
+    one slot column every (token, layer) cell is written once, so the in-place OR is exact.
+    """
+    n_tokens, n_layers, top_k = ids.shape
+    masks = np.zeros((n_tokens, n_layers, n_words), dtype=np.uint64)
+    sentinel = n_exp.astype(ids.dtype)[None, :]
+    token_index = np.arange(n_tokens)[:, None]
+    layer_index = np.arange(n_layers)[None, :]
+    for k in range(top_k):
+        col = ids[:, :, k]
+        routed = col != sentinel
+        word = np.where(routed, col // _WORD, 0)
+        bit = np.left_shift(np.uint64(1), (col % _WORD).astype(np.uint64))
+        masks[token_index, layer_index, word] |= np.where(routed, bit, np.uint64(0))
     return masks
 
 
@@ -122,7 +144,7 @@ def unique_per_batch(masks: np.ndarray, plan: BatchPlan) -> np.ndarray:
     n_tokens = masks.shape[0]
     if plan.policy == "tokens":
         # Consecutive equal batches (policy tokens): OR over a reshaped axis, faster than reduceat.
-        b = plan.batch_size
+        b = min(plan.batch_size, max(n_tokens, 1))
         n_full = n_tokens // b
         full = np.bitwise_or.reduce(
             masks[: n_full * b].reshape(n_full, b, *masks.shape[1:]), axis=1
@@ -145,18 +167,46 @@ def unique_per_layer(masks: np.ndarray, plan: BatchPlan) -> np.ndarray:
     return unique_per_batch(masks, plan).sum(axis=0, dtype=np.int64)
 
 
-def uniform_unique_per_layer(
-    batch_tokens: np.ndarray, n_experts: np.ndarray, top_k: int
-) -> np.ndarray:
-    """Expected Σ_b distinct experts per layer if every token drew top_k distinct experts uniformly.
+def slots_per_token(trace: Trace) -> np.ndarray | None:
+    """Experts each token really routes to per layer, uint16 [T, L]; None when every slot counts.
 
-    A batch of n tokens touches E·(1 − (1 − k/E)^n) distinct experts in expectation.
+    Sentinel slots ("no expert") are not routed, so a token's k can be below top_k.
     """
-    sizes, count = np.unique(batch_tokens, return_counts=True)
+    ids = trace.expert_ids
+    n_exp = trace.n_experts
+    if ids.size == 0 or int(ids.max()) < int(n_exp.min()):  # no sentinel anywhere
+        return None
+    sentinel = n_exp[None, :, None].astype(ids.dtype)
+    return (ids != sentinel).sum(axis=2, dtype=np.uint16)
+
+
+def uniform_unique_per_layer(
+    plan: BatchPlan, n_experts: np.ndarray, top_k: int, slots: np.ndarray | None = None
+) -> np.ndarray:
+    """Expected Σ_b distinct experts per layer if each token drew its k experts uniformly.
+
+    Token t picks k_t distinct experts of E, so misses expert e with probability 1 − k_t/E; a
+    batch touches E·(1 − Π_t (1 − k_t/E)) distinct experts in expectation, E·(1 − (1 − k/E)^n)
+    when all n tokens route to k. `slots` holds k_t [T, L] (None: k = top_k everywhere).
+    """
     e = n_experts.astype(np.float64)[None, :]
-    k = np.minimum(float(top_k), e)
-    per_size = e * (1.0 - np.power(1.0 - k / e, sizes.astype(np.float64)[:, None]))
-    return (per_size * count[:, None]).sum(axis=0)
+    if plan.n_batches == 0:
+        return np.zeros(n_experts.shape[0], dtype=np.float64)
+    if slots is None:
+        sizes, count = np.unique(plan.batch_tokens, return_counts=True)
+        k = np.minimum(float(top_k), e)
+        per_size = e * (1.0 - np.power(1.0 - k / e, sizes.astype(np.float64)[:, None]))
+        return (per_size * count[:, None]).sum(axis=0)
+    # log(1 − k/E) per (k, layer), summed per batch: a product without underflow or a Python loop.
+    # k = E gives −inf: the batch surely touches every expert.
+    with np.errstate(divide="ignore"):
+        log_miss = np.log1p(-np.arange(top_k + 1, dtype=np.float64)[:, None] / e)  # [K+1, L]
+    layer_index = np.arange(n_experts.shape[0])[None, :]
+    n_rows = int(plan.starts[-1])  # a plan may cover only the first batches (replay)
+    grouped = slots[:n_rows] if plan.is_identity else slots[plan.order[:n_rows]]
+    per_token = log_miss[grouped, layer_index]  # [T, L]
+    per_batch = np.add.reduceat(per_token, plan.starts[:-1], axis=0)
+    return (e * -np.expm1(per_batch)).sum(axis=0)
 
 
 # ---------------------------------------------------------------------- results
@@ -238,35 +288,47 @@ def summarize(
     n_experts: np.ndarray,
     top_k: int,
     model_layers: Sequence[int],
+    slots: np.ndarray | None = None,
 ) -> BatchSizeResult:
-    """Totals and per-layer rows for one batching, from per-layer requests and unique counts."""
-    uniform = uniform_unique_per_layer(plan.batch_tokens, n_experts, top_k)
-    uniform_requests = float(plan.batch_tokens.sum()) * np.minimum(top_k, n_experts)
-    bytes_req = requests * expert_bytes
-    bytes_uni = unique * expert_bytes
-    layer_savings = [_ratio(r - u, r) for r, u in zip(requests.tolist(), unique.tolist())]
+    """Totals and per-layer rows for one batching, from per-layer requests and unique counts.
+
+    `slots` (k_t per token and layer, see :func:`slots_per_token`) makes the uniform expectation
+    use each token's real number of routed experts; the same requests are its denominator.
+    """
+    uniform = uniform_unique_per_layer(plan, n_experts, top_k, slots)
+    # Python ints: byte products cannot overflow, whatever the trace's size.
+    req_list, uni_list = [int(x) for x in requests], [int(x) for x in unique]
+    sizes = [int(x) for x in expert_bytes]
+    bytes_req = [r * b for r, b in zip(req_list, sizes)]
+    bytes_uni = [u * b for u, b in zip(uni_list, sizes)]
+    layer_savings = [_ratio(r - u, r) for r, u in zip(req_list, uni_list)]
     layers = tuple(
         LayerResult(
             layer=i,
             model_layer=int(model_layers[i]),
-            requests=int(requests[i]),
-            unique=int(unique[i]),
+            requests=req_list[i],
+            unique=uni_list[i],
             memory_savings=layer_savings[i],
-            bytes_requested=int(bytes_req[i]),
-            bytes_unique=int(bytes_uni[i]),
+            bytes_requested=bytes_req[i],
+            bytes_unique=bytes_uni[i],
             uniform_unique=float(uniform[i]),
-            uniform_memory_savings=_ratio(uniform_requests[i] - uniform[i], uniform_requests[i]),
+            uniform_memory_savings=_ratio(req_list[i] - uniform[i], req_list[i]),
         )
-        for i in range(requests.shape[0])
+        for i in range(len(req_list))
     )
-    total_req, total_uni = int(requests.sum()), int(unique.sum())
-    total_bytes_req, total_bytes_uni = int(bytes_req.sum()), int(bytes_uni.sum())
+    total_req, total_uni = sum(req_list), sum(uni_list)
     memory = _ratio(total_req - total_uni, total_req)
-    # Unknown expert sizes (0) count every expert alike: bandwidth savings equal memory savings.
+    # Bandwidth needs every layer's size; with any unknown (0) the byte totals would cover only
+    # some layers, so bandwidth savings are taken equal to memory savings and bytes reported as 0.
+    sizes_known = bool(sizes) and min(sizes) > 0
+    total_bytes_req = sum(bytes_req) if sizes_known else 0
+    total_bytes_uni = sum(bytes_uni) if sizes_known else 0
     bandwidth = (
         _ratio(total_bytes_req - total_bytes_uni, total_bytes_req) if total_bytes_req else memory
     )
-    best = int(np.argmax(layer_savings)) if layer_savings else 0
+    # Layers that route no token (every slot a sentinel) have no reuse factor to speak of.
+    active = [i for i, r in enumerate(req_list) if r > 0]
+    best = max(active, key=layer_savings.__getitem__) if active else 0
     return BatchSizeResult(
         batch_size=plan.batch_size,
         policy=plan.policy,
@@ -279,13 +341,11 @@ def summarize(
         bytes_requested=total_bytes_req,
         bytes_unique=total_bytes_uni,
         bytes_saved=total_bytes_req - total_bytes_uni,
-        max_reuse_factor=layer_savings[best] if layer_savings else 0.0,
+        max_reuse_factor=layer_savings[best] if active else 0.0,
         max_reuse_layer=best,
-        mean_reuse_factor=float(np.mean(layer_savings)) if layer_savings else 0.0,
+        mean_reuse_factor=(float(np.mean([layer_savings[i] for i in active])) if active else 0.0),
         uniform_unique=float(uniform.sum()),
-        uniform_memory_savings=_ratio(
-            float(uniform_requests.sum()) - float(uniform.sum()), float(uniform_requests.sum())
-        ),
+        uniform_memory_savings=_ratio(total_req - float(uniform.sum()), total_req),
         layers=layers,
     )
 
@@ -323,6 +383,7 @@ def analyze(
         raise MoeprofError("the trace is empty (no tokens)")
     masks = expert_masks(trace)
     requests = requests_per_layer(trace)
+    slots = slots_per_token(trace)
     layers = trace.moe_layer_indices
     plans = (
         [plan_batches(trace, policy, 0)]
@@ -338,6 +399,7 @@ def analyze(
             trace.n_experts,
             trace.top_k,
             layers,
+            slots,
         )
         for plan in plans
     )

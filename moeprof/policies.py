@@ -23,6 +23,7 @@ from moeprof.errors import MoeprofError
 from moeprof.trace import Trace
 
 POLICIES = ("tokens", "decode", "recorded")
+MAX_BATCH_SIZE = 2**31 - 1  # rows are indexed by int32-sized counts
 
 
 @dataclass(frozen=True)
@@ -62,6 +63,8 @@ def check_batch_size(batch_size: int) -> int:
         raise MoeprofError(f"batch size must be a whole number, got {batch_size!r}")
     if batch_size <= 0:
         raise MoeprofError(f"batch size must be at least 1, got {batch_size}")
+    if batch_size > MAX_BATCH_SIZE:
+        raise MoeprofError(f"batch size must be at most {MAX_BATCH_SIZE:,}, got {batch_size}")
     return int(batch_size)
 
 
@@ -111,7 +114,9 @@ def plan_batches(trace: Trace, policy: str, batch_size: int) -> BatchPlan:
     n = trace.n_tokens
     if policy == "tokens":
         b = check_batch_size(batch_size)
-        starts = np.concatenate((np.arange(0, n, b, dtype=np.int64), [n])).astype(np.int64)
+        # A batch larger than the trace is the whole trace; clamping keeps the step in int64.
+        step = min(b, max(n, 1))
+        starts = np.concatenate((np.arange(0, n, step, dtype=np.int64), [n])).astype(np.int64)
         return BatchPlan(policy, b, np.arange(n, dtype=np.int64), starts)
     if policy == "decode":
         b = check_batch_size(batch_size)

@@ -63,6 +63,62 @@ def _per_layer(value: int | Sequence[int] | np.ndarray, n_layers: int, name: str
     return arr
 
 
+# Largest expert size accepted (1 TiB): keeps every byte product far from int64 overflow.
+MAX_EXPERT_BYTES = 1 << 40
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def _meta_problem(meta: Mapping[str, Any], n_layers: int) -> str | None:
+    """Why the free-form metadata is unusable, or None. Readers rely on these types."""
+    for key in ("model", "source", "library_versions"):
+        if key in meta and meta[key] is not None and not isinstance(meta[key], dict):
+            return f"metadata {key!r} must be an object"
+    indices = meta.get("moe_layer_indices")
+    if indices is not None:
+        if not isinstance(indices, (list, tuple)) or not all(_is_int(x) for x in indices):
+            return "moe_layer_indices must be a list of whole numbers"
+        if len(indices) != n_layers:
+            return f"moe_layer_indices names {len(indices)} layers, expert_ids has {n_layers}"
+    shared = meta.get("shared_expert_bytes", 0)
+    if not _is_int(shared) or not 0 <= int(shared) <= MAX_EXPERT_BYTES:
+        return "shared_expert_bytes must be a whole number of bytes"
+    return None
+
+
+def duplicate_expert(ids: np.ndarray, n_experts: np.ndarray) -> tuple[int, int, int] | None:
+    """(token, layer, expert) of the first expert named twice by one token in one layer, or None.
+
+    A token routes to distinct experts; a repeat would be counted twice as a request but once as
+    unique, inflating savings. Sentinel slots ("no expert") may repeat.
+    """
+    top_k = ids.shape[2]
+    if ids.size == 0 or top_k < 2:
+        return None
+    sentinel = n_experts.astype(ids.dtype)[None, :]
+    if top_k <= 16:
+        # Pairwise slot comparisons: K(K-1)/2 vector passes, cheaper than sorting tiny rows.
+        dup = np.zeros(ids.shape[:2], dtype=bool)
+        for i in range(top_k - 1):
+            col = ids[:, :, i]
+            hit = np.zeros_like(dup)
+            for j in range(i + 1, top_k):
+                hit |= col == ids[:, :, j]
+            dup |= hit & (col != sentinel)
+    else:
+        srt = np.sort(ids, axis=2)
+        same = (srt[:, :, 1:] == srt[:, :, :-1]) & (srt[:, :, 1:] != sentinel[:, :, None])
+        dup = same.any(axis=2)
+    if not dup.any():
+        return None
+    t, layer = (int(x) for x in np.argwhere(dup)[0])
+    row = ids[t, layer].tolist()
+    expert = next(e for e in row if row.count(e) > 1 and e != int(n_experts[layer]))
+    return t, layer, int(expert)
+
+
 def library_versions() -> dict[str, str]:
     """Versions of what produced a trace, for provenance."""
     from moeprof import __version__
@@ -163,20 +219,35 @@ class Trace:
         if ids.size:
             if int(ids.min()) < 0:
                 raise MoeprofError("expert_ids must not be negative")
-            over = ids.astype(np.int64, copy=False) > n_exp[None, :, None]
+            if int(ids.max()) > 65535:
+                # Beyond any layer's range; checked before the cast so uint64 ids cannot wrap.
+                t, layer, _ = np.argwhere(ids > 65535)[0]
+                raise MoeprofError(
+                    f"expert id {int(ids[t, layer].max())} at token {t}, layer {layer} is out of "
+                    f"range: layer {layer} has {int(n_exp[layer])} experts"
+                )
+            over = ids.astype(np.int64) > n_exp[None, :, None]
             if over.any():
                 t, layer, _ = np.argwhere(over)[0]
                 raise MoeprofError(
                     f"expert id {int(ids[t, layer].max())} at token {t}, layer {layer} is out of "
                     f"range: layer {layer} has {int(n_exp[layer])} experts"
                 )
+        # Safe after the range checks; the sentinel fits the stored dtype.
+        ids = ids.astype(_ids_dtype(n_exp), copy=False)
+        dup = duplicate_expert(ids, n_exp)
+        if dup:
+            raise MoeprofError(
+                f"token {dup[0]} names expert {dup[2]} twice in layer {dup[1]}; a token's experts "
+                "in a layer must be distinct"
+            )
         ebytes = (
             np.zeros(n_layers, dtype=np.int64)
             if expert_bytes is None
             else _per_layer(expert_bytes, n_layers, "expert_bytes")
         )
-        if (ebytes < 0).any():
-            raise MoeprofError("expert_bytes must not be negative")
+        if (ebytes < 0).any() or (ebytes > MAX_EXPERT_BYTES).any():
+            raise MoeprofError(f"expert_bytes must be between 0 and {MAX_EXPERT_BYTES} per layer")
 
         def per_token(value: Any, name: str) -> np.ndarray | None:
             if value is None:
@@ -186,6 +257,16 @@ class Trace:
                 raise MoeprofError(f"{name} must have shape [{n_tokens}], got {arr.shape}")
             if arr.size and not np.issubdtype(arr.dtype, np.integer):
                 raise MoeprofError(f"{name} must be integers, got {arr.dtype}")
+            if arr.size:
+                # Range-check before the cast: a silent wrap would corrupt the trace.
+                info = np.iinfo(_ARRAY_DTYPES[name])
+                lo, hi = int(arr.min()), int(arr.max())
+                if name == "phase" and (lo < PHASE_PREFILL or hi > PHASE_DECODE):
+                    raise MoeprofError("phase must be 0 (prefill) or 1 (decode)")
+                if lo < info.min or hi > info.max:
+                    raise MoeprofError(
+                        f"{name} must lie in {info.min}..{info.max}, got values in {lo}..{hi}"
+                    )
             return arr.astype(_ARRAY_DTYPES[name])
 
         req = per_token(request_ids, "request_ids")
@@ -194,12 +275,13 @@ class Trace:
         pos = per_token(positions, "positions")
         stp = per_token(steps, "steps")
         phs = per_token(phase, "phase")
-        if phs is not None and phs.size and int(phs.max()) > PHASE_DECODE:
-            raise MoeprofError("phase must be 0 (prefill) or 1 (decode)")
         tok = per_token(token_ids, "token_ids")
         gw = None
         if gate_weights is not None:
-            gw = np.asarray(gate_weights, dtype=np.float16)
+            try:
+                gw = np.asarray(gate_weights, dtype=np.float16)
+            except (TypeError, ValueError):
+                raise MoeprofError("gate_weights must be numbers") from None
             if gw.shape != ids.shape:
                 raise MoeprofError(f"gate_weights must have shape {ids.shape}, got {gw.shape}")
 
@@ -234,13 +316,13 @@ class Trace:
             "created", _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
         )
         full_meta.setdefault("library_versions", library_versions())
-        if len(full_meta["moe_layer_indices"]) != n_layers:
-            raise MoeprofError(
-                f"moe_layer_indices names {len(full_meta['moe_layer_indices'])} layers, "
-                f"expert_ids has {n_layers}"
-            )
+        problem = _meta_problem(full_meta, n_layers)
+        if problem:
+            raise MoeprofError(problem)
+        full_meta["moe_layer_indices"] = [int(x) for x in full_meta["moe_layer_indices"]]
+        full_meta["shared_expert_bytes"] = int(full_meta["shared_expert_bytes"])
         return cls(
-            expert_ids=np.ascontiguousarray(ids.astype(_ids_dtype(n_exp), copy=False)),
+            expert_ids=np.ascontiguousarray(ids),
             request_ids=np.ascontiguousarray(req),
             positions=np.ascontiguousarray(pos),
             gate_weights=None if gw is None else np.ascontiguousarray(gw),
@@ -355,10 +437,10 @@ def load_trace(path: str | os.PathLike[str]) -> Trace:
         file_meta = header.pop("__metadata__", None) or {}
         if not isinstance(file_meta, dict) or file_meta.get("format") != FORMAT_NAME:
             raise _corrupt(p, "no moeprof metadata; is this a trace written by moeprof?")
-        try:
-            version = int(file_meta.get("format_version", ""))
-        except ValueError:
-            raise _corrupt(p, "format version is not a number") from None
+        version_text = file_meta.get("format_version")
+        if not isinstance(version_text, str) or not version_text.isdigit():
+            raise _corrupt(p, "format version is not a whole number")
+        version = int(version_text)
         if version > FORMAT_VERSION:
             raise MoeprofError(
                 f"{p}: trace format version {version} is newer than this moeprof reads "
@@ -370,11 +452,14 @@ def load_trace(path: str | os.PathLike[str]) -> Trace:
             doc = json.loads(file_meta["moeprof"])
         except (KeyError, TypeError, json.JSONDecodeError):
             raise _corrupt(p, "metadata document missing or not JSON") from None
+        if not isinstance(doc, dict):
+            raise _corrupt(p, "metadata document is not a JSON object")
         data_start = 8 + header_len
         buf: mmap.mmap | bytes
         buf = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) if size > 0 else b""
 
     arrays: dict[str, np.ndarray] = {}
+    ranges: list[tuple[int, int]] = []
     for name, info in header.items():
         try:
             dtype = np.dtype(_ST_DTYPES[info["dtype"]])
@@ -382,14 +467,26 @@ def load_trace(path: str | os.PathLike[str]) -> Trace:
             begin, end = (int(x) for x in info["data_offsets"])
         except (KeyError, TypeError, ValueError):
             raise _corrupt(p, f"bad entry for array {name!r}") from None
+        if any(d < 0 for d in shape):
+            raise _corrupt(p, f"array {name!r} has a negative dimension")
         count = int(np.prod(shape)) if shape else 1
         if end - begin != count * dtype.itemsize or begin < 0:
             raise _corrupt(p, f"array {name!r} size does not match its shape")
         if data_start + end > size:
             raise _corrupt(p, "file is truncated")
+        ranges.append((begin, end))
         arrays[name] = np.frombuffer(
             buf, dtype=dtype, count=count, offset=data_start + begin
         ).reshape(shape)
+    # The arrays must tile the data section exactly: no overlap, no gap, nothing after the end.
+    ranges.sort()
+    expected = 0
+    for begin, end in ranges:
+        if begin != expected:
+            raise _corrupt(p, "array byte ranges overlap or leave gaps")
+        expected = end
+    if data_start + expected != size:
+        raise _corrupt(p, "file size does not match its header (truncated or trailing bytes)")
 
     for required in ("expert_ids", "request_ids", "positions"):
         if required not in arrays:
@@ -397,14 +494,26 @@ def load_trace(path: str | os.PathLike[str]) -> Trace:
     ids = arrays["expert_ids"]
     if ids.ndim != 3 or ids.dtype not in (np.uint8, np.uint16):
         raise _corrupt(p, "expert_ids must be uint8/uint16 [tokens, layers, top_k]")
-    n_tokens, n_layers, _ = ids.shape
-    try:
-        n_exp = np.asarray(doc["n_experts"], dtype=np.int64)
-        ebytes = np.asarray(doc["expert_bytes"], dtype=np.int64)
-    except (KeyError, TypeError, ValueError):
-        raise _corrupt(p, "n_experts / expert_bytes missing from metadata") from None
-    if n_exp.shape != (n_layers,) or ebytes.shape != (n_layers,):
-        raise _corrupt(p, "n_experts / expert_bytes do not have one value per layer")
+    n_tokens, n_layers, top_k = ids.shape
+    if n_layers == 0 or top_k == 0:
+        raise _corrupt(p, "expert_ids has no MoE layer or no top-k slot")
+    n_exp_doc, ebytes_doc = doc.get("n_experts"), doc.get("expert_bytes")
+    for key, values in (("n_experts", n_exp_doc), ("expert_bytes", ebytes_doc)):
+        if not isinstance(values, list) or not all(_is_int(v) for v in values):
+            raise _corrupt(p, f"{key} must be a list of whole numbers in the metadata")
+        if len(values) != n_layers:
+            raise _corrupt(p, f"{key} does not have one value per layer")
+    n_exp = np.asarray(n_exp_doc, dtype=np.int64)
+    ebytes = np.asarray(ebytes_doc, dtype=np.int64)
+    if (n_exp < 1).any() or (n_exp > 65535).any():
+        raise _corrupt(p, "n_experts must be between 1 and 65535 per layer")
+    if (ebytes < 0).any() or (ebytes > MAX_EXPERT_BYTES).any():
+        raise _corrupt(p, f"expert_bytes must be between 0 and {MAX_EXPERT_BYTES} per layer")
+    if ids.dtype != _ids_dtype(n_exp):
+        raise _corrupt(p, f"expert_ids is {ids.dtype}, expected {_ids_dtype(n_exp)}")
+    problem = _meta_problem(doc, n_layers)
+    if problem:
+        raise _corrupt(p, problem)
     for name, arr in arrays.items():
         if name == "expert_ids":
             continue
@@ -416,6 +525,29 @@ def load_trace(path: str | os.PathLike[str]) -> Trace:
             raise _corrupt(p, f"unknown array {name!r}")
         if not ok:
             raise _corrupt(p, f"array {name!r} has the wrong shape or dtype")
+    req, pos = arrays["request_ids"], arrays["positions"]
+    if n_tokens > 1:
+        # Rows are request-major: strictly increasing (request, position). O(T), cheap.
+        r0, r1 = req[:-1].astype(np.int64), req[1:].astype(np.int64)
+        ordered = (r1 > r0) | ((r1 == r0) & (pos[1:] > pos[:-1]))
+        if not ordered.all():
+            row = int(np.argmin(ordered)) + 1
+            raise _corrupt(p, f"rows are not in (request, position) order at row {row}")
+    phase = arrays.get("phase")
+    if phase is not None and phase.size and int(phase.max()) > PHASE_DECODE:
+        raise _corrupt(p, "phase holds values other than 0 (prefill) and 1 (decode)")
+    if ids.size and int(ids.max()) > int(n_exp.min()):
+        over = ids.astype(np.int64) > n_exp[None, :, None]
+        if over.any():
+            t, layer, _ = (int(x) for x in np.argwhere(over)[0])
+            raise _corrupt(
+                p,
+                f"expert id {int(ids[t, layer].max())} at token {t}, layer {layer} is out of "
+                f"range: layer {layer} has {int(n_exp[layer])} experts",
+            )
+    dup = duplicate_expert(ids, n_exp)
+    if dup:
+        raise _corrupt(p, f"token {dup[0]} names expert {dup[2]} twice in layer {dup[1]}")
     meta = {
         k: v
         for k, v in doc.items()

@@ -10,6 +10,7 @@ import pytest
 from conftest import random_trace
 
 import moeprof
+from moeprof.analyze import expert_masks
 from moeprof.errors import MoeprofError
 from moeprof.trace import Trace
 
@@ -55,6 +56,19 @@ def reference_counts(trace: Trace, batches: list[list[int]]) -> tuple[list[int],
     return requests, unique
 
 
+def reference_uniform(trace: Trace, batches: list[list[int]]) -> list[float]:
+    """Σ_b E·(1 − Π_t (1 − k_t/E)) per layer, k_t = the token's routed (non-sentinel) slots."""
+    ids = trace.expert_ids.tolist()
+    n_exp = trace.n_experts.tolist()
+    out = [0.0] * trace.n_layers
+    for rows in batches:
+        for layer in range(trace.n_layers):
+            e = n_exp[layer]
+            miss = math.prod(1 - sum(x != e for x in ids[r][layer]) / e for r in rows)
+            out[layer] += e * (1 - miss)
+    return out
+
+
 @pytest.mark.parametrize("policy", ["tokens", "decode", "recorded"])
 def test_policies_match_brute_force(policy: str) -> None:
     rng = np.random.default_rng(1234)
@@ -79,6 +93,11 @@ def test_policies_match_brute_force(policy: str) -> None:
             bytes_req = row.bytes_requested
             if bytes_req:
                 assert row.bandwidth_savings == pytest.approx(1 - row.bytes_unique / bytes_req)
+            uniform = reference_uniform(trace, batches)
+            assert [layer.uniform_unique for layer in row.layers] == pytest.approx(uniform)
+            if sum(requests):
+                want = 1 - sum(uniform) / sum(requests)
+                assert row.uniform_memory_savings == pytest.approx(want)
 
 
 def test_plan_batches_rows_match_reference() -> None:
@@ -219,3 +238,65 @@ def test_large_expert_counts_use_multiple_words() -> None:
         _, unique = reference_counts(trace, [list(range(40))])
         assert [layer.unique for layer in row.layers] == unique
         assert math.isfinite(row.memory_savings)
+
+
+def test_uniform_expectation_counts_only_routed_slots() -> None:
+    # Layer 0: top-2 of 4 experts, but the second token routes to one expert only (a sentinel).
+    ids = np.array([[[0, 1]], [[2, 4]]])
+    row = moeprof.analyze(Trace.from_arrays(ids, n_experts=4), [2]).results[0]
+    want = 4 * (1 - (1 - 2 / 4) * (1 - 1 / 4))
+    assert row.uniform_unique == pytest.approx(want)
+    assert row.requests == 3
+    assert row.uniform_memory_savings == pytest.approx(1 - want / 3)
+
+
+def test_layer_without_routing_is_left_out_of_reuse_factors() -> None:
+    # Layer 1 holds only sentinels: no requests, so no reuse factor, even though 0/0 reads as 0.
+    ids = np.array([[[0], [2]], [[0], [2]], [[1], [2]], [[1], [2]]])
+    row = moeprof.analyze(Trace.from_arrays(ids, n_experts=2), [4]).results[0]
+    assert [layer.requests for layer in row.layers] == [4, 0]
+    assert row.mean_reuse_factor == pytest.approx(0.5)
+    assert row.max_reuse_layer == 0 and row.max_reuse_factor == pytest.approx(0.5)
+
+
+def test_partly_known_expert_sizes_give_no_byte_totals() -> None:
+    ids = np.array([[[0], [0]], [[0], [1]]])
+    trace = Trace.from_arrays(ids, n_experts=2, expert_bytes=[100, 0])
+    row = moeprof.analyze(trace, [2]).results[0]
+    assert [layer.bytes_requested for layer in row.layers] == [200, 0]
+    assert (row.bytes_requested, row.bytes_unique, row.bytes_saved) == (0, 0, 0)
+    assert row.bandwidth_savings == row.memory_savings == pytest.approx(1 / 4)
+
+
+def test_byte_totals_do_not_overflow_int64() -> None:
+    # 2**20 tokens x 9 experts of 1 TiB: 9.4e6 requests x 2**40 B is beyond int64.
+    n = 2**20
+    ids = ((np.arange(n)[:, None] + np.arange(9)[None, :]) % 16)[:, None, :]
+    trace = Trace.from_arrays(ids, n_experts=16, expert_bytes=2**40)
+    row = moeprof.analyze(trace, [1, 2]).results[1]
+    assert row.requests == 9 * n
+    assert row.bytes_requested == 9 * n * 2**40 > 2**63
+    assert row.bytes_unique == row.unique * 2**40
+
+
+def test_batch_larger_than_the_trace_is_the_whole_trace() -> None:
+    trace = moeprof.synthesize(n_experts=8, top_k=2, n_layers=1, n_requests=2, seed=1)
+    whole = moeprof.analyze(trace, [trace.n_tokens]).results[0]
+    for b in (trace.n_tokens + 1, 2**31 - 1):
+        for policy in ("tokens", "decode"):
+            row = moeprof.analyze(trace, [b], policy=policy).results[0]
+            assert row.batch_size == b
+            if policy == "tokens":
+                assert (row.n_batches, row.unique) == (1, whole.unique)
+    with pytest.raises(MoeprofError, match="at most"):
+        moeprof.analyze(trace, [2**31])
+
+
+def test_many_experts_need_no_quadratic_table() -> None:
+    # 65,535 experts: a per-expert lookup table would take 65,536 x 1,024 words per layer.
+    ids = np.array([[[0, 65534]], [[65534, 7]], [[65535, 1]]])
+    trace = Trace.from_arrays(ids, n_experts=65535)
+    masks = expert_masks(trace)
+    assert masks.shape == (3, 1, 1024)
+    row = moeprof.analyze(trace, [3]).results[0]
+    assert (row.requests, row.unique) == (5, 4)

@@ -22,7 +22,7 @@ from moeprof.trace import Trace
 
 def small_trace() -> Trace:
     """3 tokens, 2 layers (model layers 4 and 6), top-2 of 5 experts, one empty slot."""
-    ids = np.array([[[0, 1], [2, 5]], [[4, 3], [1, 0]], [[2, 2], [3, 4]]])
+    ids = np.array([[[0, 1], [2, 5]], [[4, 3], [1, 0]], [[2, 1], [3, 4]]])
     weights = np.array(
         [[[0.5, 0.25], [1.0, 0.0]], [[0.75, 0.125], [0.5, 0.5]], [[1, 0], [0.25, 0.75]]]
     )

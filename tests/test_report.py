@@ -106,3 +106,95 @@ def test_unknown_expert_bytes_report(tmp_path: Path) -> None:
     text = render_markdown(moeprof.analyze(trace, [1, 2]).to_dict())
     assert "Routed expert size:** unknown" in text
     assert "does not record expert sizes" in text
+
+
+def test_recorded_policy_report_speaks_of_recorded_batches() -> None:
+    import numpy as np
+
+    # Steps: 3 tokens, then 1, then 2; batch 0 shares expert 0 in every token.
+    ids = np.array([[[0, 1]], [[0, 2]], [[0, 3]], [[4, 5]], [[1, 2]], [[1, 3]]])
+    trace = moeprof.Trace.from_arrays(
+        ids,
+        n_experts=8,
+        request_ids=[0, 1, 2, 0, 1, 2],
+        positions=[0, 0, 0, 1, 1, 1],
+        steps=[0, 0, 0, 1, 2, 2],
+        expert_bytes=1000,
+    )
+    doc = moeprof.analyze(trace, [1], policy="recorded").to_dict()
+    row = doc["results"][0]
+    assert row["batch_size"] == 3 and row["n_batches"] == 3
+    text = render_markdown(doc)
+    assert "the recorded batches (3 batches of up to 3 tokens)" in text
+    assert "| ≤ 3 |" in text and "| Layer | recorded |" in text
+    assert "smallest analysed batch size" not in text
+    assert "at B = 3" not in text
+    # The uniform figure quoted is the row's own (batches of 3, 1 and 2 tokens), not B = 3 for all.
+    want = 8 * (1 - 0.75**3) + 8 * (1 - 0.75**1) + 8 * (1 - 0.75**2)
+    assert row["uniform_unique"] == pytest.approx(want)
+    assert f"that is {want:,.1f} distinct experts for 12 requests" in text
+
+
+def test_partly_known_expert_sizes_report() -> None:
+    import numpy as np
+
+    ids = np.array([[[0], [0]], [[0], [1]]])
+    trace = moeprof.Trace.from_arrays(ids, n_experts=2, expert_bytes=[100, 0])
+    doc = moeprof.analyze(trace, [2]).to_dict()
+    text = render_markdown(doc)
+    assert "Routed expert size:** unknown for 1 of 2 MoE layers" in text
+    assert "lacks the expert size of MoE layer(s) 1" in text
+    assert "B saved" not in text and "bytes;" not in text
+    model = build_report(doc)
+    assert not model.summary.expert_bytes_known
+
+
+def test_layer_without_routing_shows_a_dash_and_is_not_averaged() -> None:
+    import numpy as np
+
+    ids = np.array([[[0], [2]], [[0], [2]], [[1], [2]], [[1], [2]]])
+    doc = moeprof.analyze(moeprof.Trace.from_arrays(ids, n_experts=2), [4]).to_dict()
+    model = build_report(doc)
+    assert model.layer_rows[1][1] == (None,)
+    assert model.summary.average_reuse_factor == pytest.approx(0.5)
+    text = render_markdown(doc)
+    assert "| 1 | — |" in text
+    assert "Layers differ" not in text and "Layers behave alike" not in text
+
+
+@pytest.mark.parametrize(
+    ("path", "value", "message"),
+    [
+        (("results", 0, "requests"), "12", "requests has the wrong type"),
+        (("results", 0, "memory_savings"), None, "memory_savings has the wrong type"),
+        (("results", 0, "batch_size"), True, "batch_size has the wrong type"),
+        (("results", 0, "layers"), {}, "layers has the wrong type"),
+        (("results", 0, "layers", 0), 3, "is not an object"),
+        (("results", 0, "layers", 0, "memory_savings"), "x", "memory_savings has the wrong type"),
+        (("results", 0, "uniform_memory_savings"), float("nan"), "wrong type"),
+        (("results", 1, "policy"), "decode", "mix batching policies"),
+        (("trace", "expert_bytes"), [1.5], "expert_bytes has the wrong type"),
+        (("trace", "model"), "m", "model has the wrong type"),
+    ],
+)
+def test_results_with_wrong_types_are_refused(path: tuple, value: object, message: str) -> None:
+    from moeprof.errors import MoeprofError
+
+    doc = golden_doc()
+    target = doc
+    for key in path[:-1]:
+        target = target[key]
+    target[path[-1]] = value
+    with pytest.raises(MoeprofError, match=message):
+        render_markdown(doc)
+
+
+def test_report_cli_refuses_wrong_types(tmp_path: Path, run_cli) -> None:
+    doc = golden_doc()
+    doc["results"][0]["bytes_requested"] = "lots"
+    src = tmp_path / "r.json"
+    src.write_text(json.dumps(doc))
+    out = tmp_path / "r.md"
+    result = run_cli("report", src, "--markdown", out)
+    assert result.exit_code == 2 and "bytes_requested has the wrong type" in result.stderr
+    assert result.stderr.count("\n") == 1 and not out.exists()

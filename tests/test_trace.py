@@ -124,8 +124,31 @@ def test_default_positions_follow_appearance_within_request() -> None:
         ({"expert_ids": np.zeros((1, 2, 1), int), "n_experts": [4, 4, 4]}, "n_experts"),
         ({"expert_ids": np.zeros((1, 1, 1), int), "phase": [3]}, "phase"),
         (
-            {"expert_ids": np.zeros((1, 1, 2), int), "gate_weights": np.zeros((1, 1, 3))},
+            {"expert_ids": np.array([[[0, 1]]]), "gate_weights": np.zeros((1, 1, 3))},
             "gate_weights",
+        ),
+        ({"expert_ids": np.array([[[1, 2, 1]]])}, "names expert 1 twice in layer 0"),
+        ({"expert_ids": np.array([[[2**63, 0]]], dtype=np.uint64)}, "out of range"),
+        ({"expert_ids": np.zeros((1, 1, 1), int), "phase": [256]}, "phase"),
+        ({"expert_ids": np.zeros((1, 1, 1), int), "request_ids": [2**31]}, "request_ids"),
+        ({"expert_ids": np.zeros((1, 1, 1), int), "positions": [-(2**40)]}, "positions"),
+        ({"expert_ids": np.zeros((1, 1, 1), int), "steps": [2**32]}, "steps"),
+        ({"expert_ids": np.zeros((1, 1, 1), int), "token_ids": [2**31]}, "token_ids"),
+        ({"expert_ids": np.zeros((1, 1, 1), int), "gate_weights": [[["x"]]]}, "gate_weights"),
+        ({"expert_ids": np.zeros((1, 1, 1), int), "expert_bytes": 2**41}, "expert_bytes"),
+        ({"expert_ids": np.zeros((1, 1, 1), int), "meta": {"model": "m"}}, "'model'"),
+        ({"expert_ids": np.zeros((1, 1, 1), int), "meta": {"source": [1]}}, "'source'"),
+        (
+            {"expert_ids": np.zeros((1, 2, 1), int), "meta": {"moe_layer_indices": [0]}},
+            "moe_layer_indices",
+        ),
+        (
+            {"expert_ids": np.zeros((1, 1, 1), int), "meta": {"moe_layer_indices": ["a"]}},
+            "moe_layer_indices",
+        ),
+        (
+            {"expert_ids": np.zeros((1, 1, 1), int), "meta": {"shared_expert_bytes": "1"}},
+            "shared_expert_bytes",
         ),
     ],
 )
@@ -212,3 +235,112 @@ def test_checked_in_v1_fixture_still_reads() -> None:
         assert np.asarray(arr).tolist() == values["data"]
     assert trace.n_experts.tolist() == expected["n_experts"]
     assert trace.expert_bytes.tolist() == expected["expert_bytes"]
+
+
+def _write_raw(path: Path, arrays: dict[str, np.ndarray], doc: dict, version: str = "1") -> None:
+    """A safetensors file with moeprof metadata, bypassing Trace's own checks."""
+    from safetensors.numpy import save_file
+
+    meta = {"format": "moeprof-trace", "format_version": version, "moeprof": json.dumps(doc)}
+    save_file(arrays, str(path), metadata=meta)
+
+
+def _raw_case(change: str) -> tuple[dict[str, np.ndarray], dict, str]:
+    """A valid 2-token trace's arrays and metadata, then one named defect applied."""
+    arrays = {
+        "expert_ids": np.array([[[0, 1]], [[2, 3]]], dtype=np.uint8),
+        "request_ids": np.array([0, 0], dtype=np.int32),
+        "positions": np.array([0, 1], dtype=np.int32),
+    }
+    doc: dict = {"n_experts": [4], "expert_bytes": [10], "moe_layer_indices": [0]}
+    version = "1"
+    if change == "n_experts float":
+        doc["n_experts"] = [4.5]
+    elif change == "n_experts zero":
+        doc["n_experts"] = [0]
+    elif change == "n_experts too many":
+        doc["n_experts"] = [4, 4]
+    elif change == "expert_bytes negative":
+        doc["expert_bytes"] = [-1]
+    elif change == "expert_bytes string":
+        doc["expert_bytes"] = ["10"]
+    elif change == "ids dtype":
+        arrays["expert_ids"] = arrays["expert_ids"].astype(np.uint16)
+    elif change == "rows unsorted":
+        arrays["positions"] = np.array([1, 0], dtype=np.int32)
+    elif change == "rows repeated":
+        arrays["positions"] = np.array([0, 0], dtype=np.int32)
+    elif change == "version not integer":
+        version = "1.0"
+    elif change == "layer indices length":
+        doc["moe_layer_indices"] = [0, 1]
+    elif change == "model not object":
+        doc["model"] = "mixtral"
+    elif change == "shared bytes float":
+        doc["shared_expert_bytes"] = 1.5
+    elif change == "id out of range":
+        arrays["expert_ids"] = np.array([[[0, 1]], [[2, 5]]], dtype=np.uint8)
+    elif change == "duplicate id":
+        arrays["expert_ids"] = np.array([[[0, 1]], [[3, 3]]], dtype=np.uint8)
+    elif change == "phase value":
+        arrays["phase"] = np.array([0, 2], dtype=np.uint8)
+    elif change == "doc not object":
+        doc = [1]  # type: ignore[assignment]
+    return arrays, doc, version
+
+
+DEFECTS = {
+    "n_experts float": "n_experts",
+    "n_experts zero": "n_experts",
+    "n_experts too many": "n_experts",
+    "expert_bytes negative": "expert_bytes",
+    "expert_bytes string": "expert_bytes",
+    "ids dtype": "expected uint8",
+    "rows unsorted": "order",
+    "rows repeated": "order",
+    "version not integer": "version",
+    "layer indices length": "moe_layer_indices",
+    "model not object": "'model'",
+    "shared bytes float": "shared_expert_bytes",
+    "id out of range": "out of range",
+    "duplicate id": "twice",
+    "phase value": "phase",
+    "doc not object": "object",
+}
+
+
+def test_raw_case_is_valid_before_its_defect(tmp_path: Path) -> None:
+    arrays, doc, version = _raw_case("none")
+    _write_raw(tmp_path / "ok.moe", arrays, doc, version)
+    assert load_trace(tmp_path / "ok.moe").expert_ids.tolist() == [[[0, 1]], [[2, 3]]]
+
+
+@pytest.mark.parametrize("change", sorted(DEFECTS))
+def test_load_refuses_inconsistent_files(tmp_path: Path, change: str) -> None:
+    arrays, doc, version = _raw_case(change)
+    path = tmp_path / "bad.moe"
+    _write_raw(path, arrays, doc, version)
+    with pytest.raises(MoeprofError, match=DEFECTS[change]):
+        load_trace(path)
+
+
+def test_load_refuses_bytes_outside_the_arrays(tmp_path: Path) -> None:
+    trace = moeprof.synthesize(n_layers=2, seed=0)
+    good = tmp_path / "good.moe"
+    trace.save(good)
+    trailing = tmp_path / "trailing.moe"
+    trailing.write_bytes(good.read_bytes() + b"\0" * 16)
+    with pytest.raises(MoeprofError, match="size does not match"):
+        load_trace(trailing)
+
+    # Two arrays claiming the same bytes (and so leaving a gap elsewhere).
+    raw = good.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8 : 8 + n])
+    header["positions"]["data_offsets"] = header["request_ids"]["data_offsets"]
+    new = json.dumps(header).encode()
+    new += b" " * (-len(new) % 8)
+    overlap = tmp_path / "overlap.moe"
+    overlap.write_bytes(struct.pack("<Q", len(new)) + new + raw[8 + n :])
+    with pytest.raises(MoeprofError, match="overlap or leave gaps"):
+        load_trace(overlap)

@@ -21,6 +21,7 @@ from moeprof.analyze import (
     BatchSizeResult,
     expert_masks,
     parse_batch_sizes,
+    slots_per_token,
     summarize,
     trace_summary,
     unique_per_batch,
@@ -132,6 +133,7 @@ def _counted(
     ids = trace.expert_ids[rows][:, sel, :]
     sentinel = trace.n_experts[sel].astype(ids.dtype)[None, :, None]
     requests = (ids != sentinel).sum(axis=(0, 2), dtype=np.int64)
+    slots = slots_per_token(trace)
     row = summarize(
         plan,
         requests,
@@ -140,6 +142,7 @@ def _counted(
         trace.n_experts[sel],
         trace.top_k,
         [trace.moe_layer_indices[layer] for layer in sel],
+        None if slots is None else slots[:, sel],
     )
     # Layer numbers are the trace's MoE layer indices, not positions in the selection.
     layers = tuple(dataclasses.replace(lr, layer=sel[i]) for i, lr in enumerate(row.layers))

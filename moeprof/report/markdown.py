@@ -29,7 +29,7 @@ def batch_table_rows(model: ReportModel) -> tuple[list[str], list[list[str]]]:
     ]
     rows = [
         [
-            str(r.batch_size),
+            r.size_text,
             f"{r.n_batches:,}",
             pct(r.memory_savings),
             pct(r.bandwidth_savings),
@@ -46,15 +46,15 @@ def summary_items(model: ReportModel) -> list[tuple[str, str]]:
     s = model.summary
     bm, bb = s.best_memory, s.best_bandwidth
     return [
-        ("Maximum memory savings", f"{pct(bm.memory_savings)} at batch size {bm.batch_size}"),
+        ("Maximum memory savings", f"{pct(bm.memory_savings)} at {bm.label}"),
         (
             "Maximum bandwidth savings",
-            f"{pct(bb.bandwidth_savings)} at batch size {bb.batch_size}"
+            f"{pct(bb.bandwidth_savings)} at {bb.label}"
             + (f" ({human_bytes(bb.bytes_saved)} saved)" if s.expert_bytes_known else ""),
         ),
         (
             "Average reuse factor",
-            f"{s.average_reuse_factor:.3f} (mean over layers and batch sizes)",
+            f"{s.average_reuse_factor:.3f} (mean over routed layers and batch sizes)",
         ),
         (
             "Expert traffic without dedup",
@@ -72,8 +72,13 @@ def summary_items(model: ReportModel) -> list[tuple[str, str]]:
 
 
 def layer_table_rows(model: ReportModel) -> tuple[list[str], list[list[str]]]:
-    header = ["Layer"] + [f"B={b}" for b in model.layer_header]
-    rows = [[label] + [pct(v) for v in vals] for label, vals in model.layer_rows]
+    header = ["Layer"] + [
+        "recorded" if r.recorded else f"B={r.batch_size}" for r in model.batch_rows
+    ]
+    # "—": the layer routed no token (every slot empty), so it has no savings.
+    rows = [
+        [label] + ["—" if v is None else pct(v) for v in vals] for label, vals in model.layer_rows
+    ]
     return header, rows
 
 
