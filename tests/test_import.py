@@ -157,6 +157,7 @@ BAD_CASES = [
         r"bad/float_id\.jsonl:3: expert id 1\.5 in column 'experts' is not an integer",
     ),
     ("missing_key.jsonl", r"bad/missing_key\.jsonl:2: no expert ids"),
+    ("duplicate.csv", r"bad/duplicate\.csv:3: expert id 3 appears twice in one row"),
 ]
 
 

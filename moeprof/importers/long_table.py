@@ -29,6 +29,7 @@ import pyarrow.compute as pc
 
 from moeprof.errors import MoeprofError
 from moeprof.importers import PHASES, Progress, TokenRouting, warn
+from moeprof.trace import duplicate_expert
 
 # Usual column names, compared after normalising (lower case, runs of other characters -> "_").
 COLUMN_NAMES: dict[str, tuple[str, ...]] = {
@@ -576,6 +577,10 @@ def _read_file(
     if negative.any():
         i = _first(negative.any(axis=1))
         raise fail(i, f"expert id {int(experts[i].min())} is negative")
+    # -1 marks an empty slot here; a real expert named twice in one row is malformed.
+    dup = duplicate_expert(experts[:, None, :], np.array([-1]))
+    if dup:
+        raise fail(dup[0], f"expert id {dup[2]} appears twice in one row")
     if n_experts is not None and (experts >= n_experts).any():
         i = _first((experts >= n_experts).any(axis=1))
         raise fail(i, f"expert id {int(experts[i].max())} is out of range for {n_experts} experts")
