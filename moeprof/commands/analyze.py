@@ -25,7 +25,8 @@ def write_outputs(
     plot_out: Path | None,
     title: str = "moeprof report",
 ) -> None:
-    """Render everything first, then write each file atomically (no partial outputs on error)."""
+    """Render every output, write them all to temporary files, then rename them all: an error
+    while producing any one of them leaves none written (and none overwritten)."""
     from moeprof import _io
     from moeprof.report.markdown import render_markdown
 
@@ -40,8 +41,8 @@ def write_outputs(
         from moeprof.report.plot import render_plot
 
         rendered.append((plot_out, render_plot(doc), "plot"))
-    for path, data, what in rendered:
-        _io.write_bytes(path, data)
+    _io.write_all([(path, data) for path, data, _ in rendered])
+    for path, _, what in rendered:
         note_written(path, what)
 
 

@@ -14,7 +14,8 @@ from moeprof.commands._common import console, err_console, force_option, info, n
 def render_outputs(
     doc: dict[str, Any], *, json_out: Path | None, markdown_out: Path | None
 ) -> None:
-    """Render everything first, then write each file atomically."""
+    """Render everything, then write all files at once (temporary files, then renames): an
+    error while producing any of them leaves none written."""
     from moeprof import _io
     from moeprof.report.markdown import render_markdown
     from moeprof.report.replay import replay_markdown
@@ -27,8 +28,8 @@ def render_outputs(
         if "## Replay (measured)" not in text:  # a renderer without the replay section
             text = text.rstrip("\n") + "\n\n" + replay_markdown(doc)
         rendered.append((markdown_out, text.encode(), "markdown report"))
-    for path, data, what in rendered:
-        _io.write_bytes(path, data)
+    _io.write_all([(path, data) for path, data, _ in rendered])
+    for path, _, what in rendered:
         note_written(path, what)
 
 

@@ -68,7 +68,8 @@ def register(app: typer.Typer) -> None:
         expert_bytes: int = typer.Option(
             DEFAULT_EXPERT_BYTES,
             "--expert-bytes",
-            help="Bytes of one routed expert (default: one Mixtral-8x7B expert in bf16).",
+            help="Bytes of one routed expert, 0 to 2**40 (default: one Mixtral-8x7B expert in "
+            "bf16).",
         ),
         popularity: Path | None = typer.Option(
             None,
@@ -77,7 +78,7 @@ def register(app: typer.Typer) -> None:
             "files); layers and experts come from it and each layer draws in proportion.",
         ),
         seed: int = typer.Option(
-            0, "--seed", help="Random seed; the same seed gives the same trace."
+            0, "--seed", help="Random seed (>= 0); the same seed gives the same trace."
         ),
         force: bool = force_option,
     ) -> None:
