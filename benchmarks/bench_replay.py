@@ -5,7 +5,10 @@ tokens, batch size 64; strategies naive and dedup; expert blocks of 4, 16 and 64
 (issue 5), per block size:
 
 1. dedup's host->device GB/s >= 90% of the calibrated pinned peak;
-2. NVML RX bytes / counted payload within 1.00-1.10x (when NVML byte counters exist);
+2. NVML RX bytes / counted payload within 1.00-1.10x (when NVML byte counters exist). This one
+   is informational until confirmed on a device: it assumes the counter counts payload only; if
+   it counts raw link bytes, PCIe packet overhead alone gives ~1.1-1.35x. It never fails
+   --strict; the raw counter readings are printed so a first run can tell which it is;
 3. naive/dedup time ratio within 10% of their byte ratio.
 
     python benchmarks/bench_replay.py [--device auto|cuda|cpu] [--blocks-mib 4,16,64]
@@ -25,6 +28,7 @@ from moeprof.replay import replay
 TARGET_SHARE_OF_PEAK = 0.90
 TARGET_RX_RATIO = (1.00, 1.10)
 TARGET_TIME_VS_BYTES = 0.10
+INFORMATIONAL = ("rx_ratio",)  # not a pass/fail target until confirmed on a device
 
 
 def run_block(device: str, block_bytes: int, calibration_bytes: int) -> dict[str, Any]:
@@ -57,7 +61,13 @@ def run_block(device: str, block_bytes: int, calibration_bytes: int) -> dict[str
         "time_ratio": time_ratio,
         "time_vs_bytes": time_ratio / byte_ratio - 1.0,
         "naive_copies": naive["copies"],
+        "dedup_bytes": dedup["bytes_copied"],
         "dedup_copies": dedup["copies"],
+        "nvml_raw_dedup": dedup.get("nvml_raw"),
+        "nvml_raw_naive": naive.get("nvml_raw"),
+        "nvml_rx_bytes_dedup": dedup["nvml_rx_bytes"],
+        "nvml_tx_bytes_dedup": dedup["nvml_tx_bytes"],
+        "nvml_reason_dedup": dedup["nvml_reason"],
         "method": doc["replay"]["measurement_method"],
         "method_reason": doc["replay"]["measurement_reason"],
         "device_name": doc["replay"].get("device_name"),
@@ -74,6 +84,39 @@ def verdicts(r: dict[str, Any]) -> dict[str, bool | None]:
         "rx_ratio": None if rx is None else TARGET_RX_RATIO[0] <= rx <= TARGET_RX_RATIO[1],
         "time_vs_bytes": abs(r["time_vs_bytes"]) <= TARGET_TIME_VS_BYTES,
     }
+
+
+def print_raw(results: list[dict[str, Any]]) -> None:
+    """What NVML answered for each dedup run: the first and last raw reads of the window."""
+    print("\nNVML raw readings (dedup runs):")
+    for r in results:
+        raw = r.get("nvml_raw_dedup") or {}
+        first, last = raw.get("first"), raw.get("last")
+        head = f"  {r['block_bytes'] / (1 << 20):>6.0f}Mi "
+        if not first or not last:
+            print(f"{head}none ({r.get('nvml_reason_dedup') or r['method_reason'] or 'no NVML'})")
+            continue
+        if "rx_bytes" in first:
+            print(
+                f"{head}RX {first['rx_bytes']} -> {last['rx_bytes']} "
+                f"(delta {r['nvml_rx_bytes_dedup']}, counted {r['dedup_bytes']}), "
+                f"TX {first['tx_bytes']} -> {last['tx_bytes']}; {first['counter_bits']}-bit "
+                f"type {first['value_type']}; NVML timestamps "
+                f"{first['rx_nvml_timestamp_us']} -> {last['rx_nvml_timestamp_us']} us"
+            )
+        else:
+            print(
+                f"{head}throughput RX {first['rx_kib_s']} -> {last['rx_kib_s']} KB/s "
+                f"(integrated {r['nvml_rx_bytes_dedup']}, counted {r['dedup_bytes']})"
+            )
+        print(
+            f"{'':>11}{raw.get('samples')} samples over {last['t_s']:.3f} s, max gap "
+            f"{raw.get('max_sample_gap_seconds') or 0:.4f} s, settle "
+            f"{raw.get('settle_start_seconds') or 0:.3f}/{raw.get('settle_stop_seconds') or 0:.3f}"
+            f" s (settled: {raw.get('settled')}), 32-bit wraps undone "
+            f"{raw.get('wrap32_fixes')}, backwards reads {raw.get('anomalies')}"
+            + (f"; {r['nvml_reason_dedup']}" if r.get("nvml_reason_dedup") else "")
+        )
 
 
 def main() -> int:
@@ -111,6 +154,9 @@ def main() -> int:
     def mark(ok: bool | None) -> str:
         return "n/a" if ok is None or on_cpu else ("PASS" if ok else "FAIL")
 
+    def info_mark(ok: bool | None) -> str:
+        return "n/a" if ok is None or on_cpu else ("in" if ok else "out")
+
     first = results[0]
     print(f"device: {first['device_name']} ({device}); PCIe measurement: {first['method']}")
     if first["method_reason"]:
@@ -128,19 +174,27 @@ def main() -> int:
         print(
             f"{r['block_bytes'] / (1 << 20):>6.0f}Mi {r['dedup_gbps']:>10.2f} "
             f"{100 * (r['dedup_share_of_peak'] or 0):>6.1f}% {mark(v['share_of_peak']):>4}  "
-            f"{'—' if rx is None else f'{rx:.3f}x':>10} {mark(v['rx_ratio']):>4}  "
+            f"{'—' if rx is None else f'{rx:.3f}x':>10} {info_mark(v['rx_ratio']):>4}  "
             f"{r['time_ratio']:>10.2f} {r['byte_ratio']:>10.2f} {100 * r['time_vs_bytes']:>+6.1f}% "
             f"{mark(v['time_vs_bytes']):>4}"
         )
     print(
-        f"\ntargets: dedup >= {100 * TARGET_SHARE_OF_PEAK:.0f}% of peak; NVML RX / counted "
-        f"{TARGET_RX_RATIO[0]:.2f}-{TARGET_RX_RATIO[1]:.2f}x; naive/dedup time ratio within "
-        f"{100 * TARGET_TIME_VS_BYTES:.0f}% of the byte ratio"
+        f"\ntargets: dedup >= {100 * TARGET_SHARE_OF_PEAK:.0f}% of peak; naive/dedup time ratio "
+        f"within {100 * TARGET_TIME_VS_BYTES:.0f}% of the byte ratio.\n"
+        f"NVML RX / counted {TARGET_RX_RATIO[0]:.2f}-{TARGET_RX_RATIO[1]:.2f}x is informational "
+        "until confirmed on a device (in/out, never FAIL): it assumes the counter counts payload "
+        "only; if it counts raw link bytes, PCIe packet overhead gives ~1.1-1.35x."
     )
+    print_raw(results)
     if args.json:
         with open(args.json, "w", encoding="utf-8") as fh:
             json.dump({"device": device, "results": results}, fh, indent=2)
-    failed = not on_cpu and any(ok is False for r in results for ok in r["verdicts"].values())
+    failed = not on_cpu and any(
+        ok is False
+        for r in results
+        for name, ok in r["verdicts"].items()
+        if name not in INFORMATIONAL
+    )
     return 1 if (failed and args.strict) else 0
 
 

@@ -9,10 +9,14 @@ PCIe traffic (DESIGN.md "Measuring PCIe"), best method first:
 
 1. ``nvml_counters``: the cumulative byte counters ``NVML_FI_DEV_PCIE_COUNT_RX_BYTES`` / ``TX_BYTES``
    read through ``nvmlDeviceGetFieldValues`` (driver R555+). Each value's type says how wide the
-   counter is, so deltas are taken modulo 2**bits; a counter narrower than 64 bits is polled by a
-   background thread often enough that it cannot wrap twice between two reads.
-2. ``nvml_throughput``: ``nvmlDeviceGetPcieThroughput`` (KiB/s averaged over ~20 ms) sampled by a
-   background thread and integrated over time: an estimate, labelled as such.
+   counter is, so deltas are taken modulo 2**bits; a background thread reads them every few ms
+   while a run is measured, so no counter wraps twice unseen, and a 64-bit-typed delta no link
+   could carry is read as a 32-bit wrap (a driver may report a 32-bit counter in a 64-bit field).
+   Before and after a run the counters are read until they stop growing.
+2. ``nvml_throughput``: ``nvmlDeviceGetPcieThroughput`` (documented in KB/s, taken as KiB/s,
+   averaged over ~20 ms; the call blocks about that long) read back to back by a background
+   thread, each rate integrated over the time since the previous read: an estimate, labelled as
+   such.
 3. ``counted_only``: nothing measured; the report shows counted payload only, with the reason.
 
 Host-to-device copies are the GPU's RX side.
@@ -262,12 +266,27 @@ def reset() -> None:
 
 @dataclass(frozen=True)
 class CounterReading:
-    """One read of the cumulative PCIe byte counters."""
+    """One read of the cumulative PCIe byte counters, as NVML gave it."""
 
     rx_bytes: int
     tx_bytes: int
-    counter_bits: int  # both counters wrap at 2**counter_bits
+    counter_bits: int  # both counters wrap at 2**counter_bits (as far as the value type says)
     timestamp_s: float  # host monotonic clock at the read
+    value_type: int | None = None  # nvmlValueType_t of the fields
+    rx_nvml_timestamp_us: int | None = None  # the fields' own timestamps, where NVML gives them
+    tx_nvml_timestamp_us: int | None = None
+
+    def raw(self, t0: float) -> dict[str, Any]:
+        """The reading for the results JSON; ``t_s`` is seconds after `t0` (host clock)."""
+        return {
+            "rx_bytes": self.rx_bytes,
+            "tx_bytes": self.tx_bytes,
+            "counter_bits": self.counter_bits,
+            "value_type": self.value_type,
+            "t_s": self.timestamp_s - t0,
+            "rx_nvml_timestamp_us": self.rx_nvml_timestamp_us,
+            "tx_nvml_timestamp_us": self.tx_nvml_timestamp_us,
+        }
 
 
 def counter_delta(before: int, after: int, bits: int) -> int:
@@ -275,14 +294,72 @@ def counter_delta(before: int, after: int, bits: int) -> int:
     return (after - before) % (1 << bits)
 
 
-def _field_value(fv: Any) -> tuple[int, int] | str:
-    """(value, bits) of one nvmlFieldValue_t, or why it is unusable."""
+# A delta above this share of the fastest link over the time between two reads cannot be traffic.
+PLAUSIBLE_FACTOR = 1.5
+MIN_ELAPSED_S = 0.001
+
+WRAP32 = "wrap32"
+BACKWARDS = "backwards"
+
+
+def plausible_bytes(elapsed_s: float) -> float:
+    """The most bytes a PCIe link can move in `elapsed_s` (at least 1 ms), with margin."""
+    return PLAUSIBLE_FACTOR * MAX_LINK_BYTES_PER_S * max(elapsed_s, MIN_ELAPSED_S)
+
+
+def counter_step(before: int, after: int, bits: int, elapsed_s: float) -> tuple[int, str | None]:
+    """Bytes between two reads of one counter `elapsed_s` apart, and what was odd about them.
+
+    The width comes from the value type, but a driver may report a 32-bit counter in a 64-bit
+    field: it then wraps at 2**32 and reads as a jump of ~2**64 bytes. A 64-bit-typed delta no
+    link could carry in the time is therefore taken modulo 2**32 when both reads fit in 32 bits
+    (``"wrap32"``); one that went backwards otherwise counts nothing (``"backwards"``: a reset
+    or a bad read); an implausible forward jump (a counter that refreshed late) counts as read.
+    """
+    delta = counter_delta(before, after, bits)
+    if bits < 64 or delta <= plausible_bytes(elapsed_s):
+        return delta, None
+    if before < (1 << 32) and after < (1 << 32):
+        return counter_delta(before, after, 32), (WRAP32 if after < before else None)
+    if delta >= 1 << (bits - 1):
+        return 0, BACKWARDS
+    return delta, None
+
+
+def _field_value(fv: Any) -> tuple[int, int, int] | str:
+    """(value, bits, value type) of one nvmlFieldValue_t, or why it is unusable."""
     vtype = int(getattr(fv, "valueType", -1))
     if vtype not in _VALUE_TYPES:
         return f"unexpected value type {vtype} for a byte counter"
     member, bits = _VALUE_TYPES[vtype]
     raw = int(getattr(fv.value, member))
-    return raw % (1 << bits), bits  # two's complement for the signed types
+    return raw % (1 << bits), bits, vtype  # two's complement for the signed types
+
+
+def _field_timestamp(fv: Any) -> int | None:
+    try:
+        stamp = getattr(fv, "timestamp", None)
+        return None if stamp is None else int(stamp)
+    except (TypeError, ValueError):
+        return None
+
+
+def _field_failure(nv: Nvml, name: str, ret: int) -> NotAvailable:
+    """Why one field of nvmlDeviceGetFieldValues failed (its own nvmlReturn)."""
+    module = nv._ensure()
+    if not isinstance(module, ModuleType):
+        return NotAvailable(ERROR, f"PCIe {name} byte counter field: NVML error {ret}", ret)
+    if ret == int(getattr(module, "NVML_ERROR_INVALID_ARGUMENT", 2)):
+        # Per field, drivers that predate the field answer an unknown field id this way.
+        return NotAvailable(
+            NOT_SUPPORTED,
+            f"PCIe {name} byte counter field: {_KIND_TEXT[NOT_SUPPORTED]} (Invalid Argument: "
+            "field id unknown to this driver; the counters need R555+)",
+            ret,
+        )
+    kind = _error_kind(module, ret)
+    text = _KIND_TEXT.get(kind, f"NVML error {ret}")
+    return NotAvailable(kind, f"PCIe {name} byte counter field: {text}", ret)
 
 
 def read_pcie_counters(
@@ -297,41 +374,57 @@ def read_pcie_counters(
     now = clock()
     if isinstance(values, NotAvailable):
         return values
-    parsed: list[tuple[int, int]] = []
+    parsed: list[tuple[int, int, int]] = []
+    stamps: list[int | None] = []
     for name, fv in zip(("RX", "TX"), values):
         ret = int(getattr(fv, "nvmlReturn", 0))
         if ret != 0:
-            module = nv._ensure()
-            kind = _error_kind(module, ret) if isinstance(module, ModuleType) else ERROR
-            text = _KIND_TEXT.get(kind, f"NVML error {ret}")
-            return NotAvailable(kind, f"PCIe {name} byte counter field: {text}", ret)
+            return _field_failure(nv, name, ret)
         got = _field_value(fv)
         if isinstance(got, str):
             return NotAvailable(ERROR, f"PCIe {name} byte counter field: {got}")
         parsed.append(got)
+        stamps.append(_field_timestamp(fv))
     if len(parsed) != 2:
         return NotAvailable(ERROR, "nvmlDeviceGetFieldValues returned too few values")
-    (rx, rx_bits), (tx, tx_bits) = parsed
+    (rx, rx_bits, rx_type), (tx, tx_bits, _tx_type) = parsed
     if rx_bits != tx_bits:
         # Never seen; handle it anyway by wrapping each at the narrower width.
         bits = min(rx_bits, tx_bits)
         rx, tx = rx % (1 << bits), tx % (1 << bits)
     else:
         bits = rx_bits
-    return CounterReading(rx_bytes=rx, tx_bytes=tx, counter_bits=bits, timestamp_s=now)
+    return CounterReading(
+        rx_bytes=rx,
+        tx_bytes=tx,
+        counter_bits=bits,
+        timestamp_s=now,
+        value_type=rx_type,
+        rx_nvml_timestamp_us=stamps[0],
+        tx_nvml_timestamp_us=stamps[1],
+    )
+
+
+def read_pcie_throughput_one(nv: Nvml, handle: Any, direction: str) -> int | NotAvailable:
+    """PCIe throughput of one direction ("rx" or "tx"), in NVML's KB/s over its ~20 ms window.
+    The call itself commonly blocks for about that window."""
+    if direction == "rx":
+        counter = nv.constant("NVML_PCIE_UTIL_RX_BYTES", _PCIE_UTIL_RX)
+    else:
+        counter = nv.constant("NVML_PCIE_UTIL_TX_BYTES", _PCIE_UTIL_TX)
+    got = nv.call("nvmlDeviceGetPcieThroughput", handle, counter)
+    return got if isinstance(got, NotAvailable) else int(got)
 
 
 def read_pcie_throughput_kib_s(nv: Nvml, handle: Any) -> tuple[int, int] | NotAvailable:
-    """(RX, TX) PCIe throughput in KiB/s, each averaged by the driver over ~20 ms."""
-    rx_counter = nv.constant("NVML_PCIE_UTIL_RX_BYTES", _PCIE_UTIL_RX)
-    tx_counter = nv.constant("NVML_PCIE_UTIL_TX_BYTES", _PCIE_UTIL_TX)
-    rx = nv.call("nvmlDeviceGetPcieThroughput", handle, rx_counter)
+    """(RX, TX) PCIe throughput in KB/s (taken as KiB/s), each averaged over ~20 ms."""
+    rx = read_pcie_throughput_one(nv, handle, "rx")
     if isinstance(rx, NotAvailable):
         return rx
-    tx = nv.call("nvmlDeviceGetPcieThroughput", handle, tx_counter)
+    tx = read_pcie_throughput_one(nv, handle, "tx")
     if isinstance(tx, NotAvailable):
         return tx
-    return int(rx), int(tx)
+    return rx, tx
 
 
 # ---------------------------------------------------------------------- measuring a run
@@ -350,13 +443,26 @@ class PcieMeasurement:
     counter_bits: int | None = None
     max_sample_gap_s: float | None = None
     wrap_safe: bool | None = None  # counters: reads never far enough apart to miss a wrap
+    # What NVML answered, for diagnosing a first run on a new machine: the window's first and
+    # last reads (counters: raw values, width, value type, NVML timestamps; throughput: rates),
+    # with ``t_s`` in seconds from the first.
+    first_reading: dict[str, Any] | None = None
+    last_reading: dict[str, Any] | None = None
+    settle_start_s: float | None = None  # seconds spent waiting for the counters to settle
+    settle_stop_s: float | None = None
+    settled: bool | None = None  # counters stopped growing at stop (None: not checked)
+    wrap32_fixes: int = 0  # 64-bit-typed deltas read as 32-bit wraps
+    anomalies: int = 0  # deltas that went backwards, counted as 0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
+THROUGHPUT_WINDOW_S = 0.02  # nvmlDeviceGetPcieThroughput's averaging window
 THROUGHPUT_CAVEAT = (
-    "estimated: nvmlDeviceGetPcieThroughput (KiB/s over ~20 ms windows) sampled and integrated"
+    "estimated: nvmlDeviceGetPcieThroughput (documented in KB/s, taken as 1024 bytes, each rate "
+    "an average over ~20 ms) read back to back, each rate integrated over the time since the "
+    "previous read"
 )
 
 
@@ -366,20 +472,54 @@ class _Accumulator:
     # throughput integral is added.
     rx_bytes: int | float = 0
     tx_bytes: int | float = 0
+    first: CounterReading | None = None
     last: CounterReading | None = None
-    last_t: float | None = None
+    fits_32: bool = True  # every counter value read so far is below 2**32
+    wrap32_fixes: int = 0
+    anomalies: int = 0
+    # Throughput: host time and rates of the reads.
+    last_t: float | None = None  # the last RX read
+    last_tx_t: float | None = None  # the last TX read
+    last_tx_rate: int | None = None
+    first_rates: tuple[int, int | None, float] | None = None  # (rx, tx, t)
+    last_rates: tuple[int, int | None, float] | None = None
+    rx_since_tx: int = 0
     samples: int = 0
     max_gap_s: float = 0.0
     failure: NotAvailable | None = None
     lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def reopened(self) -> _Accumulator:
+        """A fresh window whose baseline is this one's last read."""
+        return _Accumulator(
+            first=self.last,
+            last=self.last,
+            fits_32=self.fits_32,
+            last_t=self.last_t,
+            last_tx_t=self.last_tx_t,
+            last_tx_rate=self.last_tx_rate,
+            first_rates=self.last_rates,
+            last_rates=self.last_rates,
+            rx_since_tx=self.rx_since_tx,
+            samples=1 if self.samples else 0,
+            failure=self.failure,
+        )
 
 
 class PcieMonitor:
     """Measures PCIe RX/TX bytes between :meth:`start` and :meth:`stop` with the best method.
 
     The method is chosen once, at construction, by probing: byte counters, else throughput
-    sampling, else counted-only (with the reason). ``background=False`` leaves sampling to the
-    caller's :meth:`sample` calls (tests drive a fake clock this way).
+    sampling, else counted-only (with the reason). While a window is open a background thread
+    reads the counters (every `counter_poll_s`) or the throughput (back to back, the call
+    pacing itself, at most every `throughput_poll_s`). ``background=False`` leaves sampling to
+    the caller's :meth:`sample` calls, and `clock` / `sleep` can be replaced (tests drive a fake
+    clock this way).
+
+    Settling: the caller synchronises before :meth:`start` and :meth:`stop`; the counters are
+    then read every `settle_poll_s` until two reads differ by less than `settle_bytes` (bounded
+    by `settle_max_s`), so a driver that refreshes them late has the run's last bytes in them
+    and the warm-up's first. The throughput is read until one read covers the run's end.
     """
 
     def __init__(
@@ -388,24 +528,33 @@ class PcieMonitor:
         *,
         nv: Nvml | None = None,
         counter_poll_s: float = 0.005,
-        throughput_poll_s: float = 0.02,
+        throughput_poll_s: float = THROUGHPUT_WINDOW_S,
         clock: Callable[[], float] = time.perf_counter,
+        sleep: Callable[[float], None] = time.sleep,
         background: bool = True,
         unavailable: NotAvailable | None = None,
-        settle_s: float = 0.05,
+        settle_max_s: float = 1.0,
+        settle_poll_s: float = 0.02,
+        settle_bytes: int = 1 << 20,
+        tx_every: int = 5,
     ) -> None:
         self._nv = nv or gateway()
-        # Wait this long after the caller synchronised before the first and the last read: a
-        # driver that refreshes its counters (or its 20 ms throughput window) periodically then
-        # has the run's last bytes in them. On an idle link this costs a few KB of background.
-        self.settle_s = settle_s
+        self.settle_max_s = settle_max_s
+        self.settle_poll_s = settle_poll_s
+        self.settle_bytes = settle_bytes
+        self.tx_every = max(1, int(tx_every))
         self._handle = handle
         self._clock = clock
+        self._sleep = sleep
         self._background = background
         self._acc = _Accumulator()
         self._thread: threading.Thread | None = None
         self._stop_event = threading.Event()
+        # How the background loop waits: True when told to stop (tests drive it synchronously).
+        self._wait: Callable[[float], bool] = self._stop_event.wait
+        self._finish_at: float | None = None
         self._t0 = 0.0
+        self._settle_start_s: float | None = None
         self.counter_bits: int | None = None
         self.probe_notes: list[str] = []
         self.method, self.reason = self._probe(unavailable)
@@ -431,18 +580,21 @@ class PcieMonitor:
 
     @property
     def polls(self) -> bool:
-        """Whether a background thread samples between start and stop."""
-        if self.method == METHOD_THROUGHPUT:
-            return True
-        return self.method == METHOD_COUNTERS and (self.counter_bits or 64) < 64
+        """Whether a background thread samples between start and stop: always, when measuring.
+        (A counter typed 64-bit may still wrap at 32 bits; only frequent reads catch that.)"""
+        return self.method in (METHOD_COUNTERS, METHOD_THROUGHPUT)
 
     # ------------------------------------------------------------------ sampling
-    def sample(self) -> None:
-        """Take one sample now (the background thread calls this; so may tests)."""
+    def sample(self, *, tx: bool | None = None) -> None:
+        """Take one sample now (the background thread calls this; so may tests). Throughput:
+        RX every sample, TX on the first and then every `tx_every` samples (or as `tx` says)."""
         if self.method == METHOD_COUNTERS:
             self._sample_counters()
         elif self.method == METHOD_THROUGHPUT:
-            self._sample_throughput()
+            self._sample_rx()
+            acc = self._acc
+            if tx or (tx is None and (acc.last_tx_t is None or acc.rx_since_tx >= self.tx_every)):
+                self._sample_tx()
 
     def _fail(self, why: NotAvailable) -> None:
         with self._acc.lock:
@@ -456,16 +608,27 @@ class PcieMonitor:
             return
         acc = self._acc
         with acc.lock:
-            if acc.last is not None:
-                bits = min(acc.last.counter_bits, reading.counter_bits)
-                acc.rx_bytes += counter_delta(acc.last.rx_bytes, reading.rx_bytes, bits)
-                acc.tx_bytes += counter_delta(acc.last.tx_bytes, reading.tx_bytes, bits)
-                acc.max_gap_s = max(acc.max_gap_s, reading.timestamp_s - acc.last.timestamp_s)
+            last = acc.last
+            if last is not None:
+                bits = min(last.counter_bits, reading.counter_bits)
+                elapsed = reading.timestamp_s - last.timestamp_s
+                rx, rx_odd = counter_step(last.rx_bytes, reading.rx_bytes, bits, elapsed)
+                tx, tx_odd = counter_step(last.tx_bytes, reading.tx_bytes, bits, elapsed)
+                for odd in (rx_odd, tx_odd):
+                    acc.wrap32_fixes += odd == WRAP32
+                    acc.anomalies += odd == BACKWARDS
+                acc.rx_bytes += rx
+                acc.tx_bytes += tx
+                acc.max_gap_s = max(acc.max_gap_s, elapsed)
+            else:
+                acc.first = reading
+            if max(reading.rx_bytes, reading.tx_bytes) >= 1 << 32:
+                acc.fits_32 = False
             acc.last = reading
             acc.samples += 1
 
-    def _sample_throughput(self) -> None:
-        rate = read_pcie_throughput_kib_s(self._nv, self._handle)
+    def _sample_rx(self) -> None:
+        rate = read_pcie_throughput_one(self._nv, self._handle, "rx")
         now = self._clock()
         if isinstance(rate, NotAvailable):
             self._fail(rate)
@@ -473,48 +636,143 @@ class PcieMonitor:
         acc = self._acc
         with acc.lock:
             if acc.last_t is not None:
-                # The driver's rate covers the ~20 ms before the read: credit it to the interval
-                # since the previous sample.
+                # Read back to back, each rate covers the time since the previous RX read.
                 dt = now - acc.last_t
-                acc.rx_bytes += rate[0] * 1024.0 * dt
-                acc.tx_bytes += rate[1] * 1024.0 * dt
+                acc.rx_bytes += rate * 1024.0 * dt
                 acc.max_gap_s = max(acc.max_gap_s, dt)
+            acc.last_rates = (rate, acc.last_tx_rate, now)
+            if acc.first_rates is None:
+                acc.first_rates = acc.last_rates
             acc.last_t = now
+            acc.rx_since_tx += 1
             acc.samples += 1
 
+    def _sample_tx(self) -> None:
+        rate = read_pcie_throughput_one(self._nv, self._handle, "tx")
+        now = self._clock()
+        if isinstance(rate, NotAvailable):
+            self._fail(rate)
+            return
+        acc = self._acc
+        with acc.lock:
+            if acc.last_tx_t is not None:
+                acc.tx_bytes += rate * 1024.0 * (now - acc.last_tx_t)
+            acc.last_tx_t = now
+            acc.last_tx_rate = rate
+            acc.rx_since_tx = 0
+            if acc.last_rates is not None:
+                acc.last_rates = (acc.last_rates[0], rate, acc.last_rates[2])
+
     def _run(self) -> None:
-        while not self._stop_event.wait(self._poll_s):
+        """The background loop: a read at most every poll interval, at once when the previous
+        read took that long (a blocking throughput call paces itself)."""
+        next_at = self._clock()  # the first read right after the one at start()
+        while not self._wait(max(0.0, next_at - self._clock())):
+            began = self._clock()
+            finish_at = self._finish_at
+            self.sample(tx=False if finish_at is not None else None)
+            acc = self._acc
+            if acc.failure is not None:
+                return
+            if finish_at is not None and acc.last_t is not None and acc.last_t >= finish_at:
+                return
+            next_at = began + self._poll_s
+
+    def _halt_thread(self) -> None:
+        if self._thread is not None:
+            self._stop_event.set()
+            self._thread.join()
+            self._thread = None
+
+    def _settle_counters(self) -> tuple[float, bool | None]:
+        """Read until two reads `settle_poll_s` apart differ by < `settle_bytes` in both
+        directions (at most `settle_max_s`); returns (seconds spent, whether it settled)."""
+        began = self._clock()
+        self.sample()
+        if self.settle_max_s <= 0:
+            return 0.0, None
+        while True:
+            acc = self._acc
+            before = (acc.rx_bytes, acc.tx_bytes)
+            self._sleep(self.settle_poll_s)
             self.sample()
+            elapsed = self._clock() - began
+            if acc.failure is not None:
+                return elapsed, False
+            if max(acc.rx_bytes - before[0], acc.tx_bytes - before[1]) < self.settle_bytes:
+                return elapsed, True
+            if elapsed >= self.settle_max_s:
+                return elapsed, False
+
+    def _finish_throughput(self) -> float:
+        """Read RX until one read ends a window past the run's end; then TX once more."""
+        t_stop = self._clock()
+        target = t_stop + THROUGHPUT_WINDOW_S
+        if self._thread is not None:
+            self._finish_at = target  # the thread keeps reading back to back until then
+            self._thread.join(timeout=self.settle_max_s + 2 * THROUGHPUT_WINDOW_S)
+            self._halt_thread()
+        acc = self._acc
+        while acc.failure is None and (acc.last_t is None or acc.last_t < target):
+            self.sample(tx=False)
+            if acc.last_t is None or acc.last_t >= target:
+                break
+            if self._clock() - t_stop >= self.settle_max_s:
+                break
+            self._sleep(max(0.0, min(self._poll_s, target - self._clock())))
+        if acc.failure is None:
+            self._sample_tx()
+        return self._clock() - t_stop
 
     # ------------------------------------------------------------------ window
     def start(self) -> None:
         """Open the window (call with the copy stream synchronised)."""
         self._acc = _Accumulator()
         self._stop_event.clear()
-        if self.method == METHOD_COUNTED:
-            self._t0 = self._clock()
-            return
-        if self.settle_s > 0:
-            time.sleep(self.settle_s)
+        self._finish_at = None
+        self._settle_start_s = None
         self._t0 = self._clock()
-        self.sample()
+        if self.method == METHOD_COUNTED:
+            return
+        if self.method == METHOD_COUNTERS:
+            self._settle_start_s, _ = self._settle_counters()
+        else:
+            # TX first: the RX read that opens the window is the last thing before the run.
+            self._sample_tx()
+            self._sample_rx()
+        # The window opens at the last read: what the settling reads saw is not the run's.
+        self._acc = self._acc.reopened()
+        acc = self._acc
+        if acc.last is not None:
+            self._t0 = acc.last.timestamp_s
+        elif acc.last_t is not None:
+            self._t0 = acc.last_t
         if self._background and self.polls:
             self._thread = threading.Thread(target=self._run, name="moeprof-pcie", daemon=True)
             self._thread.start()
 
     def stop(self) -> PcieMeasurement:
         """Close the window (call with the copy stream synchronised) and return the bytes seen."""
-        if self.method != METHOD_COUNTED and self.settle_s > 0:
-            time.sleep(self.settle_s)  # the poller, if any, keeps reading meanwhile
-        if self._thread is not None:
-            self._stop_event.set()
-            self._thread.join()
-            self._thread = None
-        window_s = self._clock() - self._t0
         if self.method == METHOD_COUNTED:
-            return PcieMeasurement(METHOD_COUNTED, None, None, self.reason, window_s, 0)
-        self.sample()
+            return PcieMeasurement(
+                METHOD_COUNTED, None, None, self.reason, self._clock() - self._t0, 0
+            )
+        settled: bool | None = None
+        if self.method == METHOD_COUNTERS:
+            self._halt_thread()
+            settle_stop, settled = self._settle_counters()
+        else:
+            settle_stop = self._finish_throughput()
+        window_s = self._clock() - self._t0
         acc = self._acc
+        common: dict[str, Any] = {
+            "settle_start_s": self._settle_start_s,
+            "settle_stop_s": settle_stop,
+            "settled": settled,
+            "first_reading": self._raw_first(acc),
+            "last_reading": self._raw_last(acc),
+            "max_sample_gap_s": acc.max_gap_s,
+        }
         if acc.failure is not None:
             return PcieMeasurement(
                 self.method,
@@ -523,21 +781,48 @@ class PcieMonitor:
                 f"measurement failed: {acc.failure.reason}",
                 window_s,
                 acc.samples,
+                counter_bits=self.counter_bits,
+                wrap32_fixes=acc.wrap32_fixes,
+                anomalies=acc.anomalies,
+                **common,
             )
         if self.method == METHOD_COUNTERS:
             bits = self.counter_bits or 64
+            # A 64-bit-typed counter that wrapped at 32 bits, or never left 32 bits, may be a
+            # 32-bit one: judge its reads at that width.
+            judged = 32 if bits == 64 and (acc.wrap32_fixes or acc.fits_32) else bits
             # Two wraps between reads would go unseen: reads must come faster than one wrap.
-            wrap_safe = acc.max_gap_s * MAX_LINK_BYTES_PER_S < float(1 << bits)
+            wrap_safe = acc.max_gap_s * MAX_LINK_BYTES_PER_S < float(1 << judged)
+            notes = []
+            if not wrap_safe:
+                notes.append("counter reads too far apart: a wrap may have been missed")
+            if acc.wrap32_fixes:
+                notes.append(
+                    f"the {bits}-bit-typed counters wrapped at 32 bits {acc.wrap32_fixes} "
+                    "time(s): read modulo 2**32"
+                )
+            if acc.anomalies:
+                notes.append(
+                    f"{acc.anomalies} counter read(s) went backwards and counted 0 bytes: "
+                    "bytes may be low"
+                )
+            if settled is False:
+                notes.append(
+                    f"counters still growing {settle_stop:.2f} s after the run (other traffic "
+                    "on this GPU?)"
+                )
             return PcieMeasurement(
                 METHOD_COUNTERS,
                 int(acc.rx_bytes),
                 int(acc.tx_bytes),
-                None if wrap_safe else "counter reads too far apart: a wrap may have been missed",
+                "; ".join(notes) or None,
                 window_s,
                 acc.samples,
                 counter_bits=bits,
-                max_sample_gap_s=acc.max_gap_s,
                 wrap_safe=wrap_safe,
+                wrap32_fixes=acc.wrap32_fixes,
+                anomalies=acc.anomalies,
+                **common,
             )
         return PcieMeasurement(
             METHOD_THROUGHPUT,
@@ -546,8 +831,23 @@ class PcieMonitor:
             self.reason,
             window_s,
             acc.samples,
-            max_sample_gap_s=acc.max_gap_s,
+            **common,
         )
+
+    def _raw_first(self, acc: _Accumulator) -> dict[str, Any] | None:
+        if acc.first is not None:
+            return acc.first.raw(self._t0)
+        return self._raw_rates(acc.first_rates)
+
+    def _raw_last(self, acc: _Accumulator) -> dict[str, Any] | None:
+        if acc.last is not None:
+            return acc.last.raw(self._t0)
+        return self._raw_rates(acc.last_rates)
+
+    def _raw_rates(self, rates: tuple[int, int | None, float] | None) -> dict[str, Any] | None:
+        if rates is None:
+            return None
+        return {"rx_kib_s": rates[0], "tx_kib_s": rates[1], "t_s": rates[2] - self._t0}
 
 
 # ---------------------------------------------------------------------- device info (doctor)
@@ -595,7 +895,13 @@ def _jsonable(value: Any) -> Any:
     if isinstance(value, NotAvailable):
         return {"not_available": value.reason, "kind": value.kind}
     if isinstance(value, CounterReading):
-        return {"supported": True, "counter_bits": value.counter_bits}
+        return {
+            "supported": True,
+            "counter_bits": value.counter_bits,
+            "value_type": value.value_type,
+            "rx_bytes": value.rx_bytes,  # raw cumulative values: small ones hint at 32 bits
+            "tx_bytes": value.tx_bytes,
+        }
     if isinstance(value, tuple):
         return list(value)
     return value

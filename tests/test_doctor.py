@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_nvml import ERROR_LIBRARY_NOT_FOUND, FakeGpu
+from test_nvml import ERROR_INVALID_ARGUMENT, ERROR_LIBRARY_NOT_FOUND, FakeGpu
 
 from moeprof import nvml
 from moeprof.replay.doctor import gather
@@ -51,7 +51,13 @@ def test_gather_with_a_healthy_fake_gpu(fake_nvml: Any) -> None:
     assert doc["nvml"]["driver_version"] == "560.35.03"
     assert doc["nvml"]["cuda_driver_version"] == "12.6"
     assert dev["pcie_gen_max"] == 5 and dev["pcie_width_max"] == 16
-    assert dev["pcie_counters"] == {"supported": True, "counter_bits": 32}
+    assert dev["pcie_counters"] == {
+        "supported": True,
+        "counter_bits": 32,
+        "value_type": 1,
+        "rx_bytes": 0,
+        "tx_bytes": 0,
+    }
     assert not any("NVML" in m for m in report.missing)
     if not _cuda():
         assert report.ready is False
@@ -91,6 +97,22 @@ def test_cli_doctor_shows_link_and_counters(run_cli: Any, fake_nvml: Any) -> Non
     assert "1 / 5 / 5" in out  # current / max / GPU max generation
     assert "supported (64-bit)" in out
     assert "63.0 GB/s" in out  # Gen5 x16, theoretical
+
+
+def test_cli_doctor_old_driver_counters_read_not_supported(
+    run_cli: Any, fake_nvml: Any, tmp_path: Path
+) -> None:
+    """A driver older than the counter fields answers INVALID_ARGUMENT per field: doctor says
+    'not supported' (not 'no such device') and names the fallback."""
+    fake_nvml(FakeGpu(field_return=ERROR_INVALID_ARGUMENT))
+    out = tmp_path / "doctor.json"
+    res = run_cli("doctor", "--no-bandwidth", "--json", out)
+    assert res.exit_code == 0, res.stderr
+    assert "not supported" in res.stdout and "no such device" not in res.stdout
+    counters = json.loads(out.read_text())["nvml"]["devices"][0]["pcie_counters"]
+    assert counters["kind"] == nvml.NOT_SUPPORTED
+    report = gather(measure_bandwidth=False)
+    assert any("throughput sampling will be used" in m for m in report.missing)
 
 
 def test_cli_doctor_refuses_to_overwrite(run_cli: Any, fake_nvml: Any, tmp_path: Path) -> None:

@@ -11,6 +11,7 @@ import ctypes
 import json
 import time
 import types
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,6 +20,7 @@ import pytest
 from moeprof import nvml
 
 SUCCESS = 0
+ERROR_INVALID_ARGUMENT = 2
 ERROR_NOT_SUPPORTED = 3
 ERROR_NOT_FOUND = 6
 ERROR_LIBRARY_NOT_FOUND = 12
@@ -39,6 +41,19 @@ class FakeNVMLError(Exception):
         return f"fake NVML error {self.value}"
 
 
+class FakeClock:
+    """A host clock that only moves when told (``sleep`` moves it too)."""
+
+    def __init__(self) -> None:
+        self.t = 100.0
+
+    def __call__(self) -> float:
+        return self.t
+
+    def sleep(self, seconds: float) -> None:
+        self.t += max(0.0, seconds)
+
+
 @dataclass
 class FakeGpu:
     """State behind the fake binding: counters, what is supported, what fails."""
@@ -48,6 +63,7 @@ class FakeGpu:
     rx_bytes: int = 0  # true cumulative traffic (unwrapped)
     tx_bytes: int = 0
     counters_supported: bool = True
+    field_return: int | None = None  # every counter field answers this nvmlReturn
     throughput_supported: bool = True
     throughput_kib_s: tuple[int, int] = (0, 0)  # (rx, tx)
     rx_per_read: int = 0  # traffic the device makes between two reads
@@ -57,6 +73,38 @@ class FakeGpu:
     bus_ids: dict[str, int] = field(default_factory=lambda: {"00000000:3B:00.0": 0})
     reads: int = 0
     init_calls: int = 0
+    # Time-driven scenarios: with a clock, traffic is logged when it happens (transfer()), the
+    # counters show it only `report_delay_s` later (a driver that refreshes them late), and
+    # each field carries NVML's timestamp (µs) of the value shown.
+    clock: FakeClock | None = None
+    report_delay_s: float = 0.0
+    history: list[tuple[float, int, int]] = field(default_factory=list)
+    # Throughput: each call blocks `throughput_call_s` (moving the clock) and, with
+    # `throughput_fn(t0, t1) -> (rx, tx) KiB/s`, reports the average over the window ending
+    # at its return.
+    throughput_call_s: float = 0.0
+    throughput_fn: Callable[[float, float], tuple[int, int]] | None = None
+    throughput_calls: list[tuple[int, float]] = field(default_factory=list)
+
+    def transfer(self, rx: int, tx: int = 0) -> None:
+        """The device moves bytes now."""
+        self.rx_bytes += rx
+        self.tx_bytes += tx
+        if self.clock is not None:
+            self.history.append((self.clock(), self.rx_bytes, self.tx_bytes))
+
+    def _shown(self) -> tuple[int, int, float | None]:
+        """(rx, tx, time of that value) the counters show now."""
+        if self.clock is None:
+            return self.rx_bytes, self.tx_bytes, None
+        if not self.history:
+            self.history.append((self.clock() - 1.0, self.rx_bytes, self.tx_bytes))
+        visible = self.clock() - self.report_delay_s
+        shown = self.history[0]
+        for entry in self.history:
+            if entry[0] <= visible:
+                shown = entry
+        return shown[1], shown[2], shown[0]
 
     def module(self) -> types.ModuleType:
         gpu = self
@@ -64,6 +112,7 @@ class FakeGpu:
         m.NVMLError = FakeNVMLError  # type: ignore[attr-defined]
         for name, value in {
             "NVML_SUCCESS": SUCCESS,
+            "NVML_ERROR_INVALID_ARGUMENT": ERROR_INVALID_ARGUMENT,
             "NVML_ERROR_NOT_SUPPORTED": ERROR_NOT_SUPPORTED,
             "NVML_ERROR_NOT_FOUND": ERROR_NOT_FOUND,
             "NVML_ERROR_LIBRARY_NOT_FOUND": ERROR_LIBRARY_NOT_FOUND,
@@ -94,20 +143,25 @@ class FakeGpu:
         def field_values(handle: Any, ids: list[int]) -> list[Any]:
             gpu._check_lost()
             gpu.reads += 1
-            if gpu.reads > 1:
-                gpu.rx_bytes += gpu.rx_per_read
-                gpu.tx_bytes += gpu.tx_per_read
-            out = []
-            for fid in ids:
-                true = {FI_RX: gpu.rx_bytes, FI_TX: gpu.tx_bytes}[fid]
-                out.append(gpu._field(fid, true))
-            return out
+            if gpu.reads > 1 and (gpu.rx_per_read or gpu.tx_per_read):
+                gpu.transfer(gpu.rx_per_read, gpu.tx_per_read)
+            rx, tx, stamp = gpu._shown()
+            return [gpu._field(fid, {FI_RX: rx, FI_TX: tx}[fid], stamp) for fid in ids]
 
         def throughput(handle: Any, counter: int) -> int:
             gpu._check_lost()
             if not gpu.throughput_supported:
                 raise FakeNVMLError(ERROR_NOT_SUPPORTED)
-            return gpu.throughput_kib_s[0] if counter == 1 else gpu.throughput_kib_s[1]
+            if gpu.clock is not None:
+                gpu.clock.t += gpu.throughput_call_s
+            if gpu.throughput_fn is not None and gpu.clock is not None:
+                now = gpu.clock()
+                rates = gpu.throughput_fn(now - nvml.THROUGHPUT_WINDOW_S, now)
+            else:
+                rates = gpu.throughput_kib_s
+            value = rates[0] if counter == 1 else rates[1]
+            gpu.throughput_calls.append((counter, gpu.clock() if gpu.clock else 0.0))
+            return value
 
         funcs = {
             "nvmlInit": init,
@@ -137,23 +191,29 @@ class FakeGpu:
         if self.lost_after_reads is not None and self.reads >= self.lost_after_reads:
             raise FakeNVMLError(ERROR_GPU_IS_LOST)
 
-    def _field(self, fid: int, true_value: int) -> Any:
-        if not self.counters_supported:
+    def _field(self, fid: int, true_value: int, stamp: float | None) -> Any:
+        ret = self.field_return
+        if ret is None:
+            ret = SUCCESS if self.counters_supported else ERROR_NOT_SUPPORTED
+        if ret != SUCCESS:
             return types.SimpleNamespace(
                 fieldId=fid,
-                nvmlReturn=ERROR_NOT_SUPPORTED,
+                nvmlReturn=ret,
                 valueType=self.value_type,
                 value=types.SimpleNamespace(uiVal=0, ullVal=0, dVal=0.0),
             )
         wrapped = true_value % (1 << self.counter_bits)
         # Like the C union: every member aliases the same bytes; only the typed one is right.
-        garbage_high = 0 if self.counter_bits == 64 else 0xDEAD << 48
+        garbage_high = 0xDEAD << 48 if self.value_type == VALUE_UINT else 0
         value = types.SimpleNamespace(
             uiVal=wrapped & 0xFFFFFFFF, ullVal=wrapped | garbage_high, dVal=float(wrapped)
         )
-        return types.SimpleNamespace(
+        out = types.SimpleNamespace(
             fieldId=fid, nvmlReturn=SUCCESS, valueType=self.value_type, value=value
         )
+        if stamp is not None:
+            out.timestamp = int(round(stamp * 1e6))
+        return out
 
 
 def gateway_for(gpu: FakeGpu | None) -> nvml.Nvml:
@@ -165,14 +225,6 @@ def gateway_for(gpu: FakeGpu | None) -> nvml.Nvml:
         return nvml.Nvml(loader=missing)
     module = gpu.module()
     return nvml.Nvml(loader=lambda: module)
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.t = 100.0
-
-    def __call__(self) -> float:
-        return self.t
 
 
 # ---------------------------------------------------------------------- scenarios
@@ -253,7 +305,7 @@ def test_gpu_lost_mid_measurement() -> None:
     gpu = FakeGpu(rx_per_read=1000, lost_after_reads=3)
     nv = gateway_for(gpu)
     mon = nvml.PcieMonitor(
-        nv.handle(index=0), nv=nv, background=False, settle_s=0
+        nv.handle(index=0), nv=nv, background=False, settle_max_s=0
     )  # probe = read 1
     assert mon.method == nvml.METHOD_COUNTERS
     mon.start()  # read 2
@@ -287,9 +339,9 @@ def test_counter_wrap_around(bits: int, value_type: int) -> None:
     )
     nv = gateway_for(gpu)
     clock = FakeClock()
-    mon = nvml.PcieMonitor(nv.handle(index=0), nv=nv, background=False, clock=clock, settle_s=0)
+    mon = nvml.PcieMonitor(nv.handle(index=0), nv=nv, background=False, clock=clock, settle_max_s=0)
     assert mon.method == nvml.METHOD_COUNTERS and mon.counter_bits == bits
-    assert mon.polls == (bits < 64)
+    assert mon.polls  # a 64-bit-typed counter may still wrap at 32 bits: always polled
     start_rx, start_tx = gpu.rx_bytes, gpu.tx_bytes
     mon.start()
     for _ in range(5):
@@ -309,7 +361,7 @@ def test_counter_reads_too_far_apart_are_flagged() -> None:
     gpu = FakeGpu(counter_bits=32, value_type=VALUE_UINT, rx_per_read=10)
     nv = gateway_for(gpu)
     clock = FakeClock()
-    mon = nvml.PcieMonitor(nv.handle(index=0), nv=nv, background=False, clock=clock, settle_s=0)
+    mon = nvml.PcieMonitor(nv.handle(index=0), nv=nv, background=False, clock=clock, settle_max_s=0)
     mon.start()
     clock.t += 1.0  # a 32-bit counter can wrap twice in 1 s on a fast link
     m = mon.stop()
@@ -347,10 +399,13 @@ def test_real_binding_field_value_struct() -> None:
     fv.fieldId = FI_RX
     fv.valueType = pynvml.NVML_VALUE_TYPE_UNSIGNED_LONG_LONG
     fv.value.ullVal = (1 << 40) + 5
-    assert nvml._field_value(fv) == ((1 << 40) + 5, 64)
+    assert nvml._field_value(fv) == ((1 << 40) + 5, 64, 3)
     fv.valueType = pynvml.NVML_VALUE_TYPE_UNSIGNED_INT
     fv.value.uiVal = 0xFFFFFFF0
-    assert nvml._field_value(fv) == (0xFFFFFFF0, 32)
+    assert nvml._field_value(fv) == (0xFFFFFFF0, 32, 1)
+    fv.timestamp = 1_700_000_000_123_456
+    assert nvml._field_timestamp(fv) == 1_700_000_000_123_456
+    assert pynvml.NVML_ERROR_INVALID_ARGUMENT == ERROR_INVALID_ARGUMENT
     assert pynvml.NVML_FI_DEV_PCIE_COUNT_RX_BYTES == FI_RX
     assert pynvml.NVML_FI_DEV_PCIE_COUNT_TX_BYTES == FI_TX
     assert nvml._VALUE_TYPES[pynvml.NVML_VALUE_TYPE_UNSIGNED_SHORT] == ("usVal", 16)
@@ -361,9 +416,11 @@ def test_throughput_only_is_integrated_over_time() -> None:
     gpu = FakeGpu(counters_supported=False, throughput_kib_s=(50_000, 2_000))
     nv = gateway_for(gpu)
     clock = FakeClock()
-    mon = nvml.PcieMonitor(nv.handle(index=0), nv=nv, background=False, clock=clock, settle_s=0)
+    mon = nvml.PcieMonitor(
+        nv.handle(index=0), nv=nv, background=False, clock=clock, settle_max_s=0, tx_every=1
+    )
     assert mon.method == nvml.METHOD_THROUGHPUT and mon.polls
-    assert "estimated" in (mon.reason or "")
+    assert "estimated" in (mon.reason or "") and "1024" in (mon.reason or "")
     mon.start()
     gaps = [0.02, 0.021, 0.019, 0.02, 0.03]
     for gap in gaps[:-1]:
@@ -377,6 +434,66 @@ def test_throughput_only_is_integrated_over_time() -> None:
     assert m.tx_bytes == round(2_000 * 1024 * total_s)
     assert m.samples == len(gaps) + 1
     assert m.max_sample_gap_s == pytest.approx(0.03)
+    assert m.first_reading == {"rx_kib_s": 50_000, "tx_kib_s": 2_000, "t_s": 0.0}
+    assert m.last_reading is not None and m.last_reading["t_s"] == pytest.approx(total_s)
+
+
+def _burst_profile(start: float, end: float, rx_kib_s: int, tx_kib_s: int) -> Any:
+    """KiB/s averaged over [t0, t1] of traffic at a constant rate during [start, end]."""
+
+    def average(t0: float, t1: float) -> tuple[int, int]:
+        share = max(0.0, min(t1, end) - max(t0, start)) / (t1 - t0)
+        return int(rx_kib_s * share), int(tx_kib_s * share)
+
+    return average
+
+
+@pytest.mark.parametrize("call_s", [0.02, 0.0])
+def test_throughput_reads_back_to_back_and_credits_each_rate_once(call_s: float) -> None:
+    """Each rate counts for the time since the previous RX read: with a blocking call the
+    reads tile the run with no pause between them, with an instant one they come every 20 ms;
+    the tail read after stop covers the run's last window."""
+    clock = FakeClock()
+    run_start, run_end = 100.05, 100.3131  # not aligned with the reads
+    rx_rate, tx_rate = 40_000_000, 1_000_000  # KiB/s: ~41 GB/s in, ~1 GB/s out
+    gpu = FakeGpu(
+        counters_supported=False,
+        clock=clock,
+        throughput_call_s=call_s,
+        throughput_fn=_burst_profile(run_start, run_end, rx_rate, tx_rate),
+    )
+    nv = gateway_for(gpu)
+    mon = nvml.PcieMonitor(
+        nv.handle(index=0), nv=nv, background=False, clock=clock, sleep=clock.sleep
+    )
+    assert mon.method == nvml.METHOD_THROUGHPUT
+    clock.t = 100.0
+    gpu.throughput_calls.clear()
+    mon.start()
+    waits: list[float] = []
+
+    def wait(seconds: float) -> bool:  # the background loop, run here on the fake clock
+        waits.append(seconds)
+        clock.sleep(seconds)
+        return clock() >= run_end
+
+    mon._wait = wait
+    mon._run()
+    m = mon.stop()
+    true_rx = rx_rate * 1024 * (run_end - run_start)
+    true_tx = tx_rate * 1024 * (run_end - run_start)
+    assert m.rx_bytes is not None and m.tx_bytes is not None
+    assert m.rx_bytes == pytest.approx(true_rx, rel=0.02)
+    assert m.tx_bytes == pytest.approx(true_tx, rel=0.15)  # TX is read 1 in 5: coarser
+    rx_reads = [t for counter, t in gpu.throughput_calls if counter == 1]
+    tx_reads = [t for counter, t in gpu.throughput_calls if counter == 0]
+    assert len(tx_reads) < len(rx_reads) / 3
+    if call_s:
+        assert max(waits) == 0.0  # the call paces the loop: no wait on top of it
+    else:
+        assert waits[0] == 0.0 and all(w == pytest.approx(0.02) for w in waits[1:])
+    assert rx_reads[-1] >= run_end + nvml.THROUGHPUT_WINDOW_S - 1e-9  # the tail read
+    assert m.samples == len(rx_reads)
 
 
 def test_background_thread_keeps_up_with_a_wrapping_counter() -> None:
@@ -384,7 +501,7 @@ def test_background_thread_keeps_up_with_a_wrapping_counter() -> None:
     step = 3_000_000_000
     gpu = FakeGpu(counter_bits=32, value_type=VALUE_UINT, rx_per_read=step, tx_per_read=1)
     nv = gateway_for(gpu)
-    mon = nvml.PcieMonitor(nv.handle(index=0), nv=nv, counter_poll_s=0.002)
+    mon = nvml.PcieMonitor(nv.handle(index=0), nv=nv, counter_poll_s=0.002, settle_max_s=0)
     reads_before = gpu.reads
     mon.start()
     time.sleep(0.05)
@@ -394,6 +511,160 @@ def test_background_thread_keeps_up_with_a_wrapping_counter() -> None:
     assert m.samples == reads
     assert m.rx_bytes == (reads - 1) * step  # the read at start() set the baseline
     assert m.tx_bytes == reads - 1
+
+
+def test_counter_step() -> None:
+    ms = 0.001
+    assert nvml.counter_step(10, 25, 64, ms) == (15, None)
+    assert nvml.counter_step((1 << 32) - 5, 3, 32, ms) == (8, None)  # typed 32-bit: plain wrap
+    # A 32-bit counter in a 64-bit field wraps at 2**32: a "2**64" jump is read modulo 2**32.
+    assert nvml.counter_step((1 << 32) - 100, 50, 64, ms) == (150, nvml.WRAP32)
+    # Values past 32 bits that go backwards: a reset or a bad read, counted as nothing.
+    assert nvml.counter_step(5 << 32, 4 << 32, 64, ms) == (0, nvml.BACKWARDS)
+    # A big forward jump (a late refresh) is what the link carried: counted as read.
+    assert nvml.counter_step(5 << 32, 9 << 32, 64, ms) == (4 << 32, None)
+    # Plausibility scales with the time between the reads (and is at least 1 ms).
+    limit = nvml.plausible_bytes(0.01)
+    assert limit == pytest.approx(1.5 * nvml.MAX_LINK_BYTES_PER_S * 0.01)
+    assert nvml.plausible_bytes(0.0) == nvml.plausible_bytes(nvml.MIN_ELAPSED_S)
+
+
+def test_32bit_counter_in_a_64bit_field() -> None:
+    """Scenario: the driver reports a 32-bit counter as unsigned long long. It wraps every
+    ~78 ms at 55 GB/s; read every 5 ms, each wrap is undone and nothing is lost."""
+    step = 275_000_000  # 55 GB/s for 5 ms
+    gpu = FakeGpu(
+        counter_bits=32, value_type=VALUE_ULL, rx_bytes=(1 << 32) - 10**9, rx_per_read=step
+    )
+    nv = gateway_for(gpu)
+    clock = FakeClock()
+    mon = nvml.PcieMonitor(nv.handle(index=0), nv=nv, background=False, clock=clock, settle_max_s=0)
+    assert mon.counter_bits == 64 and mon.polls
+    mon.start()
+    start_rx = gpu.rx_bytes
+    for _ in range(40):  # 200 ms: over 10 GB, two wraps and more
+        clock.t += 0.005
+        mon.sample()
+    clock.t += 0.005
+    m = mon.stop()
+    assert m.rx_bytes == gpu.rx_bytes - start_rx == 41 * step
+    assert m.wrap32_fixes >= 2 and m.anomalies == 0
+    assert "wrapped at 32 bits" in (m.reason or "")
+    assert m.wrap_safe is True and m.counter_bits == 64
+    assert m.first_reading is not None and m.first_reading["value_type"] == VALUE_ULL
+
+
+def test_32bit_counter_in_a_64bit_field_is_polled_by_the_thread() -> None:
+    step = 1_000_000_000  # per read: a wrap every ~4 reads
+    gpu = FakeGpu(counter_bits=32, value_type=VALUE_ULL, rx_per_read=step)
+    nv = gateway_for(gpu)
+    mon = nvml.PcieMonitor(nv.handle(index=0), nv=nv, counter_poll_s=0.002, settle_max_s=0)
+    reads_before = gpu.reads
+    mon.start()
+    time.sleep(0.05)
+    m = mon.stop()
+    reads = gpu.reads - reads_before
+    assert reads >= 10  # the thread polled although the type says 64 bits
+    assert m.rx_bytes == (reads - 1) * step
+    assert m.wrap32_fixes >= 2
+
+
+def test_a_counter_that_refreshes_late_is_waited_for() -> None:
+    """Scenario: the driver shows the counters 80 ms late. A fixed 50 ms wait after the run
+    would miss its last 30 ms; reading until two reads 20 ms apart agree gets every byte."""
+    clock = FakeClock()
+    gpu = FakeGpu(clock=clock, report_delay_s=0.08, rx_bytes=7 << 40, tx_bytes=3 << 40)
+    nv = gateway_for(gpu)
+    mon = nvml.PcieMonitor(
+        nv.handle(index=0), nv=nv, background=False, clock=clock, sleep=clock.sleep
+    )
+    clock.t += 1.0  # the history before is long settled
+    mon.start()
+    per_ms = 50_000_000  # 50 GB/s for 200 ms
+    for i in range(200):
+        clock.t += 0.001
+        gpu.transfer(per_ms, 1000)
+        if i % 5 == 4:
+            mon.sample()
+    m = mon.stop()
+    assert m.rx_bytes == 200 * per_ms and m.tx_bytes == 200 * 1000
+    assert m.settle_start_s == pytest.approx(0.02)  # idle before: one 20 ms interval
+    assert m.settled is True and m.settle_stop_s is not None
+    assert 0.08 <= m.settle_stop_s <= 0.12
+    assert m.reason is None
+    # The raw reads, with NVML's own timestamps of the values shown.
+    first, last = m.first_reading, m.last_reading
+    assert first is not None and last is not None
+    assert last["rx_bytes"] - first["rx_bytes"] == 200 * per_ms
+    assert first["counter_bits"] == 64 and first["t_s"] == 0.0
+    assert last["rx_nvml_timestamp_us"] > first["rx_nvml_timestamp_us"]
+    assert m.samples >= 40
+
+
+def test_settling_catches_a_late_warm_up_and_gives_up_after_the_bound() -> None:
+    clock = FakeClock()
+    gpu = FakeGpu(clock=clock, report_delay_s=0.015, rx_bytes=1 << 40)
+    nv = gateway_for(gpu)
+    mon = nvml.PcieMonitor(
+        nv.handle(index=0), nv=nv, background=False, clock=clock, sleep=clock.sleep
+    )
+    clock.t += 1.0
+    gpu.transfer(16 << 20)  # the warm-up copy, shown 15 ms later
+    mon.start()  # waits until it shows: not part of the run
+    gpu.transfer(4 << 20)
+    clock.t += 0.001
+    m = mon.stop()
+    assert m.rx_bytes == 4 << 20 and m.settled is True
+    # Another process keeps the link busy: settling stops at its bound and says so.
+    busy = FakeGpu(rx_per_read=64 << 20, rx_bytes=1 << 40)
+    nv = gateway_for(busy)
+    mon = nvml.PcieMonitor(
+        nv.handle(index=0), nv=nv, background=False, clock=clock, sleep=clock.sleep
+    )
+    mon.start()
+    m = mon.stop()
+    assert m.settled is False and m.settle_start_s is not None
+    assert m.settle_start_s >= 1.0 and m.settle_stop_s is not None and m.settle_stop_s >= 1.0
+    assert "still growing" in (m.reason or "") and m.rx_bytes is not None
+
+
+def test_per_field_invalid_argument_means_not_supported() -> None:
+    """Scenario: a driver older than the PCIe byte-counter fields answers each unknown field id
+    with NVML_ERROR_INVALID_ARGUMENT: that is 'not supported', not 'no such device'."""
+    gpu = FakeGpu(field_return=ERROR_INVALID_ARGUMENT, throughput_kib_s=(10, 1))
+    nv = gateway_for(gpu)
+    handle = nv.handle(index=0)
+    reading = nvml.read_pcie_counters(nv, handle)
+    assert isinstance(reading, nvml.NotAvailable)
+    assert reading.kind == nvml.NOT_SUPPORTED and reading.code == ERROR_INVALID_ARGUMENT
+    assert "Not Supported" in reading.reason and "no such device" not in reading.reason
+    mon = nvml.PcieMonitor(handle, nv=nv)
+    assert mon.method == nvml.METHOD_THROUGHPUT  # falls back as for any unsupported counter
+    info = nvml.device_info(nv, 0)
+    assert isinstance(info, nvml.DeviceInfo)
+    assert isinstance(info.pcie_counters, nvml.NotAvailable)
+    assert info.pcie_counters.kind == nvml.NOT_SUPPORTED
+    # Other per-field codes keep their meaning.
+    gpu = FakeGpu(field_return=ERROR_GPU_IS_LOST)
+    nv = gateway_for(gpu)
+    lost = nvml.read_pcie_counters(nv, nv.handle(index=0))
+    assert isinstance(lost, nvml.NotAvailable) and lost.kind == nvml.GPU_LOST
+
+
+def test_measurement_dict_carries_the_raw_reads() -> None:
+    gpu = FakeGpu(rx_bytes=123, tx_bytes=45, rx_per_read=1000)
+    nv = gateway_for(gpu)
+    clock = FakeClock()
+    mon = nvml.PcieMonitor(nv.handle(index=0), nv=nv, background=False, clock=clock, settle_max_s=0)
+    mon.start()
+    clock.t += 0.01
+    doc = mon.stop().to_dict()
+    json.dumps(doc)
+    assert doc["first_reading"]["rx_bytes"] == 123 + 1000  # the probe read came first
+    assert doc["last_reading"]["rx_bytes"] == 123 + 2000
+    assert doc["last_reading"]["t_s"] == pytest.approx(0.01)
+    assert doc["samples"] == 2 and doc["rx_bytes"] == 1000
+    assert doc["first_reading"]["rx_nvml_timestamp_us"] is None  # this fake gives none
 
 
 def test_handle_by_bus_id_falls_back_to_index() -> None:
@@ -417,7 +688,13 @@ def test_system_info_of_a_healthy_gpu() -> None:
     assert isinstance(dev.pcie_counters, nvml.CounterReading)
     doc = info.to_dict()
     json.dumps(doc)
-    assert doc["devices"][0]["pcie_counters"] == {"supported": True, "counter_bits": 64}
+    assert doc["devices"][0]["pcie_counters"] == {
+        "supported": True,
+        "counter_bits": 64,
+        "value_type": VALUE_ULL,
+        "rx_bytes": 0,
+        "tx_bytes": 0,
+    }
     assert doc["devices"][0]["memory_total_bytes"] == 141 << 30
 
 

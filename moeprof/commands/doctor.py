@@ -19,6 +19,13 @@ def _value(field: Any) -> str:
     return str(field)
 
 
+def _support(field: Any) -> str:
+    """A capability that may be missing: 'not supported' says so first, else as _value."""
+    if isinstance(field, dict) and field.get("kind") == "not_supported":
+        return f"not supported [dim]({field['not_available']})[/dim]"
+    return _value(field)
+
+
 def doctor_renderables(doc: dict[str, Any]) -> list[Any]:
     """Rich tables for a DoctorReport dict."""
     from rich.table import Table
@@ -87,11 +94,11 @@ def doctor_renderables(doc: dict[str, Any]) -> list[Any]:
                 "PCIe byte counters (RX/TX)",
                 f"supported ({counters['counter_bits']}-bit)"
                 if isinstance(counters, dict) and counters.get("supported")
-                else _value(counters),
+                else _support(counters),
             )
             thr = d["pcie_throughput_kib_s"]
             t.add_row(
-                "PCIe throughput sampling", "supported" if isinstance(thr, list) else _value(thr)
+                "PCIe throughput sampling", "supported" if isinstance(thr, list) else _support(thr)
             )
             out.append(t)
     if doc["missing"]:

@@ -13,12 +13,16 @@ Both backends hold, per replayed layer, a host *pool* with one block per expert,
   marks the slot free. On the CPU everything is synchronous and these are no-ops.
 
 Timing: CUDA events on the streams (the GPU's own clock); ``time.perf_counter`` on the CPU.
+Per-batch latency (with compute) is critical-path time: from the previous batch's end (the run's
+start for the first batch) to this batch's end, so the latencies add up to at most the run.
 """
 
 from __future__ import annotations
 
+import ctypes
 import math
 import os
+import re
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -113,11 +117,11 @@ class Backend:
     host_memory = "pageable host memory (CPU backend)"
     ffn_dtype_bytes = CPU_FFN_DTYPE_BYTES
 
-    def __init__(self) -> None:
-        import torch
-
-        self.torch = torch
-        self.device = torch.device("cpu")
+    def __init__(self, *, torch_module: Any = None) -> None:
+        if torch_module is None:
+            import torch as torch_module
+        self.torch = torch_module
+        self.device = self.torch.device("cpu")
         self._saved_threads: int | None = None
         self.pools: list[Any] = []  # per layer: uint8 [n_experts, stride]
         self.block_bytes: list[int] = []
@@ -127,6 +131,7 @@ class Backend:
         self._ffn: list[FfnShape] = []
         self._x: Any = None
         self._t0 = 0.0
+        self._tb = 0.0
         self.batch_latency_s: list[float] = []
 
     # ------------------------------------------------------------------ description
@@ -235,15 +240,19 @@ class Backend:
         pass
 
     def batch_begin(self) -> None:
-        self._tb = time.perf_counter()
+        """A batch starts where the previous one ended (see :meth:`batch_end`): nothing to do."""
 
     def batch_end(self) -> None:
-        self.batch_latency_s.append(time.perf_counter() - self._tb)
+        """Latency of the batch just issued: from the previous batch's end (the run's start)."""
+        now = time.perf_counter()
+        self.batch_latency_s.append(now - self._tb)
+        self._tb = now
 
     # ------------------------------------------------------------------ timing
     def start_run(self) -> None:
         self.batch_latency_s = []
         self._t0 = time.perf_counter()
+        self._tb = self._t0
 
     def finish_run(self) -> float:
         """Wait for the run to finish; seconds from its first copy to its last operation."""
@@ -284,8 +293,8 @@ class CudaBackend(Backend):
     ran_on_cpu = False
     ffn_dtype_bytes = CUDA_FFN_DTYPE_BYTES
 
-    def __init__(self, index: int = 0) -> None:
-        super().__init__()
+    def __init__(self, index: int = 0, *, torch_module: Any = None) -> None:
+        super().__init__(torch_module=torch_module)
         torch = self.torch
         if not torch.cuda.is_available():
             raise MoeprofError(_no_cuda_reason(torch))
@@ -302,7 +311,7 @@ class CudaBackend(Backend):
         self.host_memory = "pinned host memory"
         self._ready: list[Any] = []
         self._free: list[Any] = []
-        self._batch_events: list[tuple[Any, Any]] = []
+        self._batch_ends: list[Any] = []  # per batch: event on the compute stream at its end
         self._prev_stream: Any = None
 
     def describe(self) -> dict[str, Any]:
@@ -325,18 +334,23 @@ class CudaBackend(Backend):
         cudaHostRegister (torch's pinned allocator rounds sizes up to a power of two)."""
         torch = self.torch
         t = torch.empty(nbytes, dtype=torch.uint8)
+        rc: int | None
         try:
             rc = int(torch.cuda.cudart().cudaHostRegister(t.data_ptr(), nbytes, 0))
-        except (AttributeError, RuntimeError, AssertionError):
-            rc = -1
+        except (AttributeError, RuntimeError, AssertionError, TypeError):
+            rc = None  # no binding to call: the runtime was not asked
         if rc == 0:
             self._registered.append(t)
             if t.is_pinned():
                 self.host_memory = "pinned host memory (cudaHostRegister)"
                 return t
             self._unregister(t)
+        why = ""
+        if rc:
+            clear_register_error(rc)
+            why = f"; cudaHostRegister failed: cudaError {rc}"
         # Fallback: torch's pinned allocator (may round the allocation up).
-        self.host_memory = "pinned host memory (torch pinned allocator)"
+        self.host_memory = f"pinned host memory (torch pinned allocator{why})"
         return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
 
     def _make_events(self, n_slots: int) -> None:
@@ -348,9 +362,11 @@ class CudaBackend(Backend):
         self.synchronize()
         super().release_slots()
         self._ready, self._free = [], []
-        self._batch_events = []
+        self._batch_ends = []
 
     def release(self) -> None:
+        # After an error mid-run (an OOM in compute, say) the copy stream is still current.
+        self._restore_stream()
         self.synchronize()
         super().release()
         for t in list(self._registered):
@@ -398,22 +414,21 @@ class CudaBackend(Backend):
         self._free[slot].record(self.compute_stream)
 
     def batch_begin(self) -> None:
-        start = self.torch.cuda.Event(enable_timing=True)
-        start.record(self.copy_stream)
-        self._batch_events.append((start, None))
+        """Nothing to record: the copy stream runs ahead of compute, so an event there would
+        start this batch during the previous batch's compute. A batch starts where the
+        previous one ended (or the run started)."""
 
     def batch_end(self) -> None:
         end = self.torch.cuda.Event(enable_timing=True)
         end.record(self.compute_stream)
-        start, _ = self._batch_events[-1]
-        self._batch_events[-1] = (start, end)
+        self._batch_ends.append(end)
 
     # ------------------------------------------------------------------ timing
     def start_run(self) -> None:
         torch = self.torch
         self.synchronize()
         self.batch_latency_s = []
-        self._batch_events = []
+        self._batch_ends = []
         self._start = torch.cuda.Event(enable_timing=True)
         self._end = torch.cuda.Event(enable_timing=True)
         self._prev_stream = torch.cuda.current_stream(self.device)
@@ -421,26 +436,28 @@ class CudaBackend(Backend):
         self._start.record(self.copy_stream)
 
     def finish_run(self) -> float:
-        torch = self.torch
         # The run ends when both streams are done: join them, then stamp the end.
         self.compute_stream.wait_stream(self.copy_stream)
         self._end.record(self.compute_stream)
-        if self._prev_stream is not None:
-            torch.cuda.set_stream(self._prev_stream)
-            self._prev_stream = None
+        self._restore_stream()
         self._end.synchronize()
-        # A batch whose layers had nothing to load can end (compute stream) before it starts
-        # (copy stream): count it as 0.
+        # Critical path per batch: from the previous batch's end (the run's start) to its end.
+        # The ends are on one stream, in order; the max() only guards the first against clock
+        # skew between the streams.
+        starts = [self._start, *self._batch_ends[:-1]]
         self.batch_latency_s = [
-            max(0.0, s.elapsed_time(e) / 1e3) for s, e in self._batch_events if e is not None
+            max(0.0, float(s.elapsed_time(e)) / 1e3) for s, e in zip(starts, self._batch_ends)
         ]
         return float(self._start.elapsed_time(self._end)) / 1e3
 
-    def abort_run(self) -> None:
-        """Ctrl-C mid-run: restore the previous stream and let queued work drain."""
+    def _restore_stream(self) -> None:
         if self._prev_stream is not None:
             self.torch.cuda.set_stream(self._prev_stream)
             self._prev_stream = None
+
+    def abort_run(self) -> None:
+        """Ctrl-C mid-run: restore the previous stream and let queued work drain."""
+        self._restore_stream()
         self.synchronize()
 
     def synchronize(self) -> None:
@@ -481,6 +498,86 @@ class CudaBackend(Backend):
         torch.cuda.empty_cache()
         return Calibration(
             nbytes / best / 1e9, nbytes, repeats, best, "one pinned host->device copy"
+        )
+
+
+# The CUDA runtime keeps a per-thread "last error"; a failed cudaHostRegister leaves it set, and
+# torch checks it after every kernel launch, so the next unrelated kernel would raise it.
+CUDART_NAMES = ("libcudart.so", "libcudart.so.13", "libcudart.so.12", "libcudart.so.11.0")
+
+
+_CUDART_FILE = re.compile(r"^libcudart(-[0-9a-f]+)?\.so(\.|$)")  # also wheels' hashed copies
+_TORCH_CUDA_FILE = re.compile(r"^libtorch_cuda\.so")  # where a static cudart would live
+
+
+def loaded_cudart_paths(maps_text: str) -> list[str]:
+    """Libraries mapped into a process that may hold its CUDA runtime, from its /proc/PID/maps
+    text, once each: every libcudart first, then libtorch_cuda (a statically linked cudart)."""
+    cudart: list[str] = []
+    torch_cuda: list[str] = []
+    for line in maps_text.splitlines():
+        parts = line.split(None, 5)
+        if len(parts) < 6:
+            continue
+        path = parts[5].strip()
+        name = os.path.basename(path)
+        if _CUDART_FILE.match(name) and path not in cudart:
+            cudart.append(path)
+        elif _TORCH_CUDA_FILE.match(name) and path not in torch_cuda:
+            torch_cuda.append(path)
+    return cudart + torch_cuda
+
+
+def find_loaded_cudart() -> Any | None:
+    """The CUDA runtime this process already loaded (torch's), through ctypes, or None.
+
+    Only a library already loaded will do (RTLD_NOLOAD), and only one exporting
+    cudaGetLastError: a second copy of the runtime would have its own error state, and clearing
+    that one would leave torch's set.
+    """
+    candidates: list[str] = []
+    try:
+        with open("/proc/self/maps", encoding="utf-8", errors="replace") as fh:
+            candidates += loaded_cudart_paths(fh.read())
+    except OSError:
+        pass
+    noload = getattr(os, "RTLD_NOLOAD", None)
+    if noload is None:
+        return None
+    candidates += [n for n in CUDART_NAMES if n not in candidates]
+    for name in candidates:
+        try:
+            lib = ctypes.CDLL(name, mode=noload | getattr(os, "RTLD_NOW", 2))
+        except OSError:
+            continue
+        if hasattr(lib, "cudaGetLastError"):
+            return lib
+    return None
+
+
+def cuda_clear_last_error() -> int | None:
+    """Reset the CUDA runtime's last error (cudaGetLastError); returns the error it held, or
+    None when this process's libcudart cannot be reached."""
+    lib = find_loaded_cudart()
+    if lib is None:
+        return None
+    try:
+        fn = lib.cudaGetLastError
+    except AttributeError:
+        return None
+    fn.restype = ctypes.c_int
+    fn.argtypes = []
+    return int(fn())
+
+
+def clear_register_error(rc: int) -> None:
+    """After a failed cudaHostRegister (cudaError `rc`): clear the runtime's last error, or
+    refuse to go on, since the next kernel launch would report `rc` as its own failure."""
+    if cuda_clear_last_error() is None:
+        raise MoeprofError(
+            f"pinning host memory failed: cudaHostRegister returned cudaError {rc}, and the CUDA "
+            "runtime's last error could not be cleared (libcudart not found in this process), so "
+            "a later kernel would fail with it"
         )
 
 

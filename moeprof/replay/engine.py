@@ -187,17 +187,14 @@ def _check_memory(
             )
 
 
-def _execute(
-    backend: Backend,
-    schedule: Schedule,
-    *,
-    compute: bool,
-    progress: ProgressFn | None,
-    label: str,
-) -> tuple[list[int], int]:
-    """Issue every item of the schedule; returns copies per layer and cache hits."""
+LayerLists = list[tuple[list[int], list[int], list[int], list[bool], list[int]]]
+
+
+def _layer_lists(schedule: Schedule) -> LayerLists:
+    """Per layer: (ptr, expert, slot, copy, tokens) as Python lists, built on the host before
+    the run is timed (converting arrays is host work, not device time)."""
     bases = schedule.slot_bases()
-    per_layer = [
+    return [
         (
             ls.ptr.tolist(),
             ls.expert.tolist(),
@@ -207,9 +204,21 @@ def _execute(
         )
         for ls, base in zip(schedule.layers, bases)
     ]
+
+
+def _execute(
+    backend: Backend,
+    per_layer: LayerLists,
+    n_batches: int,
+    *,
+    compute: bool,
+    progress: ProgressFn | None,
+    label: str,
+) -> tuple[list[int], int]:
+    """Issue every item of the schedule (as :func:`_layer_lists` prepared it); returns copies
+    per layer and cache hits."""
     layer_copies = [0] * len(per_layer)
     hits = 0
-    n_batches = schedule.n_batches
     step = max(1, n_batches // 200)
     for b in range(n_batches):
         if compute:
@@ -397,13 +406,19 @@ def replay(
                     info["ffn"] = [s.to_dict() for s in shapes]
                 be.warm_up()
                 label = f"{strategy} B={plan.batch_size}"
+                per_layer = _layer_lists(schedule)
                 be.synchronize()
                 monitor.start()
                 t0 = time.perf_counter()
                 be.start_run()
                 try:
                     layer_copies, hits = _execute(
-                        be, schedule, compute=compute, progress=on_progress, label=label
+                        be,
+                        per_layer,
+                        schedule.n_batches,
+                        compute=compute,
+                        progress=on_progress,
+                        label=label,
                     )
                     seconds = be.finish_run()
                 finally:

@@ -102,6 +102,18 @@ class StrategyRun:
             "nvml_window_seconds": self.pcie.window_s,
             "nvml_samples": self.pcie.samples,
             "nvml_counter_bits": self.pcie.counter_bits,
+            "nvml_raw": {
+                "first": self.pcie.first_reading,
+                "last": self.pcie.last_reading,
+                "samples": self.pcie.samples,
+                "max_sample_gap_seconds": self.pcie.max_sample_gap_s,
+                "wrap_safe": self.pcie.wrap_safe,
+                "wrap32_fixes": self.pcie.wrap32_fixes,
+                "anomalies": self.pcie.anomalies,
+                "settle_start_seconds": self.pcie.settle_start_s,
+                "settle_stop_seconds": self.pcie.settle_stop_s,
+                "settled": self.pcie.settled,
+            },
             "measured_to_counted": self.measured_to_counted,
             "batch_latency": None if self.batch_latency is None else vars(self.batch_latency),
         }
