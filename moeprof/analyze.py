@@ -22,6 +22,9 @@ from moeprof.policies import BatchPlan, check_batch_size, check_policy, plan_bat
 from moeprof.trace import Trace
 
 _WORD = 64
+# A per-layer lookup table of bitsets holds L·(E+1)·ceil(E/64) words; above this size the bits are
+# set in place instead (slower per slot, but memory no longer grows with E²).
+_MAX_TABLE_BYTES = 64 << 20
 
 
 def _ratio(saved: float, total: float) -> float:
@@ -58,7 +61,7 @@ def expert_masks(trace: Trace) -> np.ndarray:
     e_max = int(n_exp.max())
     n_words = (e_max + _WORD - 1) // _WORD
     n_layers = trace.n_layers
-    if n_words > 1:
+    if n_layers * (e_max + 1) * n_words * 8 > _MAX_TABLE_BYTES:
         return _masks_direct(ids, n_exp, n_words)
     # Lookup table [L, e_max + 1, W]: bit e of word e // 64; row n_experts[l] (sentinel) stays empty.
     table = np.zeros((n_layers, e_max + 1, n_words), dtype=np.uint64)
@@ -167,45 +170,69 @@ def unique_per_layer(masks: np.ndarray, plan: BatchPlan) -> np.ndarray:
     return unique_per_batch(masks, plan).sum(axis=0, dtype=np.int64)
 
 
-def slots_per_token(trace: Trace) -> np.ndarray | None:
+def slots_per_token(trace: Trace, masks: np.ndarray | None = None) -> np.ndarray | None:
     """Experts each token really routes to per layer, uint16 [T, L]; None when every slot counts.
 
-    Sentinel slots ("no expert") are not routed, so a token's k can be below top_k.
+    Sentinel slots ("no expert") are not routed, so a token's k can be below top_k. With the
+    token bitsets at hand this is their popcount (a token's experts are distinct).
     """
     ids = trace.expert_ids
     n_exp = trace.n_experts
     if ids.size == 0 or int(ids.max()) < int(n_exp.min()):  # no sentinel anywhere
         return None
+    if masks is not None:
+        return np.bitwise_count(masks).sum(axis=2, dtype=np.uint16)
     sentinel = n_exp[None, :, None].astype(ids.dtype)
     return (ids != sentinel).sum(axis=2, dtype=np.uint16)
 
 
+def _sum_per_batch(values: np.ndarray, plan: BatchPlan) -> np.ndarray:
+    """Σ of per-row values [T, ...] within each batch of `plan`, [n_batches, ...]."""
+    n_rows = int(plan.starts[-1])  # a plan may cover only the first batches (replay)
+    if plan.policy == "tokens":
+        # Consecutive equal batches: a reshape and one sum, faster than reduceat.
+        b = min(plan.batch_size, max(n_rows, 1))
+        n_full = n_rows // b
+        full = values[: n_full * b].reshape(n_full, b, *values.shape[1:]).sum(axis=1)
+        if n_full * b == n_rows:
+            return full
+        return np.concatenate((full, values[n_full * b : n_rows].sum(axis=0, keepdims=True)))
+    grouped = values[:n_rows] if plan.is_identity else values[plan.order[:n_rows]]
+    return np.add.reduceat(grouped, plan.starts[:-1], axis=0)
+
+
+def log_miss_per_token(slots: np.ndarray, n_experts: np.ndarray, top_k: int) -> np.ndarray:
+    """log(1 − k_t/E) per token and layer, float64 [T, L], from k_t = `slots` [T, L].
+
+    Summed per batch it is the log of the chance that uniform routing misses one given expert: a
+    product without underflow or a Python loop. k_t = E gives −inf (every expert is touched).
+    Built once per trace and shared by every batch size.
+    """
+    e = n_experts.astype(np.float64)[None, :]
+    with np.errstate(divide="ignore"):
+        table = np.log1p(-np.arange(top_k + 1, dtype=np.float64)[:, None] / e)  # [K+1, L]
+    return table[slots, np.arange(n_experts.shape[0])[None, :]]
+
+
 def uniform_unique_per_layer(
-    plan: BatchPlan, n_experts: np.ndarray, top_k: int, slots: np.ndarray | None = None
+    plan: BatchPlan, n_experts: np.ndarray, top_k: int, log_miss: np.ndarray | None = None
 ) -> np.ndarray:
     """Expected Σ_b distinct experts per layer if each token drew its k experts uniformly.
 
     Token t picks k_t distinct experts of E, so misses expert e with probability 1 − k_t/E; a
     batch touches E·(1 − Π_t (1 − k_t/E)) distinct experts in expectation, E·(1 − (1 − k/E)^n)
-    when all n tokens route to k. `slots` holds k_t [T, L] (None: k = top_k everywhere).
+    when all n tokens route to k. `log_miss` is :func:`log_miss_per_token` (None: k = top_k
+    for every token, the closed form per batch size).
     """
     e = n_experts.astype(np.float64)[None, :]
     if plan.n_batches == 0:
         return np.zeros(n_experts.shape[0], dtype=np.float64)
-    if slots is None:
+    if log_miss is None:
         sizes, count = np.unique(plan.batch_tokens, return_counts=True)
         k = np.minimum(float(top_k), e)
         per_size = e * (1.0 - np.power(1.0 - k / e, sizes.astype(np.float64)[:, None]))
         return (per_size * count[:, None]).sum(axis=0)
-    # log(1 − k/E) per (k, layer), summed per batch: a product without underflow or a Python loop.
-    # k = E gives −inf: the batch surely touches every expert.
-    with np.errstate(divide="ignore"):
-        log_miss = np.log1p(-np.arange(top_k + 1, dtype=np.float64)[:, None] / e)  # [K+1, L]
-    layer_index = np.arange(n_experts.shape[0])[None, :]
-    n_rows = int(plan.starts[-1])  # a plan may cover only the first batches (replay)
-    grouped = slots[:n_rows] if plan.is_identity else slots[plan.order[:n_rows]]
-    per_token = log_miss[grouped, layer_index]  # [T, L]
-    per_batch = np.add.reduceat(per_token, plan.starts[:-1], axis=0)
+    per_batch = _sum_per_batch(log_miss, plan)
     return (e * -np.expm1(per_batch)).sum(axis=0)
 
 
@@ -288,14 +315,14 @@ def summarize(
     n_experts: np.ndarray,
     top_k: int,
     model_layers: Sequence[int],
-    slots: np.ndarray | None = None,
+    log_miss: np.ndarray | None = None,
 ) -> BatchSizeResult:
     """Totals and per-layer rows for one batching, from per-layer requests and unique counts.
 
-    `slots` (k_t per token and layer, see :func:`slots_per_token`) makes the uniform expectation
-    use each token's real number of routed experts; the same requests are its denominator.
+    `log_miss` (:func:`log_miss_per_token`) makes the uniform expectation use each token's real
+    number of routed experts; the same requests are its denominator.
     """
-    uniform = uniform_unique_per_layer(plan, n_experts, top_k, slots)
+    uniform = uniform_unique_per_layer(plan, n_experts, top_k, log_miss)
     # Python ints: byte products cannot overflow, whatever the trace's size.
     req_list, uni_list = [int(x) for x in requests], [int(x) for x in unique]
     sizes = [int(x) for x in expert_bytes]
@@ -361,7 +388,7 @@ def parse_batch_sizes(text: str | Iterable[int]) -> list[int]:
         raise MoeprofError("no batch sizes given")
     sizes = []
     for item in items:
-        if isinstance(item, str) and re.fullmatch(r"[+-]?\d+", item):
+        if isinstance(item, str) and re.fullmatch(r"[+-]?[0-9]{1,19}", item):
             value = int(item)
         elif isinstance(item, (int, np.integer)) and not isinstance(item, bool):
             value = int(item)
@@ -382,8 +409,13 @@ def analyze(
     if trace.n_tokens == 0:
         raise MoeprofError("the trace is empty (no tokens)")
     masks = expert_masks(trace)
-    requests = requests_per_layer(trace)
-    slots = slots_per_token(trace)
+    slots = slots_per_token(trace, masks)
+    if slots is None:
+        requests = requests_per_layer(trace)
+        log_miss = None
+    else:  # sentinels present: requests and the uniform expectation from routed slots
+        requests = slots.sum(axis=0, dtype=np.int64)
+        log_miss = log_miss_per_token(slots, trace.n_experts, trace.top_k)
     layers = trace.moe_layer_indices
     plans = (
         [plan_batches(trace, policy, 0)]
@@ -399,7 +431,7 @@ def analyze(
             trace.n_experts,
             trace.top_k,
             layers,
-            slots,
+            log_miss,
         )
         for plan in plans
     )

@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import math
 import mmap
 import os
 import platform
+import re
 import struct
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -54,13 +56,21 @@ def _ids_dtype(n_experts: np.ndarray) -> np.dtype[Any]:
     return np.dtype(np.uint8) if int(n_experts.max()) <= 255 else np.dtype(np.uint16)
 
 
-def _per_layer(value: int | Sequence[int] | np.ndarray, n_layers: int, name: str) -> np.ndarray:
-    arr = np.asarray(value, dtype=np.int64)
-    if arr.ndim == 0:
-        arr = np.full(n_layers, int(arr), dtype=np.int64)
-    if arr.shape != (n_layers,):
+def _per_layer(
+    value: int | Sequence[int] | np.ndarray, n_layers: int, name: str, lo: int, hi: int
+) -> np.ndarray:
+    """One whole number in lo..hi, or one per layer, as int64 [L]; checked before any cast."""
+    raw = np.asarray(value, dtype=object) if not isinstance(value, np.ndarray) else value
+    if raw.ndim == 0:
+        raw = np.full(n_layers, raw.item(), dtype=object)
+    if raw.shape != (n_layers,):
         raise MoeprofError(f"{name} must be one int or one value per MoE layer ({n_layers})")
-    return arr
+    values = raw.tolist()
+    if not all(_is_int(v) for v in values):
+        raise MoeprofError(f"{name} must be whole numbers, got {values[:8]!r}")
+    if any(not lo <= int(v) <= hi for v in values):
+        raise MoeprofError(f"{name} must be between {lo} and {hi} per layer")
+    return np.asarray([int(v) for v in values], dtype=np.int64)
 
 
 # Largest expert size accepted (1 TiB): keeps every byte product far from int64 overflow.
@@ -78,8 +88,10 @@ def _meta_problem(meta: Mapping[str, Any], n_layers: int) -> str | None:
             return f"metadata {key!r} must be an object"
     indices = meta.get("moe_layer_indices")
     if indices is not None:
-        if not isinstance(indices, (list, tuple)) or not all(_is_int(x) for x in indices):
-            return "moe_layer_indices must be a list of whole numbers"
+        if not isinstance(indices, (list, tuple)) or not all(
+            _is_int(x) and 0 <= int(x) < 2**31 for x in indices
+        ):
+            return "moe_layer_indices must be a list of whole numbers 0..2^31-1"
         if len(indices) != n_layers:
             return f"moe_layer_indices names {len(indices)} layers, expert_ids has {n_layers}"
     shared = meta.get("shared_expert_bytes", 0)
@@ -213,9 +225,7 @@ class Trace:
             raise MoeprofError("expert_ids must have at least one MoE layer and one top-k slot")
         if ids.size and not np.issubdtype(ids.dtype, np.integer):
             raise MoeprofError(f"expert_ids must be integers, got {ids.dtype}")
-        n_exp = _per_layer(n_experts, n_layers, "n_experts")
-        if (n_exp < 1).any() or (n_exp > 65535).any():
-            raise MoeprofError("n_experts must be between 1 and 65535 per layer")
+        n_exp = _per_layer(n_experts, n_layers, "n_experts", 1, 65535)
         if ids.size:
             if int(ids.min()) < 0:
                 raise MoeprofError("expert_ids must not be negative")
@@ -244,10 +254,8 @@ class Trace:
         ebytes = (
             np.zeros(n_layers, dtype=np.int64)
             if expert_bytes is None
-            else _per_layer(expert_bytes, n_layers, "expert_bytes")
+            else _per_layer(expert_bytes, n_layers, "expert_bytes", 0, MAX_EXPERT_BYTES)
         )
-        if (ebytes < 0).any() or (ebytes > MAX_EXPERT_BYTES).any():
-            raise MoeprofError(f"expert_bytes must be between 0 and {MAX_EXPERT_BYTES} per layer")
 
         def per_token(value: Any, name: str) -> np.ndarray | None:
             if value is None:
@@ -430,7 +438,7 @@ def load_trace(path: str | os.PathLike[str]) -> Trace:
         raw = fh.read(header_len)
         try:
             header = json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError):
+        except (UnicodeDecodeError, ValueError, RecursionError):  # ValueError: JSON, huge ints
             raise _corrupt(p, "header is not JSON") from None
         if not isinstance(header, dict):
             raise _corrupt(p, "header is not a JSON object")
@@ -438,7 +446,7 @@ def load_trace(path: str | os.PathLike[str]) -> Trace:
         if not isinstance(file_meta, dict) or file_meta.get("format") != FORMAT_NAME:
             raise _corrupt(p, "no moeprof metadata; is this a trace written by moeprof?")
         version_text = file_meta.get("format_version")
-        if not isinstance(version_text, str) or not version_text.isdigit():
+        if not isinstance(version_text, str) or not re.fullmatch("[0-9]{1,9}", version_text):
             raise _corrupt(p, "format version is not a whole number")
         version = int(version_text)
         if version > FORMAT_VERSION:
@@ -450,7 +458,7 @@ def load_trace(path: str | os.PathLike[str]) -> Trace:
             raise _corrupt(p, f"unknown format version {version}")
         try:
             doc = json.loads(file_meta["moeprof"])
-        except (KeyError, TypeError, json.JSONDecodeError):
+        except (KeyError, TypeError, ValueError, RecursionError):
             raise _corrupt(p, "metadata document missing or not JSON") from None
         if not isinstance(doc, dict):
             raise _corrupt(p, "metadata document is not a JSON object")
@@ -463,21 +471,25 @@ def load_trace(path: str | os.PathLike[str]) -> Trace:
     for name, info in header.items():
         try:
             dtype = np.dtype(_ST_DTYPES[info["dtype"]])
-            shape = tuple(int(s) for s in info["shape"])
-            begin, end = (int(x) for x in info["data_offsets"])
+            shape = tuple(info["shape"])
+            begin, end = info["data_offsets"]
         except (KeyError, TypeError, ValueError):
             raise _corrupt(p, f"bad entry for array {name!r}") from None
-        if any(d < 0 for d in shape):
-            raise _corrupt(p, f"array {name!r} has a negative dimension")
-        count = int(np.prod(shape)) if shape else 1
-        if end - begin != count * dtype.itemsize or begin < 0:
+        # Whole JSON numbers only (no floats, no infinity); exact Python-int sizes, no wrap.
+        if not all(_is_int(d) and d >= 0 for d in (*shape, begin, end)):
+            raise _corrupt(p, f"array {name!r} has a bad shape or byte range")
+        count = math.prod(shape)
+        if end - begin != count * dtype.itemsize:
             raise _corrupt(p, f"array {name!r} size does not match its shape")
         if data_start + end > size:
             raise _corrupt(p, "file is truncated")
         ranges.append((begin, end))
-        arrays[name] = np.frombuffer(
-            buf, dtype=dtype, count=count, offset=data_start + begin
-        ).reshape(shape)
+        try:
+            arrays[name] = np.frombuffer(
+                buf, dtype=dtype, count=count, offset=data_start + begin
+            ).reshape(shape)
+        except ValueError:  # e.g. an empty array with a dimension numpy cannot index
+            raise _corrupt(p, f"array {name!r} has a bad shape") from None
     # The arrays must tile the data section exactly: no overlap, no gap, nothing after the end.
     ranges.sort()
     expected = 0
@@ -503,12 +515,14 @@ def load_trace(path: str | os.PathLike[str]) -> Trace:
             raise _corrupt(p, f"{key} must be a list of whole numbers in the metadata")
         if len(values) != n_layers:
             raise _corrupt(p, f"{key} does not have one value per layer")
+    # Range-checked as Python ints, before the int64 cast.
+    assert isinstance(n_exp_doc, list) and isinstance(ebytes_doc, list)
+    if not all(1 <= v <= 65535 for v in n_exp_doc):
+        raise _corrupt(p, "n_experts must be between 1 and 65535 per layer")
+    if not all(0 <= v <= MAX_EXPERT_BYTES for v in ebytes_doc):
+        raise _corrupt(p, f"expert_bytes must be between 0 and {MAX_EXPERT_BYTES} per layer")
     n_exp = np.asarray(n_exp_doc, dtype=np.int64)
     ebytes = np.asarray(ebytes_doc, dtype=np.int64)
-    if (n_exp < 1).any() or (n_exp > 65535).any():
-        raise _corrupt(p, "n_experts must be between 1 and 65535 per layer")
-    if (ebytes < 0).any() or (ebytes > MAX_EXPERT_BYTES).any():
-        raise _corrupt(p, f"expert_bytes must be between 0 and {MAX_EXPERT_BYTES} per layer")
     if ids.dtype != _ids_dtype(n_exp):
         raise _corrupt(p, f"expert_ids is {ids.dtype}, expected {_ids_dtype(n_exp)}")
     problem = _meta_problem(doc, n_layers)

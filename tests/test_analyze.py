@@ -188,7 +188,7 @@ def test_results_json_shape() -> None:
     assert set(doc["results"][1]["layers"][0]) >= {"layer", "requests", "unique", "memory_savings"}
 
 
-@pytest.mark.parametrize("bad", ["0", "-1", "x", "1.5", "", "4,,a"])
+@pytest.mark.parametrize("bad", ["0", "-1", "x", "1.5", "", "4,,a", "٣", "1" * 5000])
 def test_bad_batch_sizes(bad: str) -> None:
     trace = moeprof.synthesize(n_layers=1, seed=0)
     with pytest.raises(MoeprofError):
@@ -300,3 +300,18 @@ def test_many_experts_need_no_quadratic_table() -> None:
     assert masks.shape == (3, 1, 1024)
     row = moeprof.analyze(trace, [3]).results[0]
     assert (row.requests, row.unique) == (5, 4)
+
+
+def test_uniform_from_bitsets_equals_uniform_from_ids() -> None:
+    # k_t from the bitsets' popcount must equal the routed slots counted from the ids.
+    rng = np.random.default_rng(3)
+    for _ in range(20):
+        trace = random_trace(rng, sentinel_rate=0.3)
+        from moeprof.analyze import slots_per_token
+
+        from_ids = slots_per_token(trace)
+        from_masks = slots_per_token(trace, expert_masks(trace))
+        if from_ids is None:
+            assert from_masks is None
+        else:
+            assert np.array_equal(from_ids, from_masks)

@@ -185,3 +185,23 @@ def test_console_script_and_module_entry(tmp_path: Path, trace_file: Path) -> No
     )
     assert bad.returncode == 2
     assert bad.stderr.strip().count("\n") == 0 and "not found" in bad.stderr
+
+
+@pytest.mark.parametrize("kind", ["synth-popularity", "import-model-config", "record-prompts"])
+def test_hostile_json_inputs_are_one_line_errors(tmp_path: Path, run_cli, kind: str) -> None:
+    deep = tmp_path / "deep.json"
+    deep.write_text("[" * 100_000 + "]" * 100_000)
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": ' + "9" * 5000 + "}\n")
+    csv = tmp_path / "r.csv"
+    csv.write_text('request_id,token_idx,layer,experts\n0,0,0,"1 2"\n')
+    out = tmp_path / "out.moe"
+    argv = {
+        "synth-popularity": ["synth", "-o", out, "--popularity", deep],
+        "import-model-config": ["import", csv, "--model-config", deep, "-o", out],
+        "record-prompts": ["record", "--prompts", prompts, "-o", out],
+    }[kind]
+    result = run_cli(*argv)
+    assert result.exit_code == 2, result.stderr
+    assert result.stderr.startswith("moeprof: error:") and result.stderr.count("\n") == 1
+    assert not out.exists()

@@ -175,6 +175,10 @@ def test_layer_without_routing_shows_a_dash_and_is_not_averaged() -> None:
         (("results", 1, "policy"), "decode", "mix batching policies"),
         (("trace", "expert_bytes"), [1.5], "expert_bytes has the wrong type"),
         (("trace", "model"), "m", "model has the wrong type"),
+        (("results", 0, "memory_savings"), 10**400, "memory_savings has the wrong type"),
+        (("results", 0, "bytes_requested"), 2**64, "bytes_requested has the wrong type"),
+        (("trace", "expert_bytes"), [10**400], "expert_bytes has the wrong type"),
+        (("results", 0, "layers", 1, "layer"), 0, "lists layer 0 twice"),
     ],
 )
 def test_results_with_wrong_types_are_refused(path: tuple, value: object, message: str) -> None:
@@ -198,3 +202,11 @@ def test_report_cli_refuses_wrong_types(tmp_path: Path, run_cli) -> None:
     result = run_cli("report", src, "--markdown", out)
     assert result.exit_code == 2 and "bytes_requested has the wrong type" in result.stderr
     assert result.stderr.count("\n") == 1 and not out.exists()
+
+
+def test_report_refuses_unparseable_json(tmp_path: Path, run_cli) -> None:
+    for name, text in {"deep": "[" * 100_000 + "]" * 100_000, "long": "9" * 5000}.items():
+        src = tmp_path / f"{name}.json"
+        src.write_text(text)
+        result = run_cli("report", src)
+        assert result.exit_code == 2 and result.stderr.count("\n") == 1, name

@@ -344,3 +344,82 @@ def test_load_refuses_bytes_outside_the_arrays(tmp_path: Path) -> None:
     overlap.write_bytes(struct.pack("<Q", len(new)) + new + raw[8 + n :])
     with pytest.raises(MoeprofError, match="overlap or leave gaps"):
         load_trace(overlap)
+
+
+@pytest.mark.parametrize(
+    ("change", "match"),
+    [
+        ({"format_version": "²"}, "version"),
+        ({"format_version": "١"}, "version"),
+        ({"n_experts": [2**70]}, "n_experts"),
+        ({"expert_bytes": [2**64]}, "expert_bytes"),
+        ({"moe_layer_indices": [2**31]}, "moe_layer_indices"),
+    ],
+)
+def test_load_refuses_out_of_range_metadata(tmp_path: Path, change: dict, match: str) -> None:
+    arrays, doc, version = _raw_case("none")
+    version = change.pop("format_version", version)
+    doc.update(change)
+    _write_raw(tmp_path / "bad.moe", arrays, doc, version)
+    with pytest.raises(MoeprofError, match=match):
+        load_trace(tmp_path / "bad.moe")
+
+
+def _rewrite_header(src: Path, dst: Path, edit) -> None:
+    raw = src.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    text = edit(raw[8 : 8 + n].decode())
+    new = text.encode() + b" " * (-len(text.encode()) % 8)
+    dst.write_bytes(struct.pack("<Q", len(new)) + new + raw[8 + n :])
+
+
+def test_load_refuses_hostile_headers(tmp_path: Path) -> None:
+    arrays, doc, version = _raw_case("none")
+    good = tmp_path / "good.moe"
+    _write_raw(good, arrays, doc, version)
+    header = json.loads(_header_text(good))
+    shape = header["positions"]["shape"]
+    offsets = header["positions"]["data_offsets"]
+
+    def replace(old: str, new: str):
+        return lambda text: text.replace(old, new, 1)
+
+    cases = {
+        "inf shape": replace(json.dumps(shape).replace(" ", ""), "[1e400]"),
+        "float offset": replace(
+            json.dumps(offsets).replace(" ", ""), f"[{offsets[0]}.0,{offsets[1]}]"
+        ),
+        "wrapping shape": replace(json.dumps(shape).replace(" ", ""), f"[{2**62},4,0]"),
+        "deep header": lambda text: "[" * 100_000 + "]" * 100_000,
+        "huge int": replace(json.dumps(shape).replace(" ", ""), "[" + "9" * 5000 + "]"),
+    }
+    for name, edit in cases.items():
+        bad = tmp_path / f"{name}.moe"
+        _rewrite_header(good, bad, edit)
+        assert bad.read_bytes() != good.read_bytes(), name
+        with pytest.raises(MoeprofError):
+            load_trace(bad)
+
+
+def _header_text(path: Path) -> str:
+    raw = path.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    return raw[8 : 8 + n].decode()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"n_experts": 8.9}, "whole numbers"),
+        ({"n_experts": "abc"}, "whole numbers"),
+        ({"n_experts": None}, "whole numbers"),
+        ({"n_experts": 4, "expert_bytes": 10**23}, "expert_bytes"),
+        ({"n_experts": [4, 2**70]}, "n_experts"),
+    ],
+)
+def test_from_arrays_checks_per_layer_values_before_casting(kwargs: dict, match: str) -> None:
+    ids = np.zeros(
+        (1, len(kwargs["n_experts"]) if isinstance(kwargs["n_experts"], list) else 1, 1), int
+    )
+    with pytest.raises(MoeprofError, match=match):
+        Trace.from_arrays(ids, **kwargs)

@@ -22,7 +22,7 @@ def read_popularity(path: Path) -> list[list[float]]:
         doc = json.loads(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise MoeprofError(f"popularity file {path} not found") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise MoeprofError(f"{path}: not a readable JSON file ({exc})") from None
     counts = doc.get("expert_popularity") if isinstance(doc, dict) else doc
     if not isinstance(counts, list) or not counts or not all(isinstance(r, list) for r in counts):

@@ -372,6 +372,9 @@ def load_model_config(path: str | os.PathLike[str]) -> ModelExperts:
         raise MoeprofError(f"model config {p} not found")
     try:
         cfg = json.loads(p.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise MoeprofError(f"{p}: not a readable JSON config ({exc})") from None
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
+        # ValueError: bad JSON or an integer too long to parse; RecursionError: absurd nesting.
+        raise MoeprofError(
+            f"{p}: not a readable JSON config ({str(exc)[:120] or type(exc).__name__})"
+        ) from None
     return model_experts(cfg, where=str(p))

@@ -70,8 +70,9 @@ def read_prompts(path: str | os.PathLike[str]) -> list[str]:
                 continue
             try:
                 obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise MoeprofError(f"{p}:{lineno}: not JSON ({exc.msg})") from None
+            except (ValueError, RecursionError) as exc:  # bad JSON, huge ints, deep nesting
+                why = exc.msg if isinstance(exc, json.JSONDecodeError) else type(exc).__name__
+                raise MoeprofError(f"{p}:{lineno}: not JSON ({why})") from None
             prompt = obj.get("prompt") if isinstance(obj, dict) else None
             if not isinstance(prompt, str):
                 raise MoeprofError(f'{p}:{lineno}: expected an object with a string "prompt" field')

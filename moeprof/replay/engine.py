@@ -20,6 +20,7 @@ from moeprof.analyze import (
     AnalysisResult,
     BatchSizeResult,
     expert_masks,
+    log_miss_per_token,
     parse_batch_sizes,
     slots_per_token,
     summarize,
@@ -133,7 +134,7 @@ def _counted(
     ids = trace.expert_ids[rows][:, sel, :]
     sentinel = trace.n_experts[sel].astype(ids.dtype)[None, :, None]
     requests = (ids != sentinel).sum(axis=(0, 2), dtype=np.int64)
-    slots = slots_per_token(trace)
+    slots = slots_per_token(trace, masks)
     row = summarize(
         plan,
         requests,
@@ -142,7 +143,9 @@ def _counted(
         trace.n_experts[sel],
         trace.top_k,
         [trace.moe_layer_indices[layer] for layer in sel],
-        None if slots is None else slots[:, sel],
+        None
+        if slots is None
+        else log_miss_per_token(slots[:, sel], trace.n_experts[sel], trace.top_k),
     )
     # Layer numbers are the trace's MoE layer indices, not positions in the selection.
     layers = tuple(dataclasses.replace(lr, layer=sel[i]) for i, lr in enumerate(row.layers))

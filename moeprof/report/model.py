@@ -55,12 +55,17 @@ def human_bytes(n: float) -> str:
 # ---------------------------------------------------------------------- loading
 
 
+_INT_LIMIT = 2**63  # counts and bytes beyond int64 are not something analyze writes
+
+
 def _is_int(x: Any) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
+    return isinstance(x, int) and not isinstance(x, bool) and -_INT_LIMIT < x < _INT_LIMIT
 
 
 def _is_number(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+    if isinstance(x, bool) or not isinstance(x, (int, float)):
+        return False
+    return _is_int(x) if isinstance(x, int) else math.isfinite(x)
 
 
 def _int_list(x: Any) -> bool:
@@ -128,12 +133,16 @@ def validate_results(doc: Any, source: str = "results") -> dict[str, Any]:
         if not isinstance(row, dict):
             raise MoeprofError(f"{source}: results[{i}] is not an object")
         _check_fields(row, _ROW_TYPES, _ROW_OPTIONAL, f"{source}: results[{i}]")
+        seen: set[int] = set()
         for j, layer in enumerate(row["layers"]):
             if not isinstance(layer, dict):
                 raise MoeprofError(f"{source}: results[{i}].layers[{j}] is not an object")
             _check_fields(
                 layer, _LAYER_TYPES, _LAYER_OPTIONAL, f"{source}: results[{i}].layers[{j}]"
             )
+            if layer["layer"] in seen:
+                raise MoeprofError(f"{source}: results[{i}] lists layer {layer['layer']} twice")
+            seen.add(layer["layer"])
     policies = {row["policy"] for row in doc["results"]}
     if len(policies) > 1:
         raise MoeprofError(f"{source}: rows mix batching policies ({', '.join(sorted(policies))})")
@@ -146,7 +155,8 @@ def load_results(path: str | os.PathLike[str]) -> dict[str, Any]:
         raise MoeprofError(f"results file {p} not found")
     try:
         doc = json.loads(p.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        # ValueError covers JSONDecodeError and integers too long to parse.
         raise MoeprofError(f"{p}: not valid JSON ({exc.__class__.__name__})") from None
     except OSError as exc:
         raise MoeprofError(f"cannot read {p}: {exc.strerror}") from None
