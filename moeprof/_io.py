@@ -3,12 +3,19 @@
 A crash, Ctrl-C or a failed computation never leaves a half-written output behind. A command
 that writes several outputs writes them all to temporary files first and renames them only once
 every one is complete (`atomic_paths`, `write_all`), so a failure leaves none of them written.
+
+Only regular files are written. An output that exists as something else (a device such as
+/dev/null, a FIFO, a socket) is refused: renaming onto it would replace it with a regular file.
+An output that is a symbolic link is written through the link: the temporary file goes beside the
+file the link points to and is renamed onto that file, so the link stays and points to the new
+content (a dangling link creates the file it names).
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import stat
 import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -45,6 +52,29 @@ def _same_file(a: Path, b: Path) -> bool:
         return os.path.abspath(a) == os.path.abspath(b)
 
 
+def _destination(target: Path) -> Path:
+    """The file to replace for output `target`: the target, or the file a symlink points to.
+
+    Raises MoeprofError when the target exists but is not a regular file (after following
+    symlinks): a folder, a device such as /dev/null, a FIFO or a socket; or when it cannot be
+    examined (a symlink loop, a folder on the way that cannot be searched).
+    """
+    try:
+        st = os.stat(target)  # follows symlinks
+    except FileNotFoundError:
+        st = None  # nothing there yet, or a dangling symlink
+    except OSError as exc:  # e.g. a symlink loop, or permission denied on a folder on the way
+        raise _write_error(target, exc) from None
+    if st is not None and stat.S_ISDIR(st.st_mode):
+        raise MoeprofError(f"cannot write {target}: it is a folder")
+    if st is not None and not stat.S_ISREG(st.st_mode):
+        raise MoeprofError(f"cannot write {target}: it is not a regular file")
+    dest = Path(os.path.realpath(target)) if os.path.islink(target) else target
+    if not _parent(dest).is_dir():
+        raise MoeprofError(f"cannot write {target}: folder {_parent(dest)} does not exist")
+    return dest
+
+
 def _check_distinct(targets: Sequence[Path]) -> None:
     for i, b in enumerate(targets):
         for a in targets[:i]:
@@ -69,12 +99,14 @@ def atomic_paths(paths: Sequence[PathLike]) -> Iterator[list[Path]]:
     for target in targets:
         if not _parent(target).is_dir():
             raise MoeprofError(f"cannot write {target}: folder {_parent(target)} does not exist")
+    # What each rename replaces: the target itself, or the file a symlinked target points to.
+    dests = [_destination(target) for target in targets]
     tmps: list[Path] = []
     try:
-        for target in targets:
+        for target, dest in zip(targets, dests):
             try:
                 fd, tmp_name = tempfile.mkstemp(
-                    prefix=f".{target.name}.", suffix=".tmp", dir=_parent(target)
+                    prefix=f".{dest.name}.", suffix=".tmp", dir=_parent(dest)
                 )
             except OSError as exc:
                 raise _write_error(target, exc) from None
@@ -89,16 +121,16 @@ def atomic_paths(paths: Sequence[PathLike]) -> Iterator[list[Path]]:
             except OSError as exc:
                 raise _write_error(target, exc) from None
         created: list[Path] = []
-        for i, (target, tmp) in enumerate(zip(targets, tmps)):
-            existed = os.path.lexists(target)
+        for i, (target, dest, tmp) in enumerate(zip(targets, dests, tmps)):
+            existed = os.path.lexists(dest)
             try:
-                os.replace(tmp, target)
+                os.replace(tmp, dest)
             except OSError as exc:
                 _remove(created)
                 _remove(tmps[i:])
                 raise _write_error(target, exc) from None
             if not existed:
-                created.append(target)
+                created.append(dest)
     except BaseException:
         _remove(tmps)
         raise
@@ -137,7 +169,8 @@ def write_bytes(path: PathLike, data: bytes) -> None:
 
 
 def check_outputs(paths: Sequence[PathLike | None], *, force: bool) -> None:
-    """Check output paths up front, before any work: folder exists, no overwrite without --force,
+    """Check output paths up front, before any work: folder exists, the output is a regular file
+    or not there yet (through a symlink, the file it points to), no overwrite without --force,
     and no file named twice (compared after resolving, so ./out.json and out.json clash)."""
     targets = [Path(p) for p in paths if p is not None]
     _check_distinct(targets)
@@ -145,7 +178,6 @@ def check_outputs(paths: Sequence[PathLike | None], *, force: bool) -> None:
         parent = _parent(target)
         if not parent.is_dir():
             raise MoeprofError(f"cannot write {target}: folder {parent} does not exist")
-        if target.is_dir():
-            raise MoeprofError(f"cannot write {target}: it is a folder")
+        _destination(target)
         if target.exists() and not force:
             raise MoeprofError(f"{target} exists; pass --force to overwrite it")

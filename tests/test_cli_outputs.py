@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import stat
 from pathlib import Path
 
 import pytest
@@ -117,3 +118,57 @@ def test_replay_writes_both_outputs_or_none(
     r = run_cli(*args, "--json", j, "--markdown", md)
     assert r.exit_code == 0, r.stderr
     assert names(tmp_path) == ["rp.json", "rp.md", "t.moe"]
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["analyze", "{trace}", "--json", "{out}", "--markdown", "{other}"],
+        ["report", "{results}", "--markdown", "{other}", "--plot", "{out}"],
+        ["export", "{trace}", "--format", "csv", "-o", "{out}"],
+        ["synth", "--layers", "2", "--requests", "2", "--tokens", "5", "-o", "{out}"],
+    ],
+)
+def test_output_that_is_not_a_regular_file_is_refused(
+    run_cli, tmp_path: Path, trace_file: Path, command: list[str]
+) -> None:
+    # A FIFO stands in for /dev/null: renaming onto it would replace it with a regular file.
+    results = tmp_path / "r.json"
+    assert run_cli("analyze", trace_file, "--json", results).exit_code == 0
+    out = tmp_path / "out"
+    out.mkdir()
+    fifo, other = out / "pipe", out / "other.md"
+    os.mkfifo(fifo)
+    (out / "link").symlink_to("pipe")
+    for target in (fifo, out / "link"):
+        args = [
+            a.format(trace=trace_file, results=results, out=target, other=other) for a in command
+        ]
+        for force in ([], ["--force"]):
+            line = one_error_line(run_cli(*args, *force))
+            assert f"cannot write {target}: it is not a regular file" in line
+            assert names(out) == ["link", "pipe"]  # nothing written, no temporary file
+    assert stat.S_ISFIFO(os.lstat(fifo).st_mode) and (out / "link").is_symlink()
+
+
+def test_outputs_are_written_through_symlinks(run_cli, tmp_path: Path, trace_file: Path) -> None:
+    files, links = tmp_path / "files", tmp_path / "links"
+    files.mkdir()
+    links.mkdir()
+    (files / "r.json").write_text("old")
+    (links / "r.json").symlink_to(files / "r.json")
+    (links / "r.md").symlink_to(Path("..") / "files" / "r.md")  # dangling: creates r.md
+    j, md = links / "r.json", links / "r.md"
+    r = run_cli("analyze", trace_file, "--json", j, "--markdown", md)
+    assert "exists; pass --force" in one_error_line(r)
+    r = run_cli("analyze", trace_file, "--json", j, "--markdown", md, "--force")
+    assert r.exit_code == 0, r.stderr
+    assert j.is_symlink() and md.is_symlink() and names(links) == ["r.json", "r.md"]
+    assert names(files) == ["r.json", "r.md"]
+    assert json.loads((files / "r.json").read_text())["results"]
+    assert (files / "r.md").read_text().startswith("#")
+    copy = links / "t.moe"
+    copy.symlink_to(files / "t.moe")
+    r = run_cli("synth", "--layers", "2", "--requests", "2", "--tokens", "5", "-o", copy)
+    assert r.exit_code == 0, r.stderr
+    assert copy.is_symlink() and moeprof.load_trace(files / "t.moe").n_layers == 2

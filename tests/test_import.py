@@ -158,6 +158,28 @@ BAD_CASES = [
     ),
     ("missing_key.jsonl", r"bad/missing_key\.jsonl:2: no expert ids"),
     ("duplicate.csv", r"bad/duplicate\.csv:3: expert id 3 appears twice in one row"),
+    # Numbers beyond 64 bits: Arrow refuses the text (CSV) or reads a float (JSONL), or the slow
+    # JSONL path (a column whose type changes) gets a Python int beyond any Arrow type.
+    (
+        "huge_int.csv",
+        r"bad/huge_int\.csv:3: expert id 99999999999999999999999 in column 'experts' "
+        r"does not fit in a 64-bit integer",
+    ),
+    (
+        "huge_int.jsonl",
+        r"bad/huge_int\.jsonl:2: layer 1e\+23 in column 'layer' does not fit in a 64-bit integer",
+    ),
+    (
+        "huge_position.jsonl",
+        r"bad/huge_position\.jsonl:3: position 18446744073709551615 in column 'position' "
+        r"does not fit in a 64-bit integer",
+    ),
+    # Fits in 64 bits but not in the trace's 32-bit token ids.
+    (
+        "big_token_id.csv",
+        r"bad/big_token_id\.csv:4: token id 9999999999 is out of range "
+        r"\(-2147483648\.\.2147483647\)",
+    ),
 ]
 
 
@@ -167,7 +189,7 @@ def test_malformed_rows_name_file_and_line(name: str, message: str) -> None:
         import_trace(DATA / "bad" / name)
 
 
-@pytest.mark.parametrize(("name", "message"), BAD_CASES[:3])
+@pytest.mark.parametrize(("name", "message"), [*BAD_CASES[:3], *BAD_CASES[-4:]])
 def test_cli_malformed_exit_2_one_line_no_output(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], name: str, message: str
 ) -> None:
@@ -218,6 +240,59 @@ def test_cli_malformed_exit_2_one_line_no_output(
             {},
             r"t\.csv:3: step differs from the token's other layers",
         ),
+        # Integers beyond 64 bits, in every integer column, and beyond what a trace holds.
+        (
+            "layer,expert_0,expert_1\n0,1,2\n1,1,\n2,3,-99999999999999999999\n",
+            {},
+            r"t\.csv:4: expert id -99999999999999999999 in column 'expert_1' does not fit in a "
+            r"64-bit integer",
+        ),
+        (
+            'layer,experts\n0,"1 2"\n' + "9" * 5000 + ',"1 2"\n',
+            {},
+            r"t\.csv:3: layer 9{57}\.\.\. in column 'layer' does not fit in a 64-bit integer$",
+        ),
+        (
+            'request_id,position,layer,experts\n0,99999999999999999999,0,"1 2"\n',
+            {},
+            r"t\.csv:2: position 99999999999999999999 in column 'position' does not fit",
+        ),
+        (
+            'request_id,position,layer,experts,step\n0,0,0,"1 2",99999999999999999999\n',
+            {},
+            r"t\.csv:2: step 99999999999999999999 in column 'step' does not fit",
+        ),
+        (
+            'request_id,position,layer,experts\n0,2147483648,0,"1 2"\n',
+            {},
+            r"t\.csv:2: position 2147483648 is out of range \(0\.\.2147483647\)",
+        ),
+        (
+            'layer,experts\n0,"1 2"\n-3,"1 2"\n',
+            {},
+            r"t\.csv:3: layer -3 is negative",
+        ),
+        (
+            'layer,experts\n0,"1 2"\n2147483648,"1 2"\n',
+            {},
+            r"t\.csv:3: layer 2147483648 is out of range \(0\.\.2147483647\)",
+        ),
+        (
+            'request_id,position,layer,experts,step\n0,0,0,"1 2",2147483648\n',
+            {},
+            r"t\.csv:2: step 2147483648 is out of range \(-2147483648\.\.2147483647\)",
+        ),
+        (
+            'layer,experts\n0,"1 2"\n0,"1 70000"\n',
+            {},
+            r"t\.csv:3: expert id 70000 is out of range \(a trace holds at most 65535 experts",
+        ),
+        (
+            # The value of the row named, not the smallest in the file.
+            'request_id,position,layer,experts\n0,1,0,"1 2"\n0,-2,0,"1 2"\n0,-7,0,"1 2"\n',
+            {},
+            r"t\.csv:3: position -2 is negative",
+        ),
     ],
 )
 def test_more_bad_rows(tmp_path: Path, text: str, kwargs: dict, message: str) -> None:
@@ -225,6 +300,58 @@ def test_more_bad_rows(tmp_path: Path, text: str, kwargs: dict, message: str) ->
     path.write_text(text)
     with pytest.raises(MoeprofError, match=message):
         import_trace(path, "long-csv", **kwargs)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        # pyarrow reads a JSON integer beyond int64 as a float; it must not wrap to a negative id.
+        ('{"layer": 0, "experts": [1, 1e30]}\n', r"t\.jsonl:1: expert id 1e\+30 in column"),
+        (
+            '{"layer": 0, "experts": [1, 2], "step": 99999999999999999999}\n',
+            r"t\.jsonl:1: step 1e\+20 in column 'step' does not fit in a 64-bit integer",
+        ),
+        (
+            '{"layer": 0, "experts": [1, 2], "token_id": -9999999999}\n',
+            r"t\.jsonl:1: token id -9999999999 is out of range",
+        ),
+        # The slow path (a column whose type changes between rows) with integers beyond 64 bits.
+        (
+            '{"layer": 0, "experts": [1, 2]}\n{"layer": 1, "experts": "1 2"}\n'
+            '{"layer": 2, "experts": [1, 99999999999999999999]}\n',
+            r"t\.jsonl:3: expert id 99999999999999999999 in column 'experts' does not fit",
+        ),
+        (
+            '{"layer": 0, "experts": [1, 2]}\n{"layer": "1", "experts": [1, 2]}\n'
+            '{"layer": -99999999999999999999, "experts": [1, 2]}\n',
+            r"t\.jsonl:3: layer -99999999999999999999 in column 'layer' does not fit",
+        ),
+        (
+            '{"layer": 0, "experts": [1, 2]}\n{"layer": 99999999999999999999, "experts": "1 2"}\n',
+            r"t\.jsonl:2: layer 99999999999999999999 in column 'layer' does not fit",
+        ),
+    ],
+)
+def test_huge_integers_in_jsonl(tmp_path: Path, text: str, message: str) -> None:
+    path = tmp_path / "t.jsonl"
+    path.write_text(text)
+    with pytest.raises(MoeprofError, match=message):
+        import_trace(path, "long-jsonl")
+
+
+def test_signed_integers_and_large_integer_weights_import(tmp_path: Path) -> None:
+    # Arrow's integer parser refuses a leading "+"; a huge integer weight loses precision only.
+    path = tmp_path / "t.csv"
+    path.write_text('layer,position,experts\n+0,+0,"+1 2"\n 0 , 1 ,"1 +3"\n')
+    trace = import_trace(path)
+    assert trace.positions.tolist() == [0, 1]
+    assert trace.expert_ids[:, 0, :].tolist() == [[1, 2], [1, 3]]
+    jsonl = tmp_path / "w.jsonl"
+    jsonl.write_text('{"layer": 0, "experts": [1, 2], "weights": [1, 9007199254740993]}\n')
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        weights = import_trace(jsonl).gate_weights
+    assert weights is not None and weights[0, 0, 0] == 1
 
 
 def test_bad_sources_and_options(tmp_path: Path) -> None:
@@ -710,3 +837,13 @@ def test_no_warnings_on_clean_import() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         import_trace(DATA / "long_csv", "long-csv")
+
+
+def test_deeply_nested_jsonl_is_refused_not_a_crash(tmp_path: Path) -> None:
+    # Arrow's parser would overflow the C stack (segfault) on this; moeprof refuses it in one line.
+    path = tmp_path / "deep.jsonl"
+    path.write_text(
+        '{"request_id": 0, "layer": 0, "experts": ' + "[" * 100_000 + "]" * 100_000 + "}\n"
+    )
+    with pytest.raises(MoeprofError, match=r"deep\.jsonl:1: not valid JSON"):
+        import_trace(path, "long-jsonl")

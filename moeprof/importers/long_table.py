@@ -99,6 +99,8 @@ COLUMN_NAMES: dict[str, tuple[str, ...]] = {
 _SLOT_EXPERT = re.compile(r"^(?:experts?|expert_ids?|topk_ids?|topk_idx)_?(\d+)$")
 _SLOT_WEIGHT = re.compile(r"^(?:weights?|gate_weights?|gating_probs?|topk_weights?|probs?)_?(\d+)$")
 _INT_RE = r"^\s*[+-]?\d+\s*$"
+_INT32_MIN, _INT32_MAX = -(2**31), 2**31 - 1
+_MAX_EXPERT_ID = 65534  # a trace has at most 65535 experts per layer
 _FLOAT_RE = r"^\s*[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?\s*$|^\s*(?:nan|NaN|inf|-inf)\s*$"
 
 
@@ -188,9 +190,29 @@ def _diagnose_csv(path: Path, n_columns: int, exc: Exception) -> MoeprofError:
     return MoeprofError(f"{path}: cannot parse as CSV ({str(exc).splitlines()[0]})")
 
 
+# Arrow's JSON parser recurses per nesting level and can overflow the C stack (a segfault) on
+# absurdly nested input; such files go to the Python path, which refuses them with one line.
+_MAX_ARROW_DEPTH = 64
+
+
+def _nesting_bound(path: Path) -> int:
+    """An upper bound on the file's JSON nesting depth (brackets inside strings count too)."""
+    step = np.zeros(256, dtype=np.int8)
+    step[[ord("["), ord("{")]] = 1
+    step[[ord("]"), ord("}")]] = -1
+    level, deepest = 0, 0
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 24):  # bounded memory whatever the file size
+            depth = level + np.cumsum(step[np.frombuffer(chunk, dtype=np.uint8)], dtype=np.int64)
+            deepest, level = max(deepest, int(depth.max())), int(depth[-1])
+    return deepest
+
+
 def _read_jsonl(path: Path) -> tuple[list[str], pa.Table]:
     import pyarrow.json as pjson
 
+    if _nesting_bound(path) > _MAX_ARROW_DEPTH:
+        return _read_jsonl_python(path, ValueError("deeply nested JSON"))
     try:
         table = pjson.read_json(path)
     except (pa.ArrowInvalid, pa.ArrowException) as exc:
@@ -211,8 +233,9 @@ def _read_jsonl_python(path: Path, exc: Exception) -> tuple[list[str], pa.Table]
                     continue
                 try:
                     obj = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise MoeprofError(f"{path}:{n}: not valid JSON ({err.msg})") from None
+                except (ValueError, RecursionError) as err:  # bad JSON, huge ints, deep nesting
+                    why = err.msg if isinstance(err, json.JSONDecodeError) else type(err).__name__
+                    raise MoeprofError(f"{path}:{n}: not valid JSON ({why})") from None
                 if not isinstance(obj, dict):
                     raise MoeprofError(f"{path}:{n}: a record must be a JSON object")
                 records.append(obj)
@@ -236,7 +259,7 @@ def _read_jsonl_python(path: Path, exc: Exception) -> tuple[list[str], pa.Table]
         values = [rec.get(name) for rec in records]
         try:
             columns[name] = pa.array(values)
-        except (pa.ArrowInvalid, pa.ArrowTypeError):
+        except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError):  # Overflow: int beyond 64 bits
             try:
                 columns[name] = pa.array([as_text(v) for v in values])
             except (pa.ArrowInvalid, pa.ArrowTypeError):  # lists mixed with scalars: all text
@@ -364,7 +387,80 @@ def _np(arr: pa.ChunkedArray | pa.Array) -> np.ndarray:
 def _show(value: Any) -> str:
     if isinstance(value, (float, np.floating)):
         return f"{float(value):g}"
-    return repr(value.item() if isinstance(value, np.generic) else value)
+    return _clip(repr(value.item() if isinstance(value, np.generic) else value))
+
+
+def _clip(text: str, limit: int = 60) -> str:
+    """A value for an error message, shortened when very long (a 10,000-digit number)."""
+    return text if len(text) <= limit else f"{text[: limit - 3]}..."
+
+
+def _arrow_errors() -> tuple[type[Exception], ...]:
+    # ArrowException covers ArrowInvalid, ArrowTypeError, ArrowNotImplementedError, ...
+    return (pa.ArrowException, OverflowError, ValueError, TypeError)
+
+
+def _first_failing(arr: pa.Array, convert: Callable[[pa.Array], Any]) -> int | None:
+    """Index of the first element that `convert` refuses, by bisection (a few conversions)."""
+
+    def fails(a: pa.Array) -> bool:
+        try:
+            convert(a)
+        except _arrow_errors():
+            return True
+        return False
+
+    lo, hi = 0, len(arr)
+    if hi == 0 or not fails(arr):
+        return None
+    while hi - lo > 1:  # arr[lo:hi] fails; conversion errors belong to single elements
+        mid = (lo + hi) // 2
+        if fails(arr.slice(lo, mid - lo)):
+            hi = mid
+        else:
+            lo = mid
+    return lo
+
+
+def _convert(
+    arr: pa.Array, convert: Callable[[pa.Array], Any], what: str, column: str, fail: _Fail
+) -> Any:
+    """``convert(arr)``; an Arrow conversion error becomes a MoeprofError naming the row and the
+    value, e.g. an integer that does not fit in 64 bits."""
+    try:
+        return convert(arr)
+    except _arrow_errors() as exc:
+        i = _first_failing(arr, convert)
+        if i is None:  # not tied to one value
+            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise fail(0, f"cannot convert column {column!r} ({reason})") from None
+        value = arr[i].as_py()
+        text = value.strip() if isinstance(value, str) else str(value)
+        if re.fullmatch(r"[+-]?\d+", text):
+            raise fail(
+                i, f"{what} {_clip(text)} in column {column!r} does not fit in a 64-bit integer"
+            ) from None
+        raise fail(i, f"{what} {_show(value)} in column {column!r} cannot be converted") from None
+
+
+def _to_int64(arr: pa.Array) -> pa.Array:
+    return pc.cast(arr, pa.int64())
+
+
+def _to_float64(arr: pa.Array) -> pa.Array:
+    # Unsafe: a large integer gate weight may lose precision, which is harmless.
+    return pc.cast(arr, pa.float64(), safe=False)
+
+
+def _in_range(values: np.ndarray, what: str, lo: int, hi: int, fail: _Fail) -> None:
+    """Every value in lo..hi, else an error naming the first row outside."""
+    bad = (values < lo) | (values > hi)
+    if bad.any():
+        i = _first(bad)
+        v = int(values[i])
+        if lo == 0 and v < 0:
+            raise fail(i, f"{what} {v} is negative")
+        raise fail(i, f"{what} {v} is out of range ({lo}..{hi})")
 
 
 def _ints(
@@ -383,18 +479,32 @@ def _ints(
         if empty.any() and not nullable:
             raise fail(_first(empty), missing)
         filled = pc.if_else(pa.array(empty), "-1", pc.utf8_trim_whitespace(arr))
-        return _np(pc.cast(filled, pa.int64())).astype(np.int64)
+        try:
+            return _np(_to_int64(filled)).astype(np.int64)
+        except _arrow_errors():
+            # Arrow does not parse a leading "+"; beyond that, a number too large for 64 bits.
+            filled = pc.replace_substring_regex(filled, r"^\+", "")
+            return _np(_convert(filled, _to_int64, what, column, fail)).astype(np.int64)
     nulls = _np(arr.is_null())
     if nulls.any() and not nullable:
         raise fail(_first(nulls), missing)
     if pa.types.is_integer(t):
-        return _np(pc.fill_null(arr, -1)).astype(np.int64)
+        # A safe cast: a uint64 beyond int64 is an error, not a wrap-around.
+        as_int64 = _convert(arr, _to_int64, what, column, fail)
+        return _np(pc.fill_null(as_int64, -1)).astype(np.int64)
     if pa.types.is_floating(t):
+        # JSON integers beyond int64 arrive as floats (1e+23): refuse them, do not wrap.
         vals = _np(pc.fill_null(arr, -1.0)).astype(np.float64)
         bad = ~np.isfinite(vals) | (vals != np.floor(vals))
         if bad.any():
             i = _first(bad)
             raise fail(i, f"{what} {_show(vals[i])} in column {column!r} is not an integer")
+        huge = (vals < -(2.0**63)) | (vals >= 2.0**63)
+        if huge.any():
+            i = _first(huge)
+            raise fail(
+                i, f"{what} {_show(vals[i])} in column {column!r} does not fit in a 64-bit integer"
+            )
         return vals.astype(np.int64)
     if pa.types.is_null(t):
         if nullable:
@@ -415,9 +525,9 @@ def _floats(col: pa.ChunkedArray | pa.Array, what: str, column: str, fail: _Fail
             i = _first(~ok)
             raise fail(i, f"{what} {_show(arr[i].as_py())} in column {column!r} is not a number")
         filled = pc.if_else(pa.array(empty), "nan", trimmed)
-        return _np(pc.cast(filled, pa.float64())).astype(np.float64)
+        return _np(_convert(filled, _to_float64, what, column, fail)).astype(np.float64)
     if pa.types.is_integer(t) or pa.types.is_floating(t):
-        return _np(pc.cast(arr, pa.float64())).astype(np.float64)
+        return _np(_convert(arr, _to_float64, what, column, fail)).astype(np.float64)
     if pa.types.is_null(t):
         return np.full(len(arr), np.nan)
     raise fail(0, f"column {column!r} must hold numbers ({what}), got {t}")
@@ -566,17 +676,26 @@ def _read_file(
     if table.num_rows == 0:
         raise MoeprofError(f"{path}: no data rows")
     fail = where.fail
+    # Ranges a trace can hold: layer numbers and positions 0..2^31-1, steps and token ids int32.
     layer = _ints(table[cols.layer], "layer", cols.layer, fail)
+    _in_range(layer, "layer", 0, _INT32_MAX, fail)
     position = (
         _ints(table[cols.position], "position", cols.position, fail) if cols.position else None
     )
-    if position is not None and (position < 0).any():
-        raise fail(_first(position < 0), f"position {int(position.min())} is negative")
+    if position is not None:
+        _in_range(position, "position", 0, _INT32_MAX, fail)
     experts = _matrix(table, cols.experts, "expert id", fail, floats=False, top_k=top_k)
     negative = experts < -1 if len(cols.experts) > 1 else experts < 0
     if negative.any():
         i = _first(negative.any(axis=1))
         raise fail(i, f"expert id {int(experts[i].min())} is negative")
+    if n_experts is None and (experts > _MAX_EXPERT_ID).any():
+        i = _first((experts > _MAX_EXPERT_ID).any(axis=1))
+        raise fail(
+            i,
+            f"expert id {int(experts[i].max())} is out of range "
+            f"(a trace holds at most {_MAX_EXPERT_ID + 1} experts per layer)",
+        )
     # -1 marks an empty slot here; a real expert named twice in one row is malformed.
     dup = duplicate_expert(experts[:, None, :], np.array([-1]))
     if dup:
@@ -596,6 +715,12 @@ def _read_file(
         c if c is not None and not _all_missing(table[c]) else None
         for c in (cols.step, cols.phase, cols.token_id)
     )
+    steps = _ints(table[step], "step", step, fail) if step else None
+    if steps is not None:
+        _in_range(steps, "step", _INT32_MIN, _INT32_MAX, fail)
+    token_ids = _ints(table[token], "token id", token, fail) if token else None
+    if token_ids is not None:
+        _in_range(token_ids, "token id", _INT32_MIN, _INT32_MAX, fail)
     return _FileRows(
         request=request,
         request_labels=labels,
@@ -603,9 +728,9 @@ def _read_file(
         layer=layer,
         experts=experts,
         weights=weights,
-        step=_ints(table[step], "step", step, fail) if step else None,
+        step=steps,
         phase=_phase_codes(table[phase], phase, fail) if phase else None,
-        token_id=_ints(table[token], "token id", token, fail) if token else None,
+        token_id=token_ids,
         columns=cols,
         where=where,
     )
