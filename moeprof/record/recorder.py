@@ -17,9 +17,10 @@ from __future__ import annotations
 
 import inspect
 import math
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -57,6 +58,19 @@ class _Requests:
     done: torch.Tensor  # [B] bool: row produced its end token (device)
 
 
+class _RawStep(NamedTuple):
+    """One forward pass as copied to the host, not yet unpacked into trace rows."""
+
+    host: (
+        np.ndarray
+    )  # int32: ids [L, N, K], fp16 bits [L, N, K], then valid/positions/tokens [3, N]
+    batch: int
+    seq: int
+    request_base: int
+    has_tokens: bool
+    top_k: int
+
+
 @dataclass
 class _Chunk:
     """Host copy of one pass's recorded tokens."""
@@ -68,6 +82,9 @@ class _Chunk:
     token_ids: np.ndarray | None  # [n] int32
     step: int
     phase: int
+
+
+_LITTLE_ENDIAN = sys.byteorder == "little"
 
 
 def _config_top_k(model: nn.Module) -> int | None:
@@ -131,6 +148,7 @@ class Recorder:
         self._eos_tensor: torch.Tensor | None = None
         self._next_request = 0
         self._chunks: list[_Chunk] = []
+        self._pending: list[tuple[_RawStep, int, int]] = []  # (packed step, step index, phase)
         self._layer_passes = np.zeros(len(self.layers), dtype=np.int64)
         self._tokens_unknown = False
         self.n_passes = 0  # forward passes recorded (= steps)
@@ -396,7 +414,13 @@ class Recorder:
         )
         packed = torch.cat([ids_all.reshape(-1), weight_bits.reshape(-1), book.reshape(-1)])
         host = packed.cpu().numpy()  # the single device->host copy of this step
-        self._store(host, p, top_k)
+        # Only count here; unpacking into trace rows waits for the end (_drain), off the step path.
+        valid_col = host[host.size - 3 * n_rows : host.size - 2 * n_rows]  # book row 0
+        n_valid = int(np.count_nonzero(valid_col))
+        if n_valid:
+            raw = _RawStep(host, p.batch, p.seq, p.request_base, p.tokens is not None, top_k)
+            self._pending.append((raw, self.n_passes, p.phase))
+            self.n_tokens += n_valid
         self.n_passes += 1
 
     def _stack_mixed(self, p: _Pass, n_rows: int, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -424,35 +448,49 @@ class Recorder:
             weight_parts.append(weights)
         return torch.stack(ids_parts), torch.stack(weight_parts)
 
-    def _store(self, host: np.ndarray, p: _Pass, top_k: int) -> None:
+    def _drain(self) -> None:
+        """Unpack the steps recorded so far into trace rows."""
+        pending, self._pending = self._pending, []
+        for raw, step, phase in pending:
+            self._store(raw, step, phase)
+
+    def _store(self, raw: _RawStep, step: int, phase: int) -> None:
+        host, top_k = raw.host, raw.top_k
         n_layers = len(self.layers)
-        n_rows = p.batch * p.seq
+        n_rows = raw.batch * raw.seq
         size = n_layers * n_rows * top_k
         book = host[2 * size :].reshape(3, n_rows)
         keep = np.flatnonzero(book[0])
         if keep.size == 0:
             return
-        ids = host[:size].reshape(n_layers, n_rows, top_k)[:, keep].transpose(1, 0, 2)
+        # Every row valid (most decode steps): a slice, not a gather.
+        rows: slice | np.ndarray = slice(None) if keep.size == n_rows else keep
+        ids = host[:size].reshape(n_layers, n_rows, top_k)[:, rows].transpose(1, 0, 2)
         sentinel = self._n_experts[None, :, None]
-        ids = np.where((ids < 0) | (ids >= sentinel), sentinel, ids).astype(np.uint16)
-        bits = host[size : 2 * size].reshape(n_layers, n_rows, top_k)[:, keep].transpose(1, 0, 2)
-        weights = (bits & 0xFFFF).astype(np.uint16).view(np.float16)
+        if int(ids.min()) < 0 or int(ids.max()) >= int(self._n_experts.min()):
+            ids = np.where((ids < 0) | (ids >= sentinel), sentinel, ids)
+        ids = ids.astype(np.uint16)
+        bits = host[size : 2 * size].reshape(n_layers, n_rows, top_k)[:, rows].transpose(1, 0, 2)
+        if _LITTLE_ENDIAN:  # the low 16 bits of each int32 hold the fp16 pattern: a view
+            weights = bits.view(np.uint16)[..., ::2].view(np.float16)
+        else:
+            weights = (bits & 0xFFFF).astype(np.uint16).view(np.float16)
         self._chunks.append(
             _Chunk(
                 expert_ids=np.ascontiguousarray(ids),
                 gate_weights=np.ascontiguousarray(weights),
-                request_ids=p.request_base + keep // p.seq,
+                request_ids=raw.request_base + keep // raw.seq,
                 positions=book[1, keep].astype(np.int32),
-                token_ids=None if p.tokens is None else book[2, keep].astype(np.int32),
-                step=self.n_passes,
-                phase=p.phase,
+                token_ids=book[2, keep].astype(np.int32) if raw.has_tokens else None,
+                step=step,
+                phase=phase,
             )
         )
-        self.n_tokens += int(keep.size)
 
     # ------------------------------------------------------------------ result
     @property
     def top_k(self) -> int:
+        self._drain()
         ks = [c.expert_ids.shape[2] for c in self._chunks]
         return max(ks) if ks else (self._default_k or 1)
 
@@ -493,7 +531,7 @@ class Recorder:
                     "the model; a fused kernel may bypass the module (e.g. use_kernels=True). "
                     "Load the model without kernels to record it"
                 )
-        top_k = self.top_k
+        top_k = self.top_k  # unpacks the pending steps too
         n_layers = len(self.layers)
         ids_parts, weight_parts = [], []
         for c in self._chunks:
