@@ -168,6 +168,10 @@ def write_bytes(path: PathLike, data: bytes) -> None:
     write_all([(path, data)])
 
 
+_NAME_MAX = 255  # bytes in one path component on Linux, macOS and Windows file systems
+_TEMP_NAME_EXTRA = len(".") + len(".XXXXXXXX") + len(".tmp")
+
+
 def check_outputs(paths: Sequence[PathLike | None], *, force: bool) -> None:
     """Check output paths up front, before any work: folder exists, the output is a regular file
     or not there yet (through a symlink, the file it points to), no overwrite without --force,
@@ -176,6 +180,10 @@ def check_outputs(paths: Sequence[PathLike | None], *, force: bool) -> None:
     _check_distinct(targets)
     for target in targets:
         parent = _parent(target)
+        # The temporary file is named ".NAME.XXXXXXXX.tmp": refuse now a name that cannot be
+        # written, not after the work is done.
+        if len(os.fsencode(target.name)) + _TEMP_NAME_EXTRA > _NAME_MAX:
+            raise MoeprofError(f"cannot write {target}: file name too long")
         if not parent.is_dir():
             raise MoeprofError(f"cannot write {target}: folder {parent} does not exist")
         _destination(target)

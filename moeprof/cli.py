@@ -83,4 +83,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         _common.fail("interrupted", 130)
     except BrokenPipeError:
         sys.exit(0)
+    except OSError as exc:
+        # A path the system refuses (name too long, permission denied, ...): the user's to fix.
+        where = f"{exc.filename}: " if exc.filename else ""
+        _common.fail(f"{where}{exc.strerror or exc}", 2)
+    if rv == 130:  # typer turns Ctrl-C inside a command into a return value of 130
+        _common.fail("interrupted", 130)
     sys.exit(rv if isinstance(rv, int) else 0)

@@ -205,3 +205,28 @@ def test_hostile_json_inputs_are_one_line_errors(tmp_path: Path, run_cli, kind: 
     assert result.exit_code == 2, result.stderr
     assert result.stderr.startswith("moeprof: error:") and result.stderr.count("\n") == 1
     assert not out.exists()
+
+
+def test_system_path_errors_are_one_line(tmp_path: Path, run_cli) -> None:
+    long_input = tmp_path / ("a" * 300 + ".moe")
+    result = run_cli("info", long_input)
+    assert result.exit_code == 2 and "File name too long" in result.stderr
+    assert result.stderr.count("\n") == 1
+    # An output name too long for its temporary file is refused before any work.
+    long_output = tmp_path / ("b" * 250 + ".json")
+    result = run_cli("analyze", "traces/mixtral-like.moe", "--json", long_output)
+    assert result.exit_code == 2 and "file name too long" in result.stderr
+    assert result.stdout == ""
+
+
+def test_ctrl_c_inside_a_command_says_interrupted(
+    run_cli, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    import moeprof.trace
+
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(moeprof.trace, "load_trace", interrupt)
+    result = run_cli("info", "traces/mixtral-like.moe")
+    assert result.exit_code == 130 and result.stderr == "moeprof: error: interrupted\n"

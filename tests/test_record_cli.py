@@ -266,6 +266,32 @@ def test_local_non_moe_model_is_a_clear_error(run_cli: Any, tmp_path: Path) -> N
     demo.load()[1].save_pretrained(folder)
     res = run_cli("record", folder, "-o", tmp_path / "x.moe")
     assert res.exit_code == 2 and "no MoE layer" in res.stderr
+    assert res.stderr.count("\n") == 1  # refused before the progress bar starts
+    assert not (tmp_path / "x.moe").exists()
+
+
+@pytest.mark.parametrize("defect", ["truncated weights", "config type", "shape mismatch"])
+def test_broken_local_model_is_one_line(
+    run_cli: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, defect: str
+) -> None:
+    import shutil
+
+    folder = tmp_path / "broken"
+    shutil.copytree(Path(demo.__file__).parent / "data", folder)
+    config = json.loads((folder / "config.json").read_text())
+    if defect == "truncated weights":
+        weights = folder / "model.safetensors"
+        weights.write_bytes(weights.read_bytes()[:100])
+    elif defect == "config type":
+        config["hidden_size"] = "big"
+    else:
+        config["hidden_size"] = 2 * int(config["hidden_size"])
+    (folder / "config.json").write_text(json.dumps(config))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    res = run_cli("record", folder, "-n", "1", "--limit", "1", "-o", tmp_path / "x.moe")
+    assert res.exit_code == 2, res.stderr
+    assert res.stderr.startswith("moeprof: error: cannot load model")
+    assert "\x1b[" not in res.stderr and "HF_HUB_OFFLINE" not in res.stderr
     assert not (tmp_path / "x.moe").exists()
 
 

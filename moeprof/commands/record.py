@@ -178,6 +178,10 @@ def register(app: typer.Typer) -> None:
                 rate = task.completed / elapsed if elapsed > 0 else 0.0
                 return Text(f"{task.completed:,.0f} tokens  {rate:,.0f} tokens/s")
 
+        # A model without MoE layers is refused before the progress bar appears (one clean line).
+        from moeprof.record.adapters import find_moe_layers
+
+        find_moe_layers(loaded.model)
         progress = Progress(
             TextColumn("recording"),
             BarColumn(),

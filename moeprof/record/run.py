@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -114,9 +115,12 @@ def _looks_like_path(ref: str) -> bool:
     return ref.startswith(("/", "./", "../", "~", ".\\")) or ref.count("/") > 1 or ref.endswith("/")
 
 
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
 def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
+    text = _ANSI.sub("", str(exc)).strip().splitlines()
+    return text[0][:300] if text else type(exc).__name__
 
 
 def load_model(
@@ -169,17 +173,19 @@ def load_model(
     if offline:
         common["local_files_only"] = True
     hint = (
-        " (HF_HUB_OFFLINE is set: only models already in the local cache load)" if offline else ""
+        " (HF_HUB_OFFLINE is set: only models already in the local cache load)"
+        if offline and source == ref and not local.exists()
+        else ""
     )
     try:
         AutoConfig.from_pretrained(source, **common)
-    except (OSError, ValueError, KeyError) as exc:
+    except Exception as exc:  # any library's error type: the files cannot be loaded
         raise MoeprofError(f"cannot load model {ref}: {_one_line(exc)}{hint}") from None
     try:
         model: Any = AutoModelForCausalLM.from_pretrained(
             source, dtype=torch_dtype, device_map=device_map, **common
         )
-    except (OSError, ValueError, KeyError, ImportError) as exc:
+    except Exception as exc:  # e.g. SafetensorError, size mismatches, hub validation errors
         raise MoeprofError(
             f"cannot load model {ref} as a causal LM: {_one_line(exc)}{hint}"
         ) from None
@@ -190,7 +196,7 @@ def load_model(
     model.eval()
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, **common)
-    except (OSError, ValueError, KeyError) as exc:
+    except Exception as exc:  # any library's error type: the files cannot be loaded
         raise MoeprofError(f"cannot load the tokenizer of {ref}: {_one_line(exc)}{hint}") from None
     tokenizer.padding_side = "left"  # decoder-only batches pad on the left
     if tokenizer.pad_token_id is None:
