@@ -847,3 +847,251 @@ def test_deeply_nested_jsonl_is_refused_not_a_crash(tmp_path: Path) -> None:
     )
     with pytest.raises(MoeprofError, match=r"deep\.jsonl:1: not valid JSON"):
         import_trace(path, "long-jsonl")
+
+
+# ---------------------------------------------------------------------- hostile input
+
+
+QWEN = {
+    "model_type": "qwen3_moe",
+    "num_hidden_layers": 4,
+    "num_experts": 8,
+    "hidden_size": 64,
+    "moe_intermediate_size": 32,
+    "torch_dtype": "bfloat16",
+}
+
+
+@pytest.mark.parametrize(
+    ("cfg", "message"),
+    [
+        ({**QWEN, "num_hidden_layers": 10**9}, "'num_hidden_layers' must be in 1..100000"),
+        ({**QWEN, "num_hidden_layers": 0}, "'num_hidden_layers' must be in 1..100000"),
+        ({**QWEN, "decoder_sparse_step": 0}, "'decoder_sparse_step' must be in 1"),
+        ({**QWEN, "decoder_sparse_step": "2"}, "'decoder_sparse_step' must be an integer"),
+        ({**QWEN, "mlp_only_layers": 5}, "'mlp_only_layers' must be a list of integers"),
+        ({**QWEN, "mlp_only_layers": ["a"]}, "'mlp_only_layers' must be a list of integers"),
+        ({**QWEN, "quantization_config": "fp8"}, "'quantization_config' must be an object"),
+        (
+            {**QWEN, "quantization_config": {"quant_method": "fp8", "weight_block_size": [128]}},
+            "'weight_block_size' must be a list of two positive integers",
+        ),
+        (
+            {**QWEN, "quantization_config": {"quant_method": "fp8", "weight_block_size": [0, 0]}},
+            "'weight_block_size' must be a list of two positive integers",
+        ),
+        ({**QWEN, "architectures": 5}, "'architectures' must be a list of strings"),
+        ({**QWEN, "architectures": [1]}, "'architectures' must be a list of strings"),
+        (
+            {**QWEN, "shared_expert_intermediate_size": "x"},
+            "'shared_expert_intermediate_size' must be an integer",
+        ),
+        ({**QWEN, "hidden_size": -64}, "'hidden_size' must be in 1"),
+        (
+            {
+                "model_type": "deepseek_v3",
+                "num_hidden_layers": 4,
+                "n_routed_experts": 8,
+                "hidden_size": 64,
+                "moe_intermediate_size": 32,
+                "torch_dtype": "bfloat16",
+                "moe_layer_freq": 0,
+            },
+            "'moe_layer_freq' must be in 1",
+        ),
+        (
+            {
+                "model_type": "deepseek_v3",
+                "num_hidden_layers": 4,
+                "n_routed_experts": 8,
+                "hidden_size": 64,
+                "moe_intermediate_size": 32,
+                "torch_dtype": "bfloat16",
+                "n_shared_experts": [1],
+            },
+            "'n_shared_experts' must be an integer",
+        ),
+        (
+            {
+                "model_type": "llama4_text",
+                "num_hidden_layers": 4,
+                "num_local_experts": 8,
+                "hidden_size": 64,
+                "intermediate_size": 32,
+                "torch_dtype": "bfloat16",
+                "interleave_moe_layer_step": 0,
+            },
+            "'interleave_moe_layer_step' must be in 1",
+        ),
+        (
+            {
+                "model_type": "llama4_text",
+                "num_hidden_layers": 4,
+                "num_local_experts": 8,
+                "hidden_size": 64,
+                "intermediate_size": 32,
+                "torch_dtype": "bfloat16",
+                "moe_layers": "1,3",
+            },
+            "'moe_layers' must be a list of integers",
+        ),
+        (
+            {
+                "model_type": "llama4_text",
+                "num_hidden_layers": 4,
+                "num_local_experts": 8,
+                "hidden_size": 64,
+                "intermediate_size": 32,
+                "moe_layers": [1, 4],
+            },
+            "'moe_layers' names layers outside 0..3",
+        ),
+        (
+            {
+                "model_type": "jamba",
+                "num_hidden_layers": 4,
+                "num_experts": 8,
+                "hidden_size": 64,
+                "intermediate_size": 32,
+                "torch_dtype": "bfloat16",
+                "expert_layer_period": 0,
+            },
+            "'expert_layer_period' must be in 1",
+        ),
+        (
+            {"model_type": "dbrx", "n_layers": 4, "d_model": 64, "ffn_config": "x"},
+            "'ffn_config' must be an object",
+        ),
+    ],
+)
+def test_hostile_model_configs(tmp_path: Path, cfg: dict, message: str) -> None:
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({"torch_dtype": "bfloat16", **cfg}))
+    with pytest.raises(MoeprofError, match=rf"config\.json: field {message}"):
+        load_model_config(path)
+
+
+def npy_header(shape: tuple[int, ...], descr: str = "<i2") -> bytes:
+    """A version 1.0 .npy header declaring `shape`, with no data after it."""
+    h = f"{{'descr': '{descr}', 'fortran_order': False, 'shape': {shape}, }}".encode()
+    h += b" " * (63 - (10 + len(h)) % 64) + b"\n"
+    return b"\x93NUMPY\x01\x00" + len(h).to_bytes(2, "little") + h
+
+
+def test_vllm_hostile_arrays(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import re
+    import zipfile
+
+    from moeprof.importers import vllm
+
+    g = np.tile(np.array([0, 1], np.int16), (3, 4, 1))
+
+    def refused(name: str, match: str) -> None:
+        with pytest.raises(MoeprofError, match=re.escape(name) + ": .*" + match):
+            import_trace(tmp_path / name, "vllm")
+
+    # A header declaring terabytes: refused before anything is allocated.
+    (tmp_path / "huge.npy").write_bytes(npy_header((10**12, 4, 2)))
+    refused("huge.npy", "declares shape \\[1000000000000, 4, 2\\].*truncated")
+    (tmp_path / "trunc.npy").write_bytes(npy_header((100, 4, 2)) + b"\0" * 10)
+    refused("trunc.npy", "only 10 bytes follow its header")
+    (tmp_path / "negdim.npy").write_bytes(npy_header((-1, 4, 2)))
+    refused("negdim.npy", "negative dimension")
+    (tmp_path / "td.npy").write_bytes(npy_header((3, 4, 2), "<m8[s]") + b"\0" * 192)
+    refused("td.npy", "must hold integer expert ids, got timedelta64")
+    (tmp_path / "text.npy").write_text("hello")
+    refused("text.npy", "not a numpy .npy/.npz file")
+    # More values than one file may hold (the cap lowered here), though the bytes are there.
+    monkeypatch.setattr(vllm, "MAX_DECISIONS", 1000)
+    (tmp_path / "many.npy").write_bytes(npy_header((126, 4, 2), "|i1") + b"\0" * 1008)
+    refused("many.npy", "holds 1008 values, more than the 1000 one file may hold")
+    np.savez(
+        tmp_path / "many.npz",
+        prompt_routed_experts=g,
+        routed_experts=np.zeros((125, 4, 2), np.int8),
+    )
+    refused("many.npz", "'routed_experts' holds 1000 values, more than the 1000")
+    # .npz: zip bomb (declared size checked first), foreign and object members, bad token ids.
+    with zipfile.ZipFile(tmp_path / "bomb.npz", "w", zipfile.ZIP_DEFLATED) as z:
+        z.writestr("routed_experts.npy", npy_header((3, 4, 2)) + b"\0" * (2 << 20))
+    assert (tmp_path / "bomb.npz").stat().st_size < 100_000
+    refused("bomb.npz", "member 'routed_experts.npy' unpacks to 2097280 bytes, more than")
+    monkeypatch.undo()
+    with zipfile.ZipFile(tmp_path / "nonnpy.npz", "w") as z:
+        z.writestr("routed_experts.npy", b"x")
+    refused("nonnpy.npz", "'routed_experts' has no valid .npy header")
+    with zipfile.ZipFile(tmp_path / "txt.npz", "w") as z:
+        z.writestr("readme.txt", b"x")
+    refused("txt.npz", "member 'readme.txt' is not a .npy array")
+    (tmp_path / "corrupt.npz").write_bytes(b"PK\x03\x04" + b"\0" * 40)
+    refused("corrupt.npz", "not a readable numpy .npy/.npz file")
+    np.savez(tmp_path / "obj.npz", routed_experts=np.array([None], dtype=object))
+    refused("obj.npz", "cannot read it without unpickling")
+    np.savez(
+        tmp_path / "objtok.npz", prompt_routed_experts=g, prompt_token_ids=np.array([None] * 3)
+    )
+    refused("objtok.npz", "cannot read it without unpickling")
+    np.savez(tmp_path / "strtok.npz", prompt_routed_experts=g, prompt_token_ids=np.array(["a"] * 3))
+    refused("strtok.npz", "'prompt_token_ids' must hold integer token ids, got <U1")
+    np.savez(tmp_path / "ftok.npz", prompt_routed_experts=g, prompt_token_ids=np.zeros(3))
+    refused("ftok.npz", "'prompt_token_ids' must hold integer token ids, got float64")
+
+    # The CLI: one line, exit 2, naming the file.
+    code, _, err = run_cli(
+        ["import", str(tmp_path / "huge.npy"), "-F", "vllm", "-o", str(tmp_path / "o.moe")], capsys
+    )
+    assert code == 2 and "huge.npy" in err and len(err.strip().splitlines()) == 1
+
+    # Still reads what it should: Fortran order, big-endian, token ids alongside.
+    np.save(tmp_path / "f.npy", np.asfortranarray(np.arange(24, dtype=">i4").reshape(3, 4, 2) % 8))
+    trace = import_trace(tmp_path / "f.npy", "vllm")
+    assert trace.expert_ids.tolist() == (np.arange(24).reshape(3, 4, 2) % 8).tolist()
+    np.savez(tmp_path / "ok.npz", prompt_routed_experts=g, prompt_token_ids=np.arange(3))
+    assert import_trace(tmp_path / "ok.npz", "vllm").token_ids.tolist() == [0, 1, 2]
+
+
+def test_sglang_hostile_records(tmp_path: Path) -> None:
+    import torch
+
+    ids = torch.full((2, 3, 8), -1, dtype=torch.int32)
+    ids[1, :, 0], ids[1, :, 1] = 0, 1
+
+    def rec(**kw: object) -> dict:
+        return {
+            "topk_ids_of_layer": ids,
+            "positions": torch.tensor([0, 1, 2]),
+            "forward_mode": 1,
+            **kw,
+        }
+
+    def refused(dump: object, match: str) -> None:
+        torch.save(dump, tmp_path / "d.pt")
+        with pytest.raises(MoeprofError, match=rf"d\.pt: {match}"):
+            import_trace(tmp_path / "d.pt", "sglang")
+
+    refused({"records": [rec(forward_mode="extend")]}, "record 0: forward_mode must be")
+    refused({"records": [rec(forward_pass_id="x")]}, "record 0: forward_pass_id must be")
+    refused({"records": [rec(forward_pass_id=2**70)]}, "record 0: forward_pass_id .*int64")
+    refused({"records": [rec(forward_pass_id=[1, 2])]}, "record 0: forward_pass_id must be one")
+    refused({"records": [rec(topk_ids_of_layer=ids.to_sparse())]}, "record 0: .* dense tensor")
+    refused({"records": [rec(topk_ids_of_layer=ids.float())]}, "record 0: .* integers")
+    refused({"records": [rec(topk_ids_of_layer=[[["a"]]])]}, "record 0: topk_ids_of_layer")
+    refused({"records": [rec(positions=[[0, 1, 2]])]}, "record 0: positions must have 1 dim")
+    refused({"records": [rec(positions=["a", "b", "c"])]}, "record 0: positions must hold")
+    refused({"records": [rec(positions=[0, [1], 2])]}, "record 0: positions is not a list")
+    refused({"records": [rec(positions=None)]}, "record 0: positions is missing")
+    refused({"records": [rec(positions=[0, -1, 0])]}, "record 0: positions must not be negative")
+    refused({"records": [rec(input_ids="abc")]}, "record 0: input_ids must be integers")
+    refused({"records": [rec(extend_seq_lens=[4, -1])]}, "record 0: extend_seq_lens must not")
+    refused({"records": [rec(extend_seq_lens="3")]}, "record 0: extend_seq_lens must be")
+    bad_map = torch.zeros((2, 2), dtype=torch.int64)
+    bad_map[1, 1] = -2
+    refused({"records": [rec()], "last_physical_to_logical_map": bad_map}, "last_physical.*-2")
+    refused({"records": [rec()], "last_physical_to_logical_map": "x"}, "last_physical.*must be")
+
+    # A tensor of sequence lengths (what SGLang writes) is fine.
+    torch.save({"records": [rec(extend_seq_lens=torch.tensor([2, 1]))]}, tmp_path / "ok.pt")
+    trace = import_trace(tmp_path / "ok.pt", "sglang")
+    assert trace.n_tokens == 3 and trace.request_ids.tolist() == [0, 0, 1]

@@ -92,15 +92,56 @@ def _need(cfg: dict[str, Any], key: str, where: str) -> Any:
     return cfg[key]
 
 
-def _int(cfg: dict[str, Any], key: str, where: str, default: int | None = None) -> int:
+_MAX_LAYERS = 100_000
+_MAX_SIZE = 1 << 40
+
+
+def _int(
+    cfg: dict[str, Any],
+    key: str,
+    where: str,
+    default: int | None = None,
+    *,
+    lo: int | None = None,
+    hi: int | None = None,
+) -> int:
     value = cfg.get(key)
     if value is None:
         if default is None:
             return int(_need(cfg, key, where))
         return default
     if isinstance(value, bool) or not isinstance(value, int):
-        raise MoeprofError(f"{where}: field {key!r} must be an integer, got {value!r}")
+        raise MoeprofError(f"{where}: field {key!r} must be an integer, got {value!r:.60}")
+    if (lo is not None and value < lo) or (hi is not None and value > hi):
+        bounds = f"{lo if lo is not None else '...'}..{hi if hi is not None else '...'}"
+        raise MoeprofError(f"{where}: field {key!r} must be in {bounds}, got {value}")
     return int(value)
+
+
+def _layers(cfg: dict[str, Any], key: str, where: str) -> int:
+    """A layer count, bounded before anything is built from it."""
+    return _int(cfg, key, where, lo=1, hi=_MAX_LAYERS)
+
+
+def _step(cfg: dict[str, Any], key: str, where: str, default: int) -> int:
+    """A layer period / step: an integer of at least 1."""
+    return _int(cfg, key, where, default, lo=1, hi=_MAX_LAYERS)
+
+
+def _size(cfg: dict[str, Any], key: str, where: str, default: int | None = None) -> int:
+    """A dimension or count that must not be negative (0 allowed only where a default says so)."""
+    return _int(cfg, key, where, default, lo=0 if default == 0 else 1, hi=_MAX_SIZE)
+
+
+def _int_list(cfg: dict[str, Any], key: str, where: str) -> list[int] | None:
+    value = cfg.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, list) or not all(
+        isinstance(x, int) and not isinstance(x, bool) for x in value
+    ):
+        raise MoeprofError(f"{where}: field {key!r} must be a list of integers, got {value!r:.60}")
+    return [int(x) for x in value]
 
 
 def _weight_format(cfg: dict[str, Any], where: str) -> WeightFormat:
@@ -114,13 +155,29 @@ def _weight_format(cfg: dict[str, Any], where: str) -> WeightFormat:
         raise MoeprofError(f"{where}: dtype {dtype!r} is not known; pass --expert-bytes instead")
     dtype_bytes = _DTYPE_BYTES[dtype]
     quant = cfg.get("quantization_config")
+    if quant is not None and not isinstance(quant, dict):
+        raise MoeprofError(
+            f"{where}: field 'quantization_config' must be an object, got {quant!r:.60}"
+        )
     if not quant:
         return WeightFormat(dtype, dtype_bytes * 8, dtype_bytes)
     method = str(quant.get("quant_method", "")).lower()
     if method == "fp8":
         block = quant.get("weight_block_size")
-        if block:
-            rows, cols = (int(x) for x in block)
+        if block is not None:
+            if not (
+                isinstance(block, list)
+                and len(block) == 2
+                and all(
+                    isinstance(x, int) and not isinstance(x, bool) and 0 < x <= _MAX_SIZE
+                    for x in block
+                )
+            ):
+                raise MoeprofError(
+                    f"{where}: field 'weight_block_size' must be a list of two positive "
+                    f"integers, got {block!r:.60}"
+                )
+            rows, cols = block
             return WeightFormat(f"fp8 (block {rows}x{cols})", 8, dtype_bytes, (rows, cols), 4)
         # Per-tensor FP8: one float32 scale per matrix (a block larger than any matrix).
         return WeightFormat("fp8 (per tensor)", 8, dtype_bytes, (1 << 62, 1 << 62), 4)
@@ -151,12 +208,12 @@ class _Layout:
 
 
 def _layout_mixtral(c: dict[str, Any], w: str, fmt: WeightFormat) -> _Layout:
-    n = _int(c, "num_hidden_layers", w)
+    n = _layers(c, "num_hidden_layers", w)
     return _Layout(
-        _int(c, "num_local_experts", w),
+        _int(c, "num_local_experts", w, lo=0, hi=_MAX_SIZE),
         c.get("num_experts_per_tok"),
-        _int(c, "hidden_size", w),
-        _int(c, "intermediate_size", w),
+        _size(c, "hidden_size", w),
+        _size(c, "intermediate_size", w),
         list(range(n)),
         0,
     )
@@ -165,13 +222,13 @@ def _layout_mixtral(c: dict[str, Any], w: str, fmt: WeightFormat) -> _Layout:
 def _layout_qwen_moe(c: dict[str, Any], w: str, fmt: WeightFormat) -> _Layout:
     # transformers Qwen2MoeDecoderLayer: MoE unless listed in mlp_only_layers, every
     # decoder_sparse_step-th layer; the shared expert has its own size and a hidden->1 gate.
-    n = _int(c, "num_hidden_layers", w)
-    n_exp = _int(c, "num_experts", w)
-    step = _int(c, "decoder_sparse_step", w, 1)
-    dense = set(c.get("mlp_only_layers") or [])
+    n = _layers(c, "num_hidden_layers", w)
+    n_exp = _int(c, "num_experts", w, lo=0, hi=_MAX_SIZE)
+    step = _step(c, "decoder_sparse_step", w, 1)
+    dense = set(_int_list(c, "mlp_only_layers", w) or [])
     layers = [i for i in range(n) if i not in dense and n_exp > 0 and (i + 1) % step == 0]
-    hidden = _int(c, "hidden_size", w)
-    shared_inter = int(c.get("shared_expert_intermediate_size") or 0)
+    hidden = _size(c, "hidden_size", w)
+    shared_inter = _size(c, "shared_expert_intermediate_size", w, 0)
     shared = (
         _swiglu_bytes(hidden, shared_inter, fmt) + fmt.matrix_bytes(1, hidden)
         if shared_inter
@@ -181,7 +238,7 @@ def _layout_qwen_moe(c: dict[str, Any], w: str, fmt: WeightFormat) -> _Layout:
         n_exp,
         c.get("num_experts_per_tok"),
         hidden,
-        _int(c, "moe_intermediate_size", w),
+        _size(c, "moe_intermediate_size", w),
         layers,
         shared,
     )
@@ -191,26 +248,31 @@ def _layout_deepseek(c: dict[str, Any], w: str, fmt: WeightFormat) -> _Layout:
     # DeepSeek-V2/V3 (and GLM-4.5 MoE, same fields): dense for the first first_k_dense_replace
     # layers, then MoE every moe_layer_freq layers; the n_shared_experts shared experts run as one
     # MLP of n_shared_experts x moe_intermediate_size.
-    n = _int(c, "num_hidden_layers", w)
-    first_dense = _int(c, "first_k_dense_replace", w, 0)
-    freq = _int(c, "moe_layer_freq", w, 1)
+    n = _layers(c, "num_hidden_layers", w)
+    first_dense = _int(c, "first_k_dense_replace", w, 0, lo=0)
+    freq = _step(c, "moe_layer_freq", w, 1)
     layers = [i for i in range(n) if i >= first_dense and i % freq == 0]
-    hidden = _int(c, "hidden_size", w)
-    inter = _int(c, "moe_intermediate_size", w)
-    n_shared = int(c.get("n_shared_experts") or 0)
+    hidden = _size(c, "hidden_size", w)
+    inter = _size(c, "moe_intermediate_size", w)
+    n_shared = _size(c, "n_shared_experts", w, 0)
     shared = _swiglu_bytes(hidden, inter * n_shared, fmt) if n_shared else 0
     return _Layout(
-        _int(c, "n_routed_experts", w), c.get("num_experts_per_tok"), hidden, inter, layers, shared
+        _int(c, "n_routed_experts", w, lo=0, hi=_MAX_SIZE),
+        c.get("num_experts_per_tok"),
+        hidden,
+        inter,
+        layers,
+        shared,
     )
 
 
 def _layout_olmoe(c: dict[str, Any], w: str, fmt: WeightFormat) -> _Layout:
-    n = _int(c, "num_hidden_layers", w)
+    n = _layers(c, "num_hidden_layers", w)
     return _Layout(
-        _int(c, "num_experts", w),
+        _int(c, "num_experts", w, lo=0, hi=_MAX_SIZE),
         c.get("num_experts_per_tok"),
-        _int(c, "hidden_size", w),
-        _int(c, "intermediate_size", w),
+        _size(c, "hidden_size", w),
+        _size(c, "intermediate_size", w),
         list(range(n)),
         0,
     )
@@ -218,13 +280,13 @@ def _layout_olmoe(c: dict[str, Any], w: str, fmt: WeightFormat) -> _Layout:
 
 def _layout_gpt_oss(c: dict[str, Any], w: str, fmt: WeightFormat) -> _Layout:
     # gate_up_proj [hidden, 2 x inter] + bias, down_proj [inter, hidden] + bias, every layer.
-    n = _int(c, "num_hidden_layers", w)
+    n = _layers(c, "num_hidden_layers", w)
     top_k = c.get("num_experts_per_tok", c.get("experts_per_token"))
     return _Layout(
-        _int(c, "num_local_experts", w),
+        _int(c, "num_local_experts", w, lo=0, hi=_MAX_SIZE),
         top_k,
-        _int(c, "hidden_size", w),
-        _int(c, "intermediate_size", w),
+        _size(c, "hidden_size", w),
+        _size(c, "intermediate_size", w),
         list(range(n)),
         0,
         bias=True,
@@ -232,43 +294,47 @@ def _layout_gpt_oss(c: dict[str, Any], w: str, fmt: WeightFormat) -> _Layout:
 
 
 def _layout_dbrx(c: dict[str, Any], w: str, fmt: WeightFormat) -> _Layout:
-    ffn = c.get("ffn_config") or {}
+    ffn = c.get("ffn_config")
+    if ffn is None:
+        ffn = {}
+    if not isinstance(ffn, dict):
+        raise MoeprofError(f"{w}: field 'ffn_config' must be an object, got {ffn!r:.60}")
     where = f"{w} (ffn_config)"
-    n = _int(c, "n_layers", w)
+    n = _layers(c, "n_layers", w)
     return _Layout(
-        _int(ffn, "moe_num_experts", where),
+        _int(ffn, "moe_num_experts", where, lo=0, hi=_MAX_SIZE),
         ffn.get("moe_top_k"),
-        _int(c, "d_model", w),
-        _int(ffn, "ffn_hidden_size", where),
+        _size(c, "d_model", w),
+        _size(ffn, "ffn_hidden_size", where),
         list(range(n)),
         0,
     )
 
 
 def _layout_granite(c: dict[str, Any], w: str, fmt: WeightFormat) -> _Layout:
-    n = _int(c, "num_hidden_layers", w)
-    hidden = _int(c, "hidden_size", w)
-    shared_inter = int(c.get("shared_intermediate_size") or 0)
+    n = _layers(c, "num_hidden_layers", w)
+    hidden = _size(c, "hidden_size", w)
+    shared_inter = _size(c, "shared_intermediate_size", w, 0)
     shared = _swiglu_bytes(hidden, shared_inter, fmt) if shared_inter else 0
     return _Layout(
-        _int(c, "num_local_experts", w),
+        _int(c, "num_local_experts", w, lo=0, hi=_MAX_SIZE),
         c.get("num_experts_per_tok"),
         hidden,
-        _int(c, "intermediate_size", w),
+        _size(c, "intermediate_size", w),
         list(range(n)),
         shared,
     )
 
 
 def _layout_jamba(c: dict[str, Any], w: str, fmt: WeightFormat) -> _Layout:
-    n = _int(c, "num_hidden_layers", w)
-    period = _int(c, "expert_layer_period", w, 2)
-    offset = _int(c, "expert_layer_offset", w, 1)
+    n = _layers(c, "num_hidden_layers", w)
+    period = _step(c, "expert_layer_period", w, 2)
+    offset = _int(c, "expert_layer_offset", w, 1, lo=0, hi=_MAX_LAYERS)
     return _Layout(
-        _int(c, "num_experts", w),
+        _int(c, "num_experts", w, lo=0, hi=_MAX_SIZE),
         c.get("num_experts_per_tok"),
-        _int(c, "hidden_size", w),
-        _int(c, "intermediate_size", w),
+        _size(c, "hidden_size", w),
+        _size(c, "intermediate_size", w),
         [i for i in range(n) if i % period == offset],
         0,
     )
@@ -277,19 +343,21 @@ def _layout_jamba(c: dict[str, Any], w: str, fmt: WeightFormat) -> _Layout:
 def _layout_llama4(c: dict[str, Any], w: str, fmt: WeightFormat) -> _Layout:
     # Llama 4 text model: MoE layers listed in moe_layers, else every interleave_moe_layer_step-th;
     # one shared expert of intermediate_size (the same size as a routed expert).
-    n = _int(c, "num_hidden_layers", w)
-    layers = c.get("moe_layers")
+    n = _layers(c, "num_hidden_layers", w)
+    layers = _int_list(c, "moe_layers", w)
     if layers is None:
-        step = _int(c, "interleave_moe_layer_step", w, 1)
+        step = _step(c, "interleave_moe_layer_step", w, 1)
         layers = list(range(step - 1, n, step))
-    hidden = _int(c, "hidden_size", w)
-    inter = _int(c, "intermediate_size", w)
+    elif any(not 0 <= x < n for x in layers):
+        raise MoeprofError(f"{w}: field 'moe_layers' names layers outside 0..{n - 1}")
+    hidden = _size(c, "hidden_size", w)
+    inter = _size(c, "intermediate_size", w)
     return _Layout(
-        _int(c, "num_local_experts", w),
+        _int(c, "num_local_experts", w, lo=0, hi=_MAX_SIZE),
         c.get("num_experts_per_tok"),
         hidden,
         inter,
-        [int(x) for x in layers],
+        layers,
         _swiglu_bytes(hidden, inter, fmt),
     )
 
@@ -344,13 +412,18 @@ def model_experts(
         raise MoeprofError(f"{where}: this config describes no routed experts")
     top_k = lay.top_k if isinstance(lay.top_k, int) and not isinstance(lay.top_k, bool) else None
     archs = cfg.get("architectures") or []
+    if not isinstance(archs, list) or not all(isinstance(a, str) for a in archs):
+        raise MoeprofError(
+            f"{where}: field 'architectures' must be a list of strings, got {archs!r:.60}"
+        )
+    n_layers = body.get("num_hidden_layers", body.get("n_layers", 0))
     params = 3 * lay.hidden * lay.inter + ((2 * lay.inter + lay.hidden) if lay.bias else 0)
     name = model_id or cfg.get("_name_or_path") or None
     return ModelExperts(
         model_type=model_type,
         architecture=str(archs[0]) if archs else None,
         model_id=str(name) if name else None,
-        n_layers=int(body.get("num_hidden_layers", body.get("n_layers", 0)) or 0),
+        n_layers=n_layers if isinstance(n_layers, int) and not isinstance(n_layers, bool) else 0,
         moe_layer_indices=tuple(lay.moe_layers),
         n_experts=lay.n_experts,
         top_k=top_k,

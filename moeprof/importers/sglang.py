@@ -43,15 +43,58 @@ from moeprof.trace import PHASE_DECODE, PHASE_PREFILL
 MODE_EXTEND, MODE_DECODE, MODE_MIXED, MODE_IDLE, MODE_TARGET_VERIFY = 1, 2, 3, 4, 5
 
 
-def _as_array(value: Any, path: Path, j: int, name: str) -> np.ndarray:
+_INT64_MAX = (1 << 63) - 1
+
+
+def _as_array(value: Any, path: Path, j: int, name: str, ndim: int | None = None) -> np.ndarray:
+    """An integer tensor, list or int as a numpy integer array; anything else a MoeprofError."""
     import torch
 
-    if isinstance(value, torch.Tensor):
-        return value.detach().cpu().numpy()
+    where = f"{path}: record {j}: {name}" if j >= 0 else f"{path}: {name}"
+    if value is None:
+        raise MoeprofError(f"{where} is missing")
     try:
-        return np.asarray(value, dtype=np.int64)
-    except (TypeError, ValueError):
-        raise MoeprofError(f"{path}: record {j}: {name} is not a list of integers") from None
+        if isinstance(value, torch.Tensor):
+            if value.layout != torch.strided or value.is_nested or value.is_meta:
+                raise MoeprofError(f"{where} must be a dense tensor, got a {value.layout} one")
+            if value.is_quantized or value.dtype.is_floating_point or value.dtype.is_complex:
+                raise MoeprofError(f"{where} must hold integers, got {value.dtype}")
+            if value.dtype == torch.bool:
+                raise MoeprofError(f"{where} must hold integers, got {value.dtype}")
+            arr = value.detach().cpu().numpy()
+        elif isinstance(value, bool) or isinstance(value, (str, bytes, dict, float)):
+            raise MoeprofError(f"{where} must be integers, got {type(value).__name__}")
+        elif isinstance(value, (int, list, tuple, np.ndarray)):
+            arr = np.asarray(value)
+            if arr.size == 0 and arr.dtype.kind == "f":
+                arr = arr.astype(np.int64)
+        else:
+            raise MoeprofError(f"{where} must be integers, got {type(value).__name__}")
+    except MoeprofError:
+        raise
+    except (TypeError, ValueError, RuntimeError, OverflowError, RecursionError) as exc:
+        raise MoeprofError(
+            f"{where} is not a list of integers ({str(exc)[:100] or type(exc).__name__})"
+        ) from None
+    if arr.dtype == object:
+        raise MoeprofError(f"{where} must hold integers within int64")
+    if arr.dtype.kind not in "iu":
+        raise MoeprofError(f"{where} must hold integers, got {arr.dtype}")
+    if arr.dtype.kind == "u" and arr.dtype.itemsize == 8 and arr.size and arr.max() > _INT64_MAX:
+        raise MoeprofError(f"{where} holds {int(arr.max())}, beyond int64")
+    if ndim is not None and arr.ndim != ndim:
+        raise MoeprofError(f"{where} must have {ndim} dimension(s), got shape {list(arr.shape)}")
+    return arr.astype(np.int64, copy=False)
+
+
+def _as_int(value: Any, path: Path, j: int, name: str) -> int:
+    """One integer (an int or a one-element integer tensor) within int64."""
+    arr = _as_array(value, path, j, name)
+    if arr.size != 1:
+        raise MoeprofError(
+            f"{path}: record {j}: {name} must be one integer, got shape {list(arr.shape)}"
+        )
+    return int(arr.reshape(-1)[0])
 
 
 def _load(path: Path) -> tuple[list[dict[str, Any]], np.ndarray | None]:
@@ -71,10 +114,15 @@ def _load(path: Path) -> tuple[list[dict[str, Any]], np.ndarray | None]:
         records = dump["records"]
         raw_map = dump.get("last_physical_to_logical_map")
         if raw_map is not None:
-            mapping = _as_array(raw_map, path, -1, "last_physical_to_logical_map").astype(np.int64)
+            mapping = _as_array(raw_map, path, -1, "last_physical_to_logical_map")
             if mapping.ndim != 2:
                 raise MoeprofError(
                     f"{path}: last_physical_to_logical_map must be [layers, experts]"
+                )
+            if mapping.size and int(mapping.min()) < -1:
+                raise MoeprofError(
+                    f"{path}: last_physical_to_logical_map holds {int(mapping.min())}; "
+                    "logical expert ids are -1 or more"
                 )
     else:
         records = dump
@@ -94,7 +142,7 @@ def _file_tokens(path: Path, records: list[dict[str, Any]]) -> dict[str, np.ndar
                 f"{path}: record {j} has no topk_ids_of_layer; was the recorder in per_token mode?"
             )
         ids = _as_array(rec["topk_ids_of_layer"], path, j, "topk_ids_of_layer")
-        if ids.ndim != 3 or not np.issubdtype(ids.dtype, np.integer):
+        if ids.ndim != 3:
             raise MoeprofError(
                 f"{path}: record {j}: topk_ids_of_layer must be integers [layers, tokens, slots]"
             )
@@ -106,25 +154,40 @@ def _file_tokens(path: Path, records: list[dict[str, Any]]) -> dict[str, np.ndar
         n = ids.shape[1]
         if n == 0:
             continue
-        positions = _as_array(rec.get("positions"), path, j, "positions").reshape(-1)
+        positions = _as_array(rec.get("positions"), path, j, "positions", ndim=1)
         if positions.shape[0] != n:
             raise MoeprofError(f"{path}: record {j}: {positions.shape[0]} positions for {n} tokens")
+        if int(positions.min()) < 0:
+            raise MoeprofError(f"{path}: record {j}: positions must not be negative")
         input_ids = rec.get("input_ids")
         in_ids = (
-            _as_array(input_ids, path, j, "input_ids").reshape(-1)
-            if input_ids is not None
-            else None
+            _as_array(input_ids, path, j, "input_ids", ndim=1) if input_ids is not None else None
         )
         if in_ids is not None and in_ids.shape[0] != n:
             in_ids = None
-        mode = int(rec.get("forward_mode") or 0)
+        raw_mode = rec.get("forward_mode")
+        mode = 0 if raw_mode is None else _as_int(raw_mode, path, j, "forward_mode")
+        raw_id = rec.get("forward_pass_id")
+        pass_id = j if raw_id is None else _as_int(raw_id, path, j, "forward_pass_id")
         start = np.zeros(n, dtype=bool)
         start[0] = True
-        seq_lens = rec.get("extend_seq_lens")
+        raw_lens = rec.get("extend_seq_lens")
+        seq_lens = (
+            None
+            if raw_lens is None
+            else _as_array(raw_lens, path, j, "extend_seq_lens").reshape(-1)
+        )
+        if seq_lens is not None and seq_lens.size and int(seq_lens.min()) < 0:
+            raise MoeprofError(f"{path}: record {j}: extend_seq_lens must not be negative")
         if mode == MODE_DECODE:
             start[:] = True
-        elif seq_lens is not None and int(np.sum(seq_lens)) == n:
-            bounds = np.cumsum(np.asarray(seq_lens, dtype=np.int64))[:-1]
+        elif (
+            seq_lens is not None
+            and seq_lens.size
+            and int(seq_lens.max()) <= n
+            and int(np.sum(seq_lens)) == n
+        ):
+            bounds = np.cumsum(seq_lens)[:-1]
             start[bounds[bounds < n]] = True
         else:
             start[1:] = positions[1:] != positions[:-1] + 1
@@ -137,7 +200,7 @@ def _file_tokens(path: Path, records: list[dict[str, Any]]) -> dict[str, np.ndar
         topk.append(np.transpose(ids, (1, 0, 2)).astype(np.int64))
         pos.append(positions.astype(np.int64))
         tok.append(in_ids.astype(np.int64) if in_ids is not None else np.full(n, -1, np.int64))
-        pass_of.append(np.full(n, int(rec.get("forward_pass_id", j)), dtype=np.int64))
+        pass_of.append(np.full(n, pass_id, dtype=np.int64))
         index_of.append(np.full(n, len(pass_modes), dtype=np.int64))
         pass_modes.append(mode)
         mode_of.append(np.full(n, mode, dtype=np.int64))
