@@ -19,7 +19,7 @@ import numpy as np
 
 from moeprof.errors import MoeprofError
 from moeprof.policies import BatchPlan, check_batch_size, check_policy, plan_batches
-from moeprof.trace import Trace
+from moeprof.trace import Trace, out_of_range_id
 
 _WORD = 64
 # A per-layer lookup table of bitsets holds L·(E+1)·ceil(E/64) words; above this size the bits are
@@ -32,22 +32,13 @@ def _ratio(saved: float, total: float) -> float:
 
 
 def check_expert_ids(trace: Trace) -> None:
-    """Ids above the layer's expert count are an error (the count itself is the 'no expert' sentinel)."""
-    ids = trace.expert_ids
-    if ids.size == 0:
-        return
-    n_exp = trace.n_experts
-    if (n_exp == n_exp[0]).all():
-        bad = int(ids.max()) > int(n_exp[0])
-    else:
-        bad = bool((ids > n_exp[None, :, None]).any())
-    if bad:
-        over = np.argwhere(ids.astype(np.int64) > n_exp[None, :, None])[0]
-        t, layer = int(over[0]), int(over[1])
-        raise MoeprofError(
-            f"expert id {int(ids[t, layer].max())} at token {t}, layer {layer} is out of range: "
-            f"layer {layer} has {int(n_exp[layer])} experts"
-        )
+    """Ids above the layer's expert count are an error (the count itself is the 'no expert' sentinel).
+
+    Loading and from_arrays check this too; arrays can be replaced on a Trace afterwards.
+    """
+    problem = out_of_range_id(trace.expert_ids, trace.n_experts)
+    if problem:
+        raise MoeprofError(problem)
 
 
 def expert_masks(trace: Trace) -> np.ndarray:
@@ -128,16 +119,6 @@ def _masks_pairwise(ids: np.ndarray, lut: np.ndarray) -> np.ndarray:
     if top_k % 2:
         masks |= np.take(lut256, ids[:, :, top_k - 1])
     return masks
-
-
-def requests_per_layer(trace: Trace) -> np.ndarray:
-    """(token, expert) pairs per layer, int64 [L]: every non-sentinel slot. Same for any batching."""
-    ids = trace.expert_ids
-    n_exp = trace.n_experts
-    if ids.size == 0 or int(ids.max()) < int(n_exp.min()):  # no sentinel anywhere: all slots count
-        return np.full(trace.n_layers, trace.n_tokens * trace.top_k, dtype=np.int64)
-    sentinel = n_exp[None, :, None].astype(ids.dtype)
-    return (trace.n_tokens * trace.top_k - (ids == sentinel).sum(axis=(0, 2))).astype(np.int64)
 
 
 def unique_per_batch(masks: np.ndarray, plan: BatchPlan) -> np.ndarray:
@@ -410,8 +391,8 @@ def analyze(
         raise MoeprofError("the trace is empty (no tokens)")
     masks = expert_masks(trace)
     slots = slots_per_token(trace, masks)
-    if slots is None:
-        requests = requests_per_layer(trace)
+    if slots is None:  # no empty slot: every token requests top_k experts in every layer
+        requests = np.full(trace.n_layers, trace.n_tokens * trace.top_k, dtype=np.int64)
         log_miss = None
     else:  # sentinels present: requests and the uniform expectation from routed slots
         requests = slots.sum(axis=0, dtype=np.int64)

@@ -100,6 +100,26 @@ def _meta_problem(meta: Mapping[str, Any], n_layers: int) -> str | None:
     return None
 
 
+def out_of_range_id(ids: np.ndarray, n_experts: np.ndarray) -> str | None:
+    """Why the first id above its layer's sentinel is invalid, or None.
+
+    Compares before any cast, so uint64 ids beyond int64 cannot wrap into range.
+    """
+    if ids.size == 0 or int(ids.max()) <= int(n_experts.min()):
+        return None
+    if int(ids.max()) > 65535:  # beyond every layer's range
+        over = ids > 65535
+    else:
+        over = ids.astype(np.int64) > n_experts[None, :, None]
+    if not over.any():
+        return None
+    t, layer, _ = (int(x) for x in np.argwhere(over)[0])
+    return (
+        f"expert id {int(ids[t, layer].max())} at token {t}, layer {layer} is out of range: "
+        f"layer {layer} has {int(n_experts[layer])} experts"
+    )
+
+
 def duplicate_expert(ids: np.ndarray, n_experts: np.ndarray) -> tuple[int, int, int] | None:
     """(token, layer, expert) of the first expert named twice by one token in one layer, or None.
 
@@ -226,23 +246,11 @@ class Trace:
         if ids.size and not np.issubdtype(ids.dtype, np.integer):
             raise MoeprofError(f"expert_ids must be integers, got {ids.dtype}")
         n_exp = _per_layer(n_experts, n_layers, "n_experts", 1, 65535)
-        if ids.size:
-            if int(ids.min()) < 0:
-                raise MoeprofError("expert_ids must not be negative")
-            if int(ids.max()) > 65535:
-                # Beyond any layer's range; checked before the cast so uint64 ids cannot wrap.
-                t, layer, _ = np.argwhere(ids > 65535)[0]
-                raise MoeprofError(
-                    f"expert id {int(ids[t, layer].max())} at token {t}, layer {layer} is out of "
-                    f"range: layer {layer} has {int(n_exp[layer])} experts"
-                )
-            over = ids.astype(np.int64) > n_exp[None, :, None]
-            if over.any():
-                t, layer, _ = np.argwhere(over)[0]
-                raise MoeprofError(
-                    f"expert id {int(ids[t, layer].max())} at token {t}, layer {layer} is out of "
-                    f"range: layer {layer} has {int(n_exp[layer])} experts"
-                )
+        if ids.size and int(ids.min()) < 0:
+            raise MoeprofError("expert_ids must not be negative")
+        problem = out_of_range_id(ids, n_exp)
+        if problem:
+            raise MoeprofError(problem)
         # Safe after the range checks; the sentinel fits the stored dtype.
         ids = ids.astype(_ids_dtype(n_exp), copy=False)
         dup = duplicate_expert(ids, n_exp)
@@ -550,15 +558,9 @@ def load_trace(path: str | os.PathLike[str]) -> Trace:
     phase = arrays.get("phase")
     if phase is not None and phase.size and int(phase.max()) > PHASE_DECODE:
         raise _corrupt(p, "phase holds values other than 0 (prefill) and 1 (decode)")
-    if ids.size and int(ids.max()) > int(n_exp.min()):
-        over = ids.astype(np.int64) > n_exp[None, :, None]
-        if over.any():
-            t, layer, _ = (int(x) for x in np.argwhere(over)[0])
-            raise _corrupt(
-                p,
-                f"expert id {int(ids[t, layer].max())} at token {t}, layer {layer} is out of "
-                f"range: layer {layer} has {int(n_exp[layer])} experts",
-            )
+    problem = out_of_range_id(ids, n_exp)
+    if problem:
+        raise _corrupt(p, problem)
     dup = duplicate_expert(ids, n_exp)
     if dup:
         raise _corrupt(p, f"token {dup[0]} names expert {dup[2]} twice in layer {dup[1]}")

@@ -852,6 +852,14 @@ def test_deeply_nested_jsonl_is_refused_not_a_crash(tmp_path: Path) -> None:
 # ---------------------------------------------------------------------- hostile input
 
 
+DEEPSEEK_V3 = {
+    "model_type": "deepseek_v3",
+    "num_hidden_layers": 4,
+    "n_routed_experts": 8,
+    "hidden_size": 64,
+    "moe_intermediate_size": 32,
+    "torch_dtype": "bfloat16",
+}
 QWEN = {
     "model_type": "qwen3_moe",
     "num_hidden_layers": 4,
@@ -888,27 +896,11 @@ QWEN = {
         ),
         ({**QWEN, "hidden_size": -64}, "'hidden_size' must be in 1"),
         (
-            {
-                "model_type": "deepseek_v3",
-                "num_hidden_layers": 4,
-                "n_routed_experts": 8,
-                "hidden_size": 64,
-                "moe_intermediate_size": 32,
-                "torch_dtype": "bfloat16",
-                "moe_layer_freq": 0,
-            },
+            {**DEEPSEEK_V3, "moe_layer_freq": 0},
             "'moe_layer_freq' must be in 1",
         ),
         (
-            {
-                "model_type": "deepseek_v3",
-                "num_hidden_layers": 4,
-                "n_routed_experts": 8,
-                "hidden_size": 64,
-                "moe_intermediate_size": 32,
-                "torch_dtype": "bfloat16",
-                "n_shared_experts": [1],
-            },
+            {**DEEPSEEK_V3, "n_shared_experts": [1]},
             "'n_shared_experts' must be an integer",
         ),
         (

@@ -131,12 +131,10 @@ def test_atomic_paths_interrupted_leaves_nothing(tmp_path: Path) -> None:
     assert files(tmp_path) == []
 
 
-def test_failed_rename_removes_outputs_it_created(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    a, b = tmp_path / "a.json", tmp_path / "b.md"
+def fail_second_rename(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Make the second os.replace fail (EXDEV); returns the destinations renamed onto, in order."""
     real = os.replace
-    calls = []
+    calls: list[str] = []
 
     def second_fails(src: str, dst: str) -> None:
         calls.append(dst)
@@ -145,6 +143,14 @@ def test_failed_rename_removes_outputs_it_created(
         real(src, dst)
 
     monkeypatch.setattr(os, "replace", second_fails)
+    return calls
+
+
+def test_failed_rename_removes_outputs_it_created(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    a, b = tmp_path / "a.json", tmp_path / "b.md"
+    fail_second_rename(monkeypatch)
     with pytest.raises(MoeprofError, match="b.md: Invalid cross-device link"):
         _io.write_all([(a, b"A"), (b, b"B")])
     assert files(tmp_path) == []
@@ -286,16 +292,7 @@ def test_failed_rename_removes_file_created_through_a_link(
 ) -> None:
     link, b = tmp_path / "link.json", tmp_path / "b.md"
     link.symlink_to("new.json")
-    real = os.replace
-    calls = []
-
-    def second_fails(src: str, dst: str) -> None:
-        calls.append(dst)
-        if len(calls) == 2:
-            raise OSError(errno.EXDEV, "Invalid cross-device link")
-        real(src, dst)
-
-    monkeypatch.setattr(os, "replace", second_fails)
+    calls = fail_second_rename(monkeypatch)
     with pytest.raises(MoeprofError, match="b.md: Invalid cross-device link"):
         _io.write_all([(link, b"A"), (b, b"B")])
     assert Path(calls[0]) == (tmp_path / "new.json").resolve()

@@ -130,11 +130,12 @@ def _counted(
     if plan.policy == "tokens":
         layer_masks = layer_masks[:n_rows]  # the first batches are the first rows
     unique_b = unique_per_batch(layer_masks, plan)
-    rows = plan.order[:n_rows]
-    ids = trace.expert_ids[rows][:, sel, :]
-    sentinel = trace.n_experts[sel].astype(ids.dtype)[None, :, None]
-    requests = (ids != sentinel).sum(axis=(0, 2), dtype=np.int64)
+    # Routed slots per token from the bitsets, as analyze counts them (None: no empty slot).
     slots = slots_per_token(trace, masks)
+    if slots is None:
+        requests = np.full(len(sel), n_rows * trace.top_k, dtype=np.int64)
+    else:
+        requests = slots[plan.order[:n_rows]][:, sel].sum(axis=0, dtype=np.int64)
     row = summarize(
         plan,
         requests,
