@@ -398,6 +398,57 @@ def test_layer_hooks_do_not_touch_host_memory() -> None:
         rec.detach()
 
 
+def _record_generate(model: Any, eos: int) -> Any:
+    g = torch.Generator().manual_seed(5)
+    ids = torch.randint(3, 64, (3, 6), generator=g)
+    mask = torch.ones_like(ids)
+    mask[2, :4] = 0
+    with moeprof.record(model) as rec:
+        model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            max_new_tokens=5,
+            do_sample=False,
+            eos_token_id=eos,
+            pad_token_id=0,
+        )
+    return rec.to_trace()
+
+
+def test_packed_copy_path_gives_the_same_trace(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Accelerator passes go through one packed int64 copy; run that path on the CPU and compare."""
+    model = tiny_qwen3()
+    eos = 5  # a token this model generates: some rows stop early, so end-token handling runs too
+    direct = _record_generate(model, eos)
+    monkeypatch.setattr(Recorder, "_host_step", Recorder._copied_step)
+    packed = _record_generate(model, eos)
+    assert direct.n_tokens == packed.n_tokens > 0
+    assert direct.phase is not None and int((direct.phase == 1).sum()) < 3 * 4  # rows stopped
+    for name in ("expert_ids", "request_ids", "positions", "steps", "phase", "token_ids"):
+        np.testing.assert_array_equal(getattr(direct, name), getattr(packed, name), err_msg=name)
+    assert direct.gate_weights is not None and packed.gate_weights is not None
+    np.testing.assert_array_equal(
+        direct.gate_weights.view(np.uint16), packed.gate_weights.view(np.uint16)
+    )
+
+
+def test_inputs_reused_in_place_after_a_pass_do_not_change_the_trace() -> None:
+    """A serving loop may refill its input buffers; the recorder keeps its own copy of each step."""
+    model = tiny_qwen3()
+    ids = torch.randint(1, 64, (2, 4), generator=torch.Generator().manual_seed(2))
+    mask = torch.ones_like(ids)
+    mask[1, 0] = 0
+    want_tokens = torch.cat([ids[0], ids[1, 1:]]).tolist()
+    with torch.no_grad(), moeprof.record(model) as rec:
+        model(input_ids=ids, attention_mask=mask, use_cache=False)
+        ids.fill_(5)
+        mask.fill_(1)
+        assert rec.n_tokens == 7
+        trace = rec.to_trace()
+    assert trace.token_ids is not None and trace.token_ids.tolist() == want_tokens
+    assert trace.positions.tolist() == [0, 1, 2, 3, 0, 1, 2]
+
+
 @pytest.mark.gpu
 def test_cuda_layer_hooks_never_synchronise() -> None:
     model = tiny_qwen3().cuda()

@@ -2,9 +2,10 @@
 
 Hooks: one on each MoE layer's routing point (see :mod:`moeprof.record.adapters`) and a pair on
 the model itself that delimit forward passes. Each pass is one step. A layer hook only keeps
-references to the routing tensors, on their device; when the pass ends, all layers' ids, weights
-and the per-token bookkeeping are packed into one tensor and copied to the host once. So
-recording adds no host-device synchronisation per layer, only one small copy per step.
+references to the routing tensors, on their device; when the pass ends, all layers' ids and
+weights, the attention mask and the token ids are packed into one tensor and copied to the host
+once. So recording adds no host-device synchronisation per layer, only one small copy per step;
+which tokens count and their positions are worked out on the host, from that copy.
 
 Requests: each batch row is one request. A pass continues the previous pass's requests when it
 runs inside the same ``generate`` call, or (outside ``generate``) when it extends a KV cache with
@@ -40,11 +41,12 @@ class _Pass:
     batch: int
     seq: int
     device: torch.device
-    valid: torch.Tensor  # [B, S] bool: recorded tokens
-    positions: torch.Tensor  # [B, S] position of each token in its request
+    mask: torch.Tensor | None  # [B, >= S] attention mask; its last S columns are this pass's
     tokens: torch.Tensor | None  # [B, S] token ids
     phase: int
+    group: int  # which _Requests the rows belong to
     request_base: int
+    drop_eos: bool  # a generate() decode step: rows past their end token are not real work
     captures: list[list[Routing]] = field(default_factory=list)
 
 
@@ -52,23 +54,43 @@ class _Pass:
 class _Requests:
     """The open requests (one per batch row) that the next pass may continue."""
 
+    group: int
     base: int
     batch: int
-    row_len: torch.Tensor  # [B] tokens recorded so far per row (device)
-    done: torch.Tensor  # [B] bool: row produced its end token (device)
+
+
+@dataclass
+class _RowState:
+    """Host-side progress of one group of requests, advanced step by step from the host copies."""
+
+    group: int
+    row_len: np.ndarray  # [B] int64: tokens recorded so far per row
+    done: np.ndarray  # [B] bool: row was fed its end token
 
 
 class _RawStep(NamedTuple):
-    """One forward pass as copied to the host, not yet unpacked into trace rows."""
+    """One forward pass as copied to the host (views of one buffer), not yet looked at."""
 
-    host: (
-        np.ndarray
-    )  # int32: ids [L, N, K], fp16 bits [L, N, K], then valid/positions/tokens [3, N]
+    ids: np.ndarray  # [L, N, K] integers
+    weights: np.ndarray  # [L, N, K] float16 (NaN where the adapter gives none)
+    mask: np.ndarray | None  # [B, S] attention mask (0 = padding)
+    tokens: np.ndarray | None  # [B, S] token ids
     batch: int
     seq: int
+    step: int
+    phase: int
+    group: int
     request_base: int
-    has_tokens: bool
-    top_k: int
+    drop_eos: bool
+
+
+class _Rows(NamedTuple):
+    """A raw step with its recorded tokens known: ready to be unpacked into trace rows."""
+
+    raw: _RawStep
+    keep: np.ndarray  # indices (into the step's B x S tokens) of the recorded tokens
+    positions: np.ndarray  # [n] int64: their positions in their requests
+    tokens: np.ndarray | None  # [n] their token ids
 
 
 @dataclass
@@ -85,6 +107,8 @@ class _Chunk:
 
 
 _LITTLE_ENDIAN = sys.byteorder == "little"
+# Unpack the steps held in raw form into compact rows once they hold this much host memory.
+_PENDING_BYTES = 256 << 20
 
 
 def _config_top_k(model: nn.Module) -> int | None:
@@ -142,17 +166,22 @@ class Recorder:
         # Recording state.
         self._active: _Pass | None = None
         self._open: _Requests | None = None
+        self._rows: _RowState | None = None
+        self._groups = 0
         self._generate_depth = 0
         self._generate_passes = 0
-        self._eos: list[int] = []
-        self._eos_tensor: torch.Tensor | None = None
+        self._eos = np.zeros(0, np.int64)
         self._next_request = 0
         self._chunks: list[_Chunk] = []
-        self._pending: list[tuple[_RawStep, int, int]] = []  # (packed step, step index, phase)
+        # Steps pass through two queues, both worked off only when their results are asked for
+        # (to_trace, n_tokens) or they hold too much memory: the step path itself only copies.
+        self._raw: list[_RawStep] = []  # copied to the host, tokens not yet counted
+        self._pending: list[_Rows] = []  # tokens counted, not yet unpacked into trace rows
+        self._pending_bytes = 0
+        self._n_counted = 0
         self._layer_passes = np.zeros(len(self.layers), dtype=np.int64)
         self._tokens_unknown = False
         self.n_passes = 0  # forward passes recorded (= steps)
-        self.n_tokens = 0  # tokens recorded
         self.orphan_calls = 0  # MoE-layer calls seen outside a forward of `model`
 
     # ------------------------------------------------------------------ attach / detach
@@ -235,8 +264,7 @@ class Recorder:
             eos = eos.flatten().tolist()
         if isinstance(eos, int):
             eos = [eos]
-        self._eos = [int(e) for e in eos] if eos else []
-        self._eos_tensor = None
+        self._eos = np.array([int(e) for e in eos] if eos else [], np.int64)
 
     # ------------------------------------------------------------------ hooks
     def _layer_hook(self, index: int, adapter: Adapter) -> Callable[..., None]:
@@ -288,55 +316,40 @@ class Recorder:
             )
         mask = named.get("attention_mask")
         mask2d = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+        if mask2d is not None and (int(mask2d.shape[0]) != batch or int(mask2d.shape[1]) < seq):
+            raise MoeprofError(
+                f"moeprof.record: attention_mask of shape {tuple(mask2d.shape)} does not cover "
+                f"the {batch} x {seq} input tokens"
+            )
 
         if self._generate_depth > 0:
-            continuing = self._generate_passes > 0 and self._open is not None
+            continuing = self._generate_passes > 0
         else:
             has_past = mask2d is not None and int(mask2d.shape[1]) > seq
             if not has_past:
                 cache = named.get("cache", named.get("past_key_values"))
                 get_len = getattr(cache, "get_seq_length", None)
                 has_past = bool(get_len is not None and int(get_len()) > 0)
-            continuing = has_past and self._open is not None and self._open.batch == batch
-        if self._open is not None and continuing and self._open.row_len.device != device:
-            self._open.row_len = self._open.row_len.to(device)
-            self._open.done = self._open.done.to(device)
+            continuing = has_past
+        continuing = continuing and self._open is not None and self._open.batch == batch
         if not continuing:
-            self._open = _Requests(
-                base=self._next_request,
-                batch=batch,
-                row_len=torch.zeros(batch, dtype=torch.int64, device=device),
-                done=torch.zeros(batch, dtype=torch.bool, device=device),
-            )
+            self._open = _Requests(group=self._groups, base=self._next_request, batch=batch)
+            self._groups += 1
             self._next_request += batch
         requests = self._open
         assert requests is not None
-
-        if mask2d is not None:
-            valid = mask2d[:, -seq:].to(device=device, dtype=torch.bool)
-        else:
-            valid = torch.ones((batch, seq), dtype=torch.bool, device=device)
         decode = continuing and (self._generate_depth > 0 or seq == 1)
-        if decode and self._generate_depth > 0 and self._eos and tokens is not None:
-            # generate() feeds a finished row its end token, then padding: not real work.
-            if self._eos_tensor is None or self._eos_tensor.device != device:
-                self._eos_tensor = torch.tensor(self._eos, dtype=tokens.dtype, device=device)
-            valid = valid & ~requests.done[:, None]
-            fed_eos = torch.isin(tokens, self._eos_tensor)
-            requests.done |= fed_eos.any(dim=1)
-            valid = valid & ~fed_eos
-        counts = valid.to(torch.int64)
-        positions = requests.row_len[:, None] + counts.cumsum(dim=1) - 1
-        requests.row_len += counts.sum(dim=1)
+        # No tensor work here: validity and positions are computed on the host from the step's copy.
         self._active = _Pass(
             batch=batch,
             seq=seq,
             device=device,
-            valid=valid,
-            positions=positions,
+            mask=mask2d,
             tokens=tokens,
             phase=PHASE_DECODE if decode else PHASE_PREFILL,
+            group=requests.group,
             request_base=requests.base,
+            drop_eos=decode and self._generate_depth > 0 and self._eos.size > 0,
             captures=[[] for _ in self.layers],
         )
         return None
@@ -391,37 +404,134 @@ class Recorder:
         )
         if uniform:
             # Common case: every layer routed all tokens with k slots; stack, then convert once.
-            ids_all = torch.stack([c[0][0].detach() for c in p.captures]).to(
-                device=p.device, dtype=torch.int32
-            )
-            weights_all = torch.stack([c[0][1].detach() for c in p.captures]).to(  # type: ignore[union-attr]
-                device=p.device, dtype=torch.float16
-            )
+            ids_all = torch.stack([c[0][0] for c in p.captures])
+            weights_all = torch.stack([c[0][1] for c in p.captures])  # type: ignore[misc]
         else:
             ids_all, weights_all = self._stack_mixed(p, n_rows, top_k)
-        weight_bits = weights_all.view(torch.int16).to(torch.int32)
+        mask = None
+        if p.mask is not None:
+            mask = p.mask[:, -p.seq :] if p.mask.shape[1] != p.seq else p.mask
+            if mask.is_floating_point():
+                mask = mask != 0
         if p.tokens is None:
             self._tokens_unknown = True
-            token_col = torch.zeros(n_rows, dtype=torch.int32, device=p.device)
+        if p.device.type == "cpu" and ids_all.device.type == "cpu":
+            raw = self._host_step(p, ids_all, weights_all, mask)
         else:
-            token_col = p.tokens.reshape(-1).to(device=p.device, dtype=torch.int32)
-        book = torch.stack(
-            [
-                p.valid.reshape(-1).to(torch.int32),
-                p.positions.reshape(-1).to(torch.int32),
-                token_col,
-            ]
-        )
-        packed = torch.cat([ids_all.reshape(-1), weight_bits.reshape(-1), book.reshape(-1)])
-        host = packed.cpu().numpy()  # the single device->host copy of this step
-        # Only count here; unpacking into trace rows waits for the end (_drain), off the step path.
-        valid_col = host[host.size - 3 * n_rows : host.size - 2 * n_rows]  # book row 0
-        n_valid = int(np.count_nonzero(valid_col))
-        if n_valid:
-            raw = _RawStep(host, p.batch, p.seq, p.request_base, p.tokens is not None, top_k)
-            self._pending.append((raw, self.n_passes, p.phase))
-            self.n_tokens += n_valid
+            raw = self._copied_step(p, ids_all, weights_all, mask)
+        self._raw.append(raw)
         self.n_passes += 1
+        self._pending_bytes += raw.ids.nbytes + raw.weights.nbytes
+        if self._pending_bytes > _PENDING_BYTES:
+            self._drain()
+
+    def _host_step(
+        self, p: _Pass, ids: torch.Tensor, weights: torch.Tensor, mask: torch.Tensor | None
+    ) -> _RawStep:
+        """A pass that ran on the CPU: no copy needed, only own copies of what the caller may reuse.
+
+        The stacks already are fresh tensors; the mask and token ids are the caller's (a serving
+        loop may refill them in place), so they are stacked into one fresh tensor too.
+        """
+        book: np.ndarray | None = None
+        if mask is not None and p.tokens is not None:
+            book = torch.stack([mask.to(p.tokens.dtype), p.tokens]).numpy()
+            mask_np, tokens_np = book[0], book[1]
+        else:
+            mask_np = None if mask is None else mask.clone().numpy()
+            tokens_np = None if p.tokens is None else p.tokens.clone().numpy()
+        return _RawStep(
+            ids.numpy(),
+            weights.to(torch.float16).numpy(),
+            mask_np,
+            tokens_np,
+            p.batch,
+            p.seq,
+            self.n_passes,
+            p.phase,
+            p.group,
+            p.request_base,
+            p.drop_eos,
+        )
+
+    def _copied_step(
+        self, p: _Pass, ids: torch.Tensor, weights: torch.Tensor, mask: torch.Tensor | None
+    ) -> _RawStep:
+        """A pass on an accelerator: everything packed into one int64 tensor, copied to the host once."""
+        parts = [
+            ids.reshape(-1).to(device=p.device, dtype=torch.int64),
+            weights.reshape(-1)
+            .to(device=p.device, dtype=torch.float16)
+            .view(torch.int16)
+            .to(torch.int64),
+        ]
+        if mask is not None:
+            parts.append(mask.reshape(-1).to(device=p.device, dtype=torch.int64))
+        if p.tokens is not None:
+            parts.append(p.tokens.reshape(-1).to(device=p.device, dtype=torch.int64))
+        host = torch.cat(parts).cpu().numpy()  # the single device->host copy of this step
+        shape = tuple(ids.shape)
+        size = ids.numel()
+        bits = host[size : 2 * size]
+        if _LITTLE_ENDIAN:  # the low 16 bits of each int64 hold the fp16 pattern: a view
+            weights_np = bits.view(np.uint16)[::4].view(np.float16)
+        else:
+            weights_np = (bits & 0xFFFF).astype(np.uint16).view(np.float16)
+        offset = 2 * size
+        n_rows = p.batch * p.seq
+        mask_np = tokens_np = None
+        if mask is not None:
+            mask_np = host[offset : offset + n_rows].reshape(p.batch, p.seq)
+            offset += n_rows
+        if p.tokens is not None:
+            tokens_np = host[offset : offset + n_rows].reshape(p.batch, p.seq)
+        return _RawStep(
+            host[:size].reshape(shape),
+            weights_np.reshape(shape),
+            mask_np,
+            tokens_np,
+            p.batch,
+            p.seq,
+            self.n_passes,
+            p.phase,
+            p.group,
+            p.request_base,
+            p.drop_eos,
+        )
+
+    @property
+    def n_tokens(self) -> int:
+        """Tokens recorded so far."""
+        self._count()
+        return self._n_counted
+
+    def _count(self) -> None:
+        """Find the recorded tokens of the raw steps, in step order: rows carry state across steps."""
+        raw_steps, self._raw = self._raw, []
+        for raw in raw_steps:
+            if raw.mask is not None:
+                valid = raw.mask != 0
+            else:
+                valid = np.ones((raw.batch, raw.seq), bool)
+            batch = raw.batch
+            rows = self._rows
+            if rows is None or rows.group != raw.group:
+                rows = self._rows = _RowState(
+                    raw.group, np.zeros(batch, np.int64), np.zeros(batch, bool)
+                )
+            if raw.drop_eos and raw.tokens is not None:
+                # generate() feeds a finished row its end token, then padding: not real work.
+                valid &= ~rows.done[:, None]
+                fed_eos = np.isin(raw.tokens, self._eos)
+                rows.done |= fed_eos.any(axis=1)
+                valid &= ~fed_eos
+            positions = rows.row_len[:, None] + np.cumsum(valid, axis=1) - 1
+            rows.row_len += valid.sum(axis=1)
+            keep = np.flatnonzero(valid)
+            if keep.size:
+                tokens = None if raw.tokens is None else raw.tokens.reshape(-1)[keep]
+                self._pending.append(_Rows(raw, keep, positions.reshape(-1)[keep], tokens))
+                self._n_counted += int(keep.size)
 
     def _stack_mixed(self, p: _Pass, n_rows: int, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """[L, N, K] ids (int32) and weights (fp16) when layers differ: missing calls, k, devices."""
@@ -450,40 +560,31 @@ class Recorder:
 
     def _drain(self) -> None:
         """Unpack the steps recorded so far into trace rows."""
+        self._count()
         pending, self._pending = self._pending, []
-        for raw, step, phase in pending:
-            self._store(raw, step, phase)
+        self._pending_bytes = 0
+        for rows in pending:
+            self._store(rows)
 
-    def _store(self, raw: _RawStep, step: int, phase: int) -> None:
-        host, top_k = raw.host, raw.top_k
-        n_layers = len(self.layers)
-        n_rows = raw.batch * raw.seq
-        size = n_layers * n_rows * top_k
-        book = host[2 * size :].reshape(3, n_rows)
-        keep = np.flatnonzero(book[0])
-        if keep.size == 0:
-            return
+    def _store(self, step_rows: _Rows) -> None:
+        raw, keep = step_rows.raw, step_rows.keep
         # Every row valid (most decode steps): a slice, not a gather.
-        rows: slice | np.ndarray = slice(None) if keep.size == n_rows else keep
-        ids = host[:size].reshape(n_layers, n_rows, top_k)[:, rows].transpose(1, 0, 2)
+        rows: slice | np.ndarray = slice(None) if keep.size == raw.batch * raw.seq else keep
+        ids = raw.ids[:, rows].transpose(1, 0, 2)
         sentinel = self._n_experts[None, :, None]
         if int(ids.min()) < 0 or int(ids.max()) >= int(self._n_experts.min()):
             ids = np.where((ids < 0) | (ids >= sentinel), sentinel, ids)
         ids = ids.astype(np.uint16)
-        bits = host[size : 2 * size].reshape(n_layers, n_rows, top_k)[:, rows].transpose(1, 0, 2)
-        if _LITTLE_ENDIAN:  # the low 16 bits of each int32 hold the fp16 pattern: a view
-            weights = bits.view(np.uint16)[..., ::2].view(np.float16)
-        else:
-            weights = (bits & 0xFFFF).astype(np.uint16).view(np.float16)
+        weights = raw.weights[:, rows].transpose(1, 0, 2)
         self._chunks.append(
             _Chunk(
                 expert_ids=np.ascontiguousarray(ids),
                 gate_weights=np.ascontiguousarray(weights),
                 request_ids=raw.request_base + keep // raw.seq,
-                positions=book[1, keep].astype(np.int32),
-                token_ids=book[2, keep].astype(np.int32) if raw.has_tokens else None,
-                step=step,
-                phase=phase,
+                positions=step_rows.positions.astype(np.int32),
+                token_ids=None if step_rows.tokens is None else step_rows.tokens.astype(np.int32),
+                step=raw.step,
+                phase=raw.phase,
             )
         )
 
