@@ -509,6 +509,8 @@ def test_bad_arguments_raise_before_any_work() -> None:
         dict(policy="random"),
         dict(batch_sizes="0"),
         dict(device="tpu"),
+        dict(compute=True, hidden_size=0),  # not silently the default
+        dict(compute=True, hidden_size=-4),
     ]
     for kw in cases:
         with pytest.raises(MoeprofError):

@@ -435,10 +435,10 @@ class Recorder:
         """
         book: np.ndarray | None = None
         if mask is not None and p.tokens is not None:
-            book = torch.stack([mask.to(p.tokens.dtype), p.tokens]).numpy()
+            book = torch.stack([mask.to(device="cpu", dtype=p.tokens.dtype), p.tokens]).numpy()
             mask_np, tokens_np = book[0], book[1]
         else:
-            mask_np = None if mask is None else mask.clone().numpy()
+            mask_np = None if mask is None else mask.to("cpu", copy=True).numpy()
             tokens_np = None if p.tokens is None else p.tokens.clone().numpy()
         return _RawStep(
             ids.numpy(),

@@ -315,6 +315,8 @@ def replay(
         raise MoeprofError("the trace is empty (no tokens)")
     sel = _check_layers(layers, trace.n_layers)
     block, full = _block_sizes(trace, sel, expert_bytes)
+    if hidden_size is not None and int(hidden_size) < 1:
+        raise MoeprofError(f"--hidden-size must be at least 1, got {hidden_size}")
     hidden = int(
         hidden_size or (trace.meta.get("model") or {}).get("hidden_size") or DEFAULT_HIDDEN
     )
