@@ -121,6 +121,22 @@ def _masks_pairwise(ids: np.ndarray, lut: np.ndarray) -> np.ndarray:
     return masks
 
 
+_BYTE_BITS = np.array([bin(i).count("1") for i in range(256)], dtype=np.uint8)
+
+
+def popcount(words: np.ndarray) -> np.ndarray:
+    """Set bits of each unsigned integer, uint8, same shape. ``np.bitwise_count`` (NumPy 2) when
+    there is one; else a byte table, so that older NumPy installs (e.g. a GPU image's) still run."""
+    if hasattr(np, "bitwise_count"):
+        return np.bitwise_count(words)
+    return _popcount_bytes(words)
+
+
+def _popcount_bytes(words: np.ndarray) -> np.ndarray:
+    as_bytes = np.ascontiguousarray(words).view(np.uint8).reshape(*words.shape, words.itemsize)
+    return _BYTE_BITS[as_bytes].sum(axis=-1, dtype=np.uint8)
+
+
 def unique_per_batch(masks: np.ndarray, plan: BatchPlan) -> np.ndarray:
     """Distinct experts per batch and layer, int64 [n_batches, L]."""
     if plan.n_batches == 0:
@@ -143,7 +159,7 @@ def unique_per_batch(masks: np.ndarray, plan: BatchPlan) -> np.ndarray:
     else:
         grouped = masks if plan.is_identity else masks[plan.order]
         merged = np.bitwise_or.reduceat(grouped, plan.starts[:-1], axis=0)
-    return np.bitwise_count(merged).sum(axis=2, dtype=np.int64)
+    return popcount(merged).sum(axis=2, dtype=np.int64)
 
 
 def unique_per_layer(masks: np.ndarray, plan: BatchPlan) -> np.ndarray:
@@ -162,7 +178,7 @@ def slots_per_token(trace: Trace, masks: np.ndarray | None = None) -> np.ndarray
     if ids.size == 0 or int(ids.max()) < int(n_exp.min()):  # no sentinel anywhere
         return None
     if masks is not None:
-        return np.bitwise_count(masks).sum(axis=2, dtype=np.uint16)
+        return popcount(masks).sum(axis=2, dtype=np.uint16)
     sentinel = n_exp[None, :, None].astype(ids.dtype)
     return (ids != sentinel).sum(axis=2, dtype=np.uint16)
 

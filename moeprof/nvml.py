@@ -344,6 +344,23 @@ def _field_timestamp(fv: Any) -> int | None:
         return None
 
 
+# NVML stamps field values in wall-clock µs since 1970; stamps further than this from the host's
+# wall clock are not taken as such (another clock, or none).
+_STAMP_TRUST_US = 3600 * 10**6
+
+
+def _stamped_after(reading: CounterReading | None, not_before_us: int) -> bool:
+    """Whether both fields carry wall-clock NVML timestamps at or after `not_before_us`. False
+    also says nothing for sure: stamps may be missing, on another clock, or older because the
+    driver stamps a value when it last changed (after a run nothing changes)."""
+    if reading is None:
+        return False
+    stamps = (reading.rx_nvml_timestamp_us, reading.tx_nvml_timestamp_us)
+    return all(
+        s is not None and not_before_us <= s <= not_before_us + _STAMP_TRUST_US for s in stamps
+    )
+
+
 def _field_failure(nv: Nvml, name: str, ret: int) -> NotAvailable:
     """Why one field of nvmlDeviceGetFieldValues failed (its own nvmlReturn)."""
     module = nv._ensure()
@@ -519,7 +536,11 @@ class PcieMonitor:
     Settling: the caller synchronises before :meth:`start` and :meth:`stop`; the counters are
     then read every `settle_poll_s` until two reads differ by less than `settle_bytes` (bounded
     by `settle_max_s`), so a driver that refreshes them late has the run's last bytes in them
-    and the warm-up's first. The throughput is read until one read covers the run's end.
+    and the warm-up's first. Two equal reads may still both show a value cached from before the
+    run ended; so the read must also carry NVML timestamps (wall-clock µs of the value) from
+    after the call, or, where the timestamps cannot tell (absent, or stamping a value when it
+    changes), the counters must have stayed put for `settle_quiet_s`. The throughput is read
+    until one read covers the run's end.
     """
 
     def __init__(
@@ -536,12 +557,16 @@ class PcieMonitor:
         settle_max_s: float = 1.0,
         settle_poll_s: float = 0.02,
         settle_bytes: int = 1 << 20,
+        settle_quiet_s: float = 0.1,
         tx_every: int = 5,
+        wall_us: Callable[[], int] = lambda: time.time_ns() // 1000,
     ) -> None:
         self._nv = nv or gateway()
         self.settle_max_s = settle_max_s
         self.settle_poll_s = settle_poll_s
         self.settle_bytes = settle_bytes
+        self.settle_quiet_s = settle_quiet_s
+        self._wall_us = wall_us
         self.tx_every = max(1, int(tx_every))
         self._handle = handle
         self._clock = clock
@@ -686,21 +711,31 @@ class PcieMonitor:
 
     def _settle_counters(self) -> tuple[float, bool | None]:
         """Read until two reads `settle_poll_s` apart differ by < `settle_bytes` in both
-        directions (at most `settle_max_s`); returns (seconds spent, whether it settled)."""
+        directions and the value is known to postdate this call (see the class docstring);
+        at most `settle_max_s`. Returns (seconds spent, whether it settled)."""
         began = self._clock()
+        not_before_us = self._wall_us()
         self.sample()
         if self.settle_max_s <= 0:
             return 0.0, None
+        quiet_since = began
         while True:
             acc = self._acc
             before = (acc.rx_bytes, acc.tx_bytes)
             self._sleep(self.settle_poll_s)
             self.sample()
-            elapsed = self._clock() - began
+            now = self._clock()
+            elapsed = now - began
             if acc.failure is not None:
                 return elapsed, False
-            if max(acc.rx_bytes - before[0], acc.tx_bytes - before[1]) < self.settle_bytes:
-                return elapsed, True
+            if max(acc.rx_bytes - before[0], acc.tx_bytes - before[1]) >= self.settle_bytes:
+                quiet_since = now
+            else:
+                if (
+                    _stamped_after(acc.last, not_before_us)
+                    or now - quiet_since >= self.settle_quiet_s
+                ):
+                    return elapsed, True
             if elapsed >= self.settle_max_s:
                 return elapsed, False
 

@@ -9,7 +9,8 @@
 #   4. benchmarks/bench_replay.py (GB/s vs peak, NVML RX vs counted, time vs byte ratio),
 # and ends with a summary table (also written to $OUT/summary.txt), whatever failed. Each step
 # runs under min(its own limit, the budget left); a step with under 15 s left is recorded as
-# "SKIPPED (budget)". Everything is written under $OUT (default ./gpu-check-out).
+# "SKIPPED (budget)". Everything is written under $OUT (default ./gpu-check-out). Exit status:
+# 0 when every step that ran passed, 1 otherwise (the summary is printed either way).
 #
 #   bash scripts/gpu_check.sh     # PYTHON=/path/to/python chooses the interpreter;
 #                                 # GPU_CHECK_BUDGET_S=N changes the budget
@@ -34,7 +35,9 @@ MIN_STEP_S=15 # a step with less budget than this left is skipped
 
 OUT_DIR="$(abspath "${OUT:-$REPO/gpu-check-out}")"
 mkdir -p "$OUT_DIR" || exit 1
-rm -f "$OUT_DIR/summary.txt" "$OUT_DIR/modules.txt"
+# Outputs of an earlier check would be summarised as this one's.
+rm -f "$OUT_DIR"/summary.txt "$OUT_DIR"/modules.txt "$OUT_DIR"/replay*.json "$OUT_DIR"/replay*.md \
+  "$OUT_DIR"/bench.json "$OUT_DIR"/doctor.json "$OUT_DIR"/gpu-tests.xml "$OUT_DIR"/demo.moe
 
 # Everything also goes to the log; at the end the tee is waited for (bounded), so the log's
 # tail is on disk when the script returns.
@@ -68,9 +71,12 @@ if [ -z "$PY" ]; then
   finish 1
 fi
 export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
+# No internet there: transformers must not wait on hub retries.
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 export MOEPROF_GPU_CHECK_OUT="$OUT_DIR"
 
 STEPS=()
+FAILED=0
 record() { STEPS+=("$(printf '%-34s %-22s %5ss' "$1" "$2" "$3")"); }
 step() { # step NAME LIMIT_S COMMAND...: runs under min(LIMIT_S, the budget left)
   local name="$1" own="$2"
@@ -92,7 +98,7 @@ step() { # step NAME LIMIT_S COMMAND...: runs under min(LIMIT_S, the budget left
   rc=$?
   dt=$(($(date +%s) - t0))
   status="ok"
-  [ "$rc" -ne 0 ] && status="FAILED (exit $rc)"
+  [ "$rc" -ne 0 ] && status="FAILED (exit $rc)" && FAILED=$((FAILED + 1))
   [ "$rc" -eq 124 ] && status="TIMED OUT (${limit}s)"
   [ "$rc" -eq 137 ] && status="KILLED (${limit}s+)"
   record "$name" "$status" "$dt"
@@ -113,6 +119,10 @@ for name in ("numpy", "pynvml", "typer", "rich", "safetensors", "pytest", "trans
         present.append(name)
     except Exception as exc:  # ImportError, or a broken install
         print(f"  {name:12s} MISSING ({type(exc).__name__})")
+import numpy
+if int(numpy.__version__.split(".")[0]) < 2:
+    print(f"gpu_check: WARNING: numpy {numpy.__version__} < 2.0 (moeprof requires 2.0; bit "
+          "counting falls back to a byte table, other differences may fail)")
 with open(os.path.join(os.environ["MOEPROF_GPU_CHECK_OUT"], "modules.txt"), "w") as fh:
     fh.write("\n".join(present) + "\n")
 EOF
@@ -126,7 +136,7 @@ if has pytest; then
   # The record CLI tests run moeprof.cli (typer, rich); both record files skip without
   # transformers.
   if has typer && has rich; then GPU_TESTS+=(tests/test_record_cli.py); fi
-  step "gpu tests" 90 "$PY" -m pytest -q -m gpu -p no:cacheprovider "${GPU_TESTS[@]}" \
+  step "gpu tests" 90 "$PY" -m pytest -q -rs -m gpu -p no:cacheprovider "${GPU_TESTS[@]}" \
     --junitxml="$OUT_DIR/gpu-tests.xml"
 else
   record "gpu tests" "SKIPPED (no pytest)" 0
@@ -201,7 +211,7 @@ step "bench_replay" 60 "$PY" benchmarks/bench_replay.py --json "$OUT_DIR/bench.j
   echo "=== summary ==="
   printf '%-34s %-22s %6s\n' "step" "status" "time"
   for line in "${STEPS[@]}"; do echo "$line"; done
-  echo "total $(($(date +%s) - T_START))s of a ${BUDGET_S}s budget"
+  echo "total $(($(date +%s) - T_START))s of a ${BUDGET_S}s budget; steps failed: $FAILED"
   echo
   timeout 20 "$PY" - <<'EOF'
 import json, os
@@ -220,7 +230,8 @@ else:
     if info.get("measurement_reason"):
         print(f"  ({info['measurement_reason']})")
     head = (f"{'batch':>5} {'strategy':>8} {'copies':>7} {'GiB':>8} {'seconds':>8} {'GB/s':>7} "
-            f"{'%peak':>6} {'RX/cnt':>7} {'counted':>8} {'measured':>9} {'agree':>5}")
+            f"{'%peak':>6} {'RX/cnt':>7} {'counted':>8} {'measured':>9} {'agree':>5} "
+            f"{'issue s':>8}")
     print(head)
     print("-" * len(head))
     for row in doc["results"]:
@@ -237,7 +248,9 @@ else:
                   f"{'-' if rx is None else f'{rx:.3f}':>7} "
                   f"{'-' if cnt is None else f'{100 * cnt:.1f}%':>8} "
                   f"{'-' if meas is None else f'{100 * meas:.1f}%':>9} "
-                  f"{'-' if agree is None else ('yes' if agree else 'no'):>5}")
+                  f"{'-' if agree is None else ('yes' if agree else 'no'):>5} "
+                  f"{s.get('issue_seconds') or 0:>8.3f}"
+                  + (" HOST-BOUND" if s.get("host_bound") else ""))
     print("\nNVML raw reads per run (RX/cnt is informational until the counter's basis is known):")
     for row in doc["results"]:
         for s in row["replay"]["strategies"]:
@@ -275,4 +288,4 @@ EOF
   echo
   echo "outputs: $OUT_DIR"
 } | tee "$OUT_DIR/summary.txt"
-finish 0
+finish $((FAILED > 0 ? 1 : 0))

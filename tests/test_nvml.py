@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import json
+import math
 import time
 import types
 from collections.abc import Callable
@@ -78,6 +79,9 @@ class FakeGpu:
     # each field carries NVML's timestamp (µs) of the value shown.
     clock: FakeClock | None = None
     report_delay_s: float = 0.0
+    # A driver that caches the counters: refreshed every `refresh_period_s`, each value stamped
+    # with its refresh time (instead of the time it changed).
+    refresh_period_s: float = 0.0
     history: list[tuple[float, int, int]] = field(default_factory=list)
     # Throughput: each call blocks `throughput_call_s` (moving the clock) and, with
     # `throughput_fn(t0, t1) -> (rx, tx) KiB/s`, reports the average over the window ending
@@ -100,11 +104,13 @@ class FakeGpu:
         if not self.history:
             self.history.append((self.clock() - 1.0, self.rx_bytes, self.tx_bytes))
         visible = self.clock() - self.report_delay_s
+        if self.refresh_period_s:
+            visible = math.floor(visible / self.refresh_period_s) * self.refresh_period_s
         shown = self.history[0]
         for entry in self.history:
             if entry[0] <= visible:
                 shown = entry
-        return shown[1], shown[2], shown[0]
+        return shown[1], shown[2], (visible if self.refresh_period_s else shown[0])
 
     def module(self) -> types.ModuleType:
         gpu = self
@@ -588,9 +594,11 @@ def test_a_counter_that_refreshes_late_is_waited_for() -> None:
             mon.sample()
     m = mon.stop()
     assert m.rx_bytes == 200 * per_ms and m.tx_bytes == 200 * 1000
-    assert m.settle_start_s == pytest.approx(0.02)  # idle before: one 20 ms interval
+    # This driver stamps a value when it changes: the stamps cannot show a value is fresh, so
+    # settling waits for the counters to stay put 100 ms (idle before: right away).
+    assert m.settle_start_s is not None and 0.1 <= m.settle_start_s <= 0.121
     assert m.settled is True and m.settle_stop_s is not None
-    assert 0.08 <= m.settle_stop_s <= 0.12
+    assert 0.18 <= m.settle_stop_s <= 0.22
     assert m.reason is None
     # The raw reads, with NVML's own timestamps of the values shown.
     first, last = m.first_reading, m.last_reading
@@ -599,6 +607,38 @@ def test_a_counter_that_refreshes_late_is_waited_for() -> None:
     assert first["counter_bits"] == 64 and first["t_s"] == 0.0
     assert last["rx_nvml_timestamp_us"] > first["rx_nvml_timestamp_us"]
     assert m.samples >= 40
+
+
+def test_a_cached_counter_is_read_until_its_stamp_postdates_the_run() -> None:
+    """Scenario: the driver refreshes the counters every 50 ms and stamps each refresh. Two
+    reads 20 ms apart can both show the value from before the run's last bytes; settling goes on
+    until a value stamped after the run's end, then stops without waiting for quiet."""
+    clock = FakeClock()
+    clock.t = 1_700_000_000.0  # a wall-clock time: the fake's stamps are in this clock's µs
+    gpu = FakeGpu(clock=clock, refresh_period_s=0.05, rx_bytes=5 << 40)
+    nv = gateway_for(gpu)
+    mon = nvml.PcieMonitor(
+        nv.handle(index=0),
+        nv=nv,
+        background=False,
+        clock=clock,
+        sleep=clock.sleep,
+        wall_us=lambda: int(round(clock() * 1e6)),
+    )
+    clock.t += 0.001  # just past a refresh
+    mon.start()
+    assert mon._settle_start_s is not None and mon._settle_start_s <= 0.06
+    gpu.transfer(8 << 20)
+    clock.t += 0.003
+    gpu.transfer(8 << 20)  # the run's last bytes, 4 ms before stop
+    clock.t += 0.004
+    m = mon.stop()
+    assert m.rx_bytes == 16 << 20
+    assert m.settled is True and m.settle_stop_s is not None and m.settle_stop_s < 0.1
+    last = m.last_reading
+    assert last is not None and last["rx_nvml_timestamp_us"] >= int(
+        round(1e6 * (clock() - m.settle_stop_s))
+    )
 
 
 def test_settling_catches_a_late_warm_up_and_gives_up_after_the_bound() -> None:
@@ -719,3 +759,38 @@ def test_pcie_link_gbps() -> None:
     assert nvml.pcie_link_gbps(4, 16) == pytest.approx(31.5, abs=0.01)
     assert nvml.pcie_link_gbps(3, 8) == pytest.approx(7.88, abs=0.01)
     assert nvml.pcie_link_gbps(9, 16) is None
+
+
+@pytest.mark.gpu
+def test_nvml_handle_is_the_gpu_torch_uses() -> None:
+    """On a real GPU: the handle found by torch's PCI bus id is the device torch copies to
+    (same UUID), and its byte counters, where supported, see a 256 MiB host->device copy."""
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("pynvml")
+    from moeprof.replay.backends import cuda_pci_bus_id
+
+    props = torch.cuda.get_device_properties(0)
+    nv = nvml.gateway()
+    handle = nv.handle(pci_bus_id=cuda_pci_bus_id(props), index=0)
+    assert not isinstance(handle, nvml.NotAvailable), handle
+    uuid = nv.call("nvmlDeviceGetUUID", handle)
+    assert not isinstance(uuid, nvml.NotAvailable), uuid
+    uuid_text = uuid.decode() if isinstance(uuid, bytes) else str(uuid)
+    torch_uuid = str(getattr(props, "uuid", "") or "")
+    if torch_uuid:  # compare the hex digits: the two print UUIDs differently
+
+        def digits(text: str) -> str:
+            return "".join(c for c in text.lower().removeprefix("gpu-") if c in "0123456789abcdef")
+
+        assert digits(uuid_text) == digits(torch_uuid)
+    mon = nvml.PcieMonitor(handle, nv=nv)
+    if mon.method != nvml.METHOD_COUNTERS:
+        pytest.skip(f"PCIe byte counters not available: {mon.reason}")
+    src = torch.empty(256 << 20, dtype=torch.uint8, pin_memory=True)
+    dst = torch.empty_like(src, device="cuda")
+    torch.cuda.synchronize()
+    mon.start()
+    dst.copy_(src, non_blocking=True)
+    torch.cuda.synchronize()
+    m = mon.stop()
+    assert m.rx_bytes is not None and m.rx_bytes >= 0.9 * (256 << 20), m

@@ -392,6 +392,7 @@ def test_results_json_and_markdown(tmp_path: Path) -> None:
             assert s["nvml_rx_bytes"] is None and s["nvml_tx_bytes"] is None
             assert "CPU backend" in s["nvml_reason"]
             assert s["batch_latency"]["batches"] == row["n_batches"]
+            assert 0 < s["issue_seconds"] <= s["wall_seconds"] and s["host_bound"] is None
             full = trace.expert_bytes[0]
             assert s["projected_seconds_full_size"] == pytest.approx(
                 s["copies"] * full / (s["gbps"] * 1e9)
@@ -408,7 +409,9 @@ def test_results_json_and_markdown(tmp_path: Path) -> None:
     assert replay_markdown({"results": [], "trace": {}}) == ""
 
 
-def _run(strategy_name: str, nbytes: int, seconds: float, rx: int | None) -> Any:
+def _run(
+    strategy_name: str, nbytes: int, seconds: float, rx: int | None, host_bound: bool | None = None
+) -> Any:
     from moeprof.nvml import PcieMeasurement
     from moeprof.replay.results import StrategyRun
 
@@ -435,6 +438,7 @@ def _run(strategy_name: str, nbytes: int, seconds: float, rx: int | None) -> Any
         seconds,
         50.0,
         pcie,
+        host_bound=host_bound,
     )
 
 
@@ -482,7 +486,11 @@ def test_markdown_of_nvml_measured_runs() -> None:
     assert dedup_row[header.index("Counted savings")] == "75.0%"
     assert dedup_row[header.index("Measured savings")] == "75.0% NVML"
     assert dedup_row[header.index("Agree (±10%)")] == "yes"
-    assert "Ran on the CPU" not in text
+    assert "Ran on the CPU" not in text and "Host-bound" not in text
+    # A run whose copies Python could not queue fast enough is named as host-bound.
+    runs = (_run("naive", 1000_00, 2.0, 106_000), _run("dedup", 250_00, 0.52, 26_500, True))
+    text = replay_markdown(ReplayResult(analysis, runs, info).to_dict())
+    assert "**Host-bound runs** (dedup B=8)" in text
 
 
 def test_ffn_shape() -> None:
@@ -538,6 +546,23 @@ class TinyDevice(Backend):
 
     def allocate_pools(self, n_experts: list[int], block_bytes: list[int]) -> None:
         raise AssertionError("must refuse before allocating")
+
+
+def test_pinned_pool_is_held_to_half_the_available_memory(monkeypatch: pytest.MonkeyPatch) -> None:
+    trace = moeprof.synthesize(n_layers=2, n_requests=2, tokens_per_request=8, seed=0)
+    monkeypatch.setattr(engine_mod, "host_available_bytes", lambda: 120 << 20)
+
+    class PinnedDevice(TinyDevice):
+        ran_on_cpu = False
+
+        def device_free_bytes(self) -> int | None:
+            return None
+
+    # 2 layers x 8 experts x 4 MiB = 64 MiB: more than the pinned 50% of 120 MiB; the CPU
+    # backend (pool + 32 MiB of slots, nothing pinned) fits its 90%.
+    with pytest.raises(MoeprofError, match=r"pinned host memory .*at most 50% of it is pinned"):
+        replay(trace, calibrate=False, expert_bytes=4 << 20, backend=PinnedDevice())
+    replay(trace, calibrate=False, expert_bytes=4 << 20, strategies="dedup", max_batches=1)
 
 
 def test_refuses_slots_larger_than_device_memory() -> None:
@@ -808,11 +833,14 @@ class FakeEvent:
 class FakeCuda:
     Event = FakeEvent
 
-    def __init__(self, register_rc: int = 0) -> None:
+    def __init__(self, register_rc: int = 0, unregister_rc: int = 0) -> None:
         self.default_stream = FakeStream("default")
         self.current = self.default_stream
         self.register_rc = register_rc
+        self.unregister_rc = unregister_rc
         self.registered: list[int] = []
+        self.registered_ptrs: list[int] = []
+        self.unregistered_ptrs: list[int] = []
 
     def is_available(self) -> bool:
         return True
@@ -872,9 +900,14 @@ class FakeCuda:
 
         def register(ptr: int, size: int, flags: int) -> int:
             self.registered.append(size)
+            self.registered_ptrs.append(ptr)
             return self.register_rc
 
-        return types.SimpleNamespace(cudaHostRegister=register, cudaHostUnregister=lambda p: 0)
+        def unregister(ptr: int) -> int:
+            self.unregistered_ptrs.append(ptr)
+            return self.unregister_rc
+
+        return types.SimpleNamespace(cudaHostRegister=register, cudaHostUnregister=unregister)
 
 
 class FakeTorch:
@@ -1045,6 +1078,35 @@ def test_failed_host_register_clears_the_cuda_error(monkeypatch: pytest.MonkeyPa
     be = fake_cuda_backend(FakeCuda(register_rc=0))
     be._host_tensor(4096)
     assert cleared == []
+
+
+def test_host_register_covers_whole_pages_of_its_own(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Small tensors share heap pages; each registration must cover only pages of its own."""
+    import os
+
+    from moeprof.replay import backends
+
+    page = os.sysconf("SC_PAGE_SIZE")
+    cuda = FakeCuda(register_rc=0)
+    be = fake_cuda_backend(cuda)
+    import torch
+
+    monkeypatch.setattr(torch.Tensor, "is_pinned", lambda self: True)  # what registering does
+    tensors = [be._host_tensor(n) for n in (100, 4096, 5000, 3 * page)]
+    for t, n, ptr, size in zip(
+        tensors, (100, 4096, 5000, 3 * page), cuda.registered_ptrs, cuda.registered
+    ):
+        assert t.numel() == n and t.data_ptr() == ptr
+        assert ptr % page == 0 and size % page == 0 and size >= n
+    spans = sorted((p, p + sz) for p, sz in zip(cuda.registered_ptrs, cuda.registered))
+    assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:]))  # no page registered twice
+    # A failed unregistration clears the runtime's error as a failed registration does.
+    cleared: list[int] = []
+    monkeypatch.setattr(backends, "cuda_clear_last_error", lambda: cleared.append(1) or 1)
+    cuda.unregister_rc = 1
+    be._registered = list(tensors)
+    be._unregister(tensors[0])
+    assert cuda.unregistered_ptrs == [tensors[0].data_ptr()] and cleared == [1]
 
 
 def test_failed_host_register_that_cannot_be_cleared_is_refused(

@@ -331,12 +331,20 @@ class CudaBackend(Backend):
 
     def _host_tensor(self, nbytes: int) -> Any:
         """Page-locked host memory of exactly `nbytes`: a plain tensor registered with
-        cudaHostRegister (torch's pinned allocator rounds sizes up to a power of two)."""
+        cudaHostRegister (torch's pinned allocator rounds sizes up to a power of two).
+
+        The registered range is whole pages of its own allocation: small tensors come from the
+        heap, and two sharing a page would make the second registration fail (cudaError 712,
+        already registered)."""
         torch = self.torch
-        t = torch.empty(nbytes, dtype=torch.uint8)
+        page = _page_bytes()
+        span = -(-nbytes // page) * page
+        base = torch.empty(span + page, dtype=torch.uint8)
+        offset = -base.data_ptr() % page
+        t = base[offset : offset + nbytes]  # the view keeps `base` alive
         rc: int | None
         try:
-            rc = int(torch.cuda.cudart().cudaHostRegister(t.data_ptr(), nbytes, 0))
+            rc = int(torch.cuda.cudart().cudaHostRegister(t.data_ptr(), span, 0))
         except (AttributeError, RuntimeError, AssertionError, TypeError):
             rc = None  # no binding to call: the runtime was not asked
         if rc == 0:
@@ -379,9 +387,13 @@ class CudaBackend(Backend):
             return  # not registered by us (torch's pinned allocator owns it)
         self._registered = kept
         try:
-            self.torch.cuda.cudart().cudaHostUnregister(tensor.data_ptr())
-        except (AttributeError, RuntimeError, AssertionError):
-            pass
+            rc = int(self.torch.cuda.cudart().cudaHostUnregister(tensor.data_ptr()))
+        except (AttributeError, RuntimeError, AssertionError, TypeError):
+            return
+        if rc:
+            # Like a failed registration, a failed unregistration leaves the runtime's last
+            # error set, and the next kernel launch would report it as its own.
+            clear_register_error(rc, "cudaHostUnregister")
 
     def _dtype(self) -> Any:
         return self.torch.bfloat16
@@ -570,15 +582,23 @@ def cuda_clear_last_error() -> int | None:
     return int(fn())
 
 
-def clear_register_error(rc: int) -> None:
-    """After a failed cudaHostRegister (cudaError `rc`): clear the runtime's last error, or
-    refuse to go on, since the next kernel launch would report `rc` as its own failure."""
+def clear_register_error(rc: int, call: str = "cudaHostRegister") -> None:
+    """After a failed cudaHostRegister/Unregister (cudaError `rc`): clear the runtime's last
+    error, or refuse to go on, since the next kernel launch would report `rc` as its own."""
     if cuda_clear_last_error() is None:
+        what = "pinning" if call == "cudaHostRegister" else "unpinning"
         raise MoeprofError(
-            f"pinning host memory failed: cudaHostRegister returned cudaError {rc}, and the CUDA "
+            f"{what} host memory failed: {call} returned cudaError {rc}, and the CUDA "
             "runtime's last error could not be cleared (libcudart not found in this process), so "
             "a later kernel would fail with it"
         )
+
+
+def _page_bytes() -> int:
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE"))
+    except (AttributeError, OSError, ValueError):  # not POSIX
+        return 4096
 
 
 def cuda_pci_bus_id(props: Any) -> str | None:

@@ -52,6 +52,9 @@ from moeprof.trace import Trace
 ProgressFn = Callable[[str, int, int], None]  # (what is running, batches done, batches in it)
 
 HOST_HEADROOM = 0.9  # use at most this share of available host memory
+# Pinned pages cannot be swapped or reclaimed: pinning most of the RAM invites the OOM killer.
+PINNED_HEADROOM = 0.5
+HOST_BOUND_SHARE = 0.9  # issuing took this share of the device time: the GPU waited on Python
 DEVICE_HEADROOM = 0.9
 DEVICE_RESERVE_BYTES = 512 << 20  # CUDA context, FFN activations, allocator slack
 CPU_NOTE = (
@@ -172,13 +175,15 @@ def _check_memory(
     )
     available = host_available_bytes()
     what = "pinned host" if not on_cpu else "host"
-    if available is not None and host_need > HOST_HEADROOM * available:
+    headroom = HOST_HEADROOM if on_cpu else PINNED_HEADROOM
+    if available is not None and host_need > headroom * available:
         raise MoeprofError(
             f"the expert pool needs {_human(host_need)} of {what} memory ({n_layers} layers x "
             f"{max(n_experts)} experts x {_human(max(block))}"
             + (f", plus {_human(slot_bytes)} of slots" if on_cpu else "")
-            + f") but only {_human(available)} is available; replay fewer layers (--layers) or "
-            "smaller blocks (--expert-bytes)"
+            + f") but only {_human(available)} is available"
+            + ("" if on_cpu else f" (at most {headroom:.0%} of it is pinned)")
+            + "; replay fewer layers (--layers) or smaller blocks (--expert-bytes)"
         )
     free = backend.device_free_bytes()
     if free is not None:
@@ -426,6 +431,7 @@ def replay(
                         progress=on_progress,
                         label=label,
                     )
+                    issue = time.perf_counter() - t0
                     seconds = be.finish_run()
                 finally:
                     wall = time.perf_counter() - t0
@@ -454,6 +460,10 @@ def replay(
                         peak_gbps=peak,
                         pcie=pcie,
                         batch_latency=LatencyStats.of(be.batch_latency_s) if compute else None,
+                        issue_seconds=issue,
+                        # The GPU may have waited for Python to queue the work: then seconds
+                        # and GB/s describe the host, not the link.
+                        host_bound=None if be.ran_on_cpu else issue >= HOST_BOUND_SHARE * seconds,
                     )
                 )
     except KeyboardInterrupt:

@@ -60,6 +60,8 @@ class StrategyRun:
     peak_gbps: float | None
     pcie: PcieMeasurement
     batch_latency: LatencyStats | None = None
+    issue_seconds: float | None = None  # host time to issue the run's work (before waiting)
+    host_bound: bool | None = None  # GPU: issuing took >= 90% of the device time (None on CPU)
 
     @property
     def gbps(self) -> float:
@@ -90,6 +92,8 @@ class StrategyRun:
             "bytes_copied_full_size": self.bytes_copied_full_size,
             "seconds": self.seconds,
             "wall_seconds": self.wall_seconds,
+            "issue_seconds": self.issue_seconds,
+            "host_bound": self.host_bound,
             "gbps": self.gbps,
             "share_of_peak": self.share_of_peak,
             "projected_seconds_full_size": (

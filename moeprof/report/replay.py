@@ -206,6 +206,19 @@ def replay_notes(doc: dict[str, Any]) -> list[str]:
         "measured savings compare NVML RX bytes when measured (NVML), else device time (time). They agree when "
         "the measured cost ratio (strategy / naive) is within 10% of the counted one."
     )
+    bound = [
+        f"{s.get('strategy')} B={row.get('batch_size')}"
+        for row in doc.get("results") or []
+        if isinstance(row.get("replay"), dict)
+        for s in (row["replay"].get("strategies") or [])
+        if s.get("host_bound") is True
+    ]
+    if bound:
+        notes.append(
+            f"**Host-bound runs** ({', '.join(bound)}): Python took at least 90% of the device "
+            "time to queue their copies, so the GPU may have waited for it; their seconds and "
+            "GB/s then describe the host, not the link. Larger blocks (--expert-bytes) help."
+        )
     if info.get("interrupted"):
         notes.append("**Interrupted**: only the runs that finished are shown.")
     return notes
