@@ -560,6 +560,7 @@ class PcieMonitor:
         settle_quiet_s: float = 0.1,
         tx_every: int = 5,
         wall_us: Callable[[], int] = lambda: time.time_ns() // 1000,
+        counters_failed: str | None = None,
     ) -> None:
         self._nv = nv or gateway()
         self.settle_max_s = settle_max_s
@@ -582,6 +583,9 @@ class PcieMonitor:
         self._settle_start_s: float | None = None
         self.counter_bits: int | None = None
         self.probe_notes: list[str] = []
+        # Why the byte counters must not be used although they answer (a check found them not
+        # counting): the probe then starts at the throughput.
+        self._counters_failed = counters_failed
         self.method, self.reason = self._probe(unavailable)
         self._poll_s = counter_poll_s if self.method == METHOD_COUNTERS else throughput_poll_s
 
@@ -590,13 +594,16 @@ class PcieMonitor:
             return METHOD_COUNTED, unavailable.reason
         if isinstance(self._handle, NotAvailable):
             return METHOD_COUNTED, self._handle.reason
-        reading = read_pcie_counters(self._nv, self._handle, self._clock)
-        if not isinstance(reading, NotAvailable):
-            self.counter_bits = reading.counter_bits
-            return METHOD_COUNTERS, None
-        self.probe_notes.append(f"byte counters: {reading.reason}")
-        if reading.kind == GPU_LOST:
-            return METHOD_COUNTED, reading.reason
+        if self._counters_failed is not None:
+            self.probe_notes.append(f"byte counters: {self._counters_failed}")
+        else:
+            reading = read_pcie_counters(self._nv, self._handle, self._clock)
+            if not isinstance(reading, NotAvailable):
+                self.counter_bits = reading.counter_bits
+                return METHOD_COUNTERS, None
+            self.probe_notes.append(f"byte counters: {reading.reason}")
+            if reading.kind == GPU_LOST:
+                return METHOD_COUNTED, reading.reason
         rate = read_pcie_throughput_kib_s(self._nv, self._handle)
         if not isinstance(rate, NotAvailable):
             return METHOD_THROUGHPUT, THROUGHPUT_CAVEAT

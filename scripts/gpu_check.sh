@@ -229,6 +229,12 @@ else:
           f"host memory: {info.get('host_memory')}")
     if info.get("measurement_reason"):
         print(f"  ({info['measurement_reason']})")
+    for note in info.get("measurement_notes") or []:
+        print(f"  note: {note}")
+    check = info.get("counter_check")
+    if check:
+        print(f"  NVML counter check on the calibration: copied {check['bytes_copied']:,} B, "
+              f"RX {check['nvml_rx_bytes']} B, ratio {check['rx_to_copied']}")
     head = (f"{'batch':>5} {'strategy':>8} {'copies':>7} {'GiB':>8} {'seconds':>8} {'GB/s':>7} "
             f"{'%peak':>6} {'RX/cnt':>7} {'counted':>8} {'measured':>9} {'agree':>5} "
             f"{'issue s':>8}")

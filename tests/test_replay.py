@@ -475,10 +475,17 @@ def test_markdown_of_nvml_measured_runs() -> None:
         "strategies": ["naive", "dedup"],
         "policy": "tokens",
         "link": {"pcie_gen_max": 5, "pcie_width_max": 16},
+        "counter_check": {
+            "bytes_copied": 6 << 30,
+            "nvml_rx_bytes": 6_500_000_000,
+            "rx_to_copied": 6_500_000_000 / (6 << 30),
+            "reason": None,
+        },
     }
     doc = ReplayResult(analysis, runs, info).to_dict()
     text = replay_markdown(doc)
     assert "NVIDIA H200" in text and "Gen5 x16" in text and "byte counters" in text
+    assert "the calibration's 6.00 GiB showed as 6.05 GiB RX (1.009x)" in text
     header, rows = replay_rows(doc)
     naive_row, dedup_row = rows
     assert naive_row[header.index("RX / counted")] == "1.060x"
@@ -1038,6 +1045,46 @@ def test_cuda_path_end_to_end_on_a_fake_device() -> None:
         assert sum(latencies) <= seconds + 1e-9
         assert sum(latencies) == pytest.approx(seconds)  # the last FFN ends the run here
     assert cuda.current is cuda.default_stream
+
+
+@pytest.mark.parametrize("counting", [True, False])
+def test_calibration_checks_that_the_byte_counters_count(counting: bool) -> None:
+    """The calibration moves a known number of bytes; NVML byte counters that do not see them
+    (a driver that answers but does not count) are dropped for the throughput sampling."""
+    pytest.importorskip("torch")
+    from moeprof.replay.backends import Calibration, CudaBackend
+
+    gpu = FakeGpu(rx_bytes=1 << 40, throughput_kib_s=(1000, 10))
+    nbytes = 64 << 20
+
+    class Calibrated(CudaBackend):
+        def calibrate(self, nbytes: int = 0, repeats: int = 5) -> Calibration:
+            if counting:
+                gpu.transfer((repeats + 1) * nbytes + 4096)  # warm-up + repeats, and overhead
+            return Calibration(50.0, nbytes, repeats, nbytes / 50e9, "fake")
+
+    be = Calibrated(0, torch_module=FakeTorch(FakeCuda()))
+    trace = moeprof.synthesize(n_experts=8, top_k=2, n_layers=1, n_requests=2, seed=4)
+    doc = replay(
+        trace,
+        batch_sizes=[8],
+        strategies="dedup",
+        expert_bytes=4096,
+        calibration_bytes=nbytes,
+        backend=be,
+        nv=gateway_for(gpu),
+    ).to_dict()
+    info = doc["replay"]
+    check = info["counter_check"]
+    assert check["bytes_copied"] == 6 * nbytes
+    if counting:
+        assert check["nvml_rx_bytes"] == 6 * nbytes + 4096
+        assert check["rx_to_copied"] == pytest.approx(1.0, abs=1e-4)
+        assert info["measurement_method"] == "nvml_counters"
+    else:
+        assert check["nvml_rx_bytes"] == 0 and check["rx_to_copied"] == 0
+        assert info["measurement_method"] == "nvml_throughput"
+        assert any("saw 0 RX bytes" in note for note in info["measurement_notes"])
 
 
 def test_cuda_stream_is_restored_when_compute_fails_mid_run() -> None:

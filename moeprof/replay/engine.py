@@ -33,6 +33,7 @@ from moeprof.replay.backends import (
     DEFAULT_HIDDEN,
     GIB,
     Backend,
+    Calibration,
     CudaBackend,
     aligned,
     host_available_bytes,
@@ -256,13 +257,42 @@ def _execute(
     return layer_copies, hits
 
 
-def _pcie_monitor(backend: Backend, nv: nvml.Nvml | None) -> nvml.PcieMonitor:
+def _pcie_monitor(
+    backend: Backend, nv: nvml.Nvml | None, counters_failed: str | None = None
+) -> nvml.PcieMonitor:
     if not isinstance(backend, CudaBackend):
         na = nvml.NotAvailable("cpu", "CPU backend: host memory copies do not cross PCIe")
         return nvml.PcieMonitor(None, nv=nv, unavailable=na)
     gw = nv or nvml.gateway()
     handle = gw.handle(pci_bus_id=backend.describe().get("pci_bus_id"), index=backend.index)
-    return nvml.PcieMonitor(handle, nv=gw)
+    return nvml.PcieMonitor(handle, nv=gw, counters_failed=counters_failed)
+
+
+COUNTER_CHECK_MIN = 0.5  # NVML RX over the calibration's bytes below this: counters not counting
+
+
+def _calibrate(
+    be: Backend, nbytes: int, monitor: nvml.PcieMonitor
+) -> tuple[Calibration, dict[str, Any] | None]:
+    """The peak-rate calibration; with NVML byte counters, also their check: the calibration
+    moves a known number of bytes (warm-up + repeats), which the RX counter must see."""
+    if monitor.method != nvml.METHOD_COUNTERS:
+        return be.calibrate(nbytes), None
+    be.synchronize()
+    monitor.start()
+    try:
+        calibration = be.calibrate(nbytes)
+    finally:
+        be.synchronize()
+        seen = monitor.stop()
+    moved = calibration.nbytes * (calibration.repeats + 1)
+    rx = seen.rx_bytes
+    return calibration, {
+        "bytes_copied": moved,
+        "nvml_rx_bytes": rx,
+        "rx_to_copied": None if rx is None else rx / moved,
+        "reason": seen.reason,
+    }
 
 
 def _link_info(backend: Backend, nv: nvml.Nvml | None) -> dict[str, Any]:
@@ -396,13 +426,26 @@ def replay(
 
     monitor: nvml.PcieMonitor | None = None
     try:
-        calibration = be.calibrate(calibration_bytes) if calibrate else None
+        monitor = _pcie_monitor(be, nv)
+        calibration, check = (
+            _calibrate(be, calibration_bytes, monitor) if calibrate else (None, None)
+        )
+        info["counter_check"] = check
+        if check is not None and (
+            check["rx_to_copied"] is None or check["rx_to_copied"] < COUNTER_CHECK_MIN
+        ):
+            seen = "nothing" if check["nvml_rx_bytes"] is None else f"{check['nvml_rx_bytes']:,}"
+            monitor = _pcie_monitor(
+                be,
+                nv,
+                counters_failed=f"answer, but saw {seen} RX bytes of a "
+                f"{check['bytes_copied']:,}-byte calibration copy",
+            )
         peak = calibration.peak_gbps if calibration else None
         info["calibration"] = calibration.to_dict() if calibration else None
         info["peak_h2d_gbps"] = peak
         be.allocate_pools(n_experts, block)
         info["host_memory"] = be.host_memory
-        monitor = _pcie_monitor(be, nv)
         info["measurement_method"] = monitor.method
         info["measurement_reason"] = monitor.reason
         info["measurement_notes"] = monitor.probe_notes

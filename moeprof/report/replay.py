@@ -159,11 +159,18 @@ def replay_notes(doc: dict[str, Any]) -> list[str]:
         )
     method = info.get("measurement_method")
     reason = info.get("measurement_reason")
+    check = info.get("counter_check") or {}
+    check_text = ""
+    if check.get("rx_to_copied") is not None and check.get("bytes_copied"):
+        check_text = (
+            f" Check: the calibration's {human_bytes(check['bytes_copied'])} showed as "
+            f"{human_bytes(check.get('nvml_rx_bytes') or 0)} RX ({check['rx_to_copied']:.3f}x)."
+        )
     if method == "nvml_counters":
         notes.append(
             "PCIe bytes: NVML cumulative RX/TX byte counters read around each run with the streams "
             "synchronised. They include protocol overhead and every process's traffic, so RX / "
-            "counted slightly above 1.00x is expected."
+            "counted slightly above 1.00x is expected." + check_text
         )
     elif method == "nvml_throughput":
         notes.append(
