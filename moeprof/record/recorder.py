@@ -84,6 +84,10 @@ class _RawStep(NamedTuple):
     drop_eos: bool
 
 
+# A step's host arrays: ids [L, N, K], weights [L, N, K] fp16, mask [B, S] | None, tokens | None.
+_StepArrays = tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None]
+
+
 class _Rows(NamedTuple):
     """A raw step with its recorded tokens known: ready to be unpacked into trace rows."""
 
@@ -416,9 +420,12 @@ class Recorder:
         if p.tokens is None:
             self._tokens_unknown = True
         if p.device.type == "cpu" and ids_all.device.type == "cpu":
-            raw = self._host_step(p, ids_all, weights_all, mask)
+            arrays = self._host_step(p, ids_all, weights_all, mask)
         else:
-            raw = self._copied_step(p, ids_all, weights_all, mask)
+            arrays = self._copied_step(p, ids_all, weights_all, mask)
+        raw = _RawStep(
+            *arrays, p.batch, p.seq, self.n_passes, p.phase, p.group, p.request_base, p.drop_eos
+        )
         self._raw.append(raw)
         self.n_passes += 1
         self._pending_bytes += raw.ids.nbytes + raw.weights.nbytes
@@ -427,36 +434,23 @@ class Recorder:
 
     def _host_step(
         self, p: _Pass, ids: torch.Tensor, weights: torch.Tensor, mask: torch.Tensor | None
-    ) -> _RawStep:
+    ) -> _StepArrays:
         """A pass that ran on the CPU: no copy needed, only own copies of what the caller may reuse.
 
         The stacks already are fresh tensors; the mask and token ids are the caller's (a serving
         loop may refill them in place), so they are stacked into one fresh tensor too.
         """
-        book: np.ndarray | None = None
         if mask is not None and p.tokens is not None:
             book = torch.stack([mask.to(device="cpu", dtype=p.tokens.dtype), p.tokens]).numpy()
             mask_np, tokens_np = book[0], book[1]
         else:
             mask_np = None if mask is None else mask.to("cpu", copy=True).numpy()
             tokens_np = None if p.tokens is None else p.tokens.clone().numpy()
-        return _RawStep(
-            ids.numpy(),
-            weights.to(torch.float16).numpy(),
-            mask_np,
-            tokens_np,
-            p.batch,
-            p.seq,
-            self.n_passes,
-            p.phase,
-            p.group,
-            p.request_base,
-            p.drop_eos,
-        )
+        return ids.numpy(), weights.to(torch.float16).numpy(), mask_np, tokens_np
 
     def _copied_step(
         self, p: _Pass, ids: torch.Tensor, weights: torch.Tensor, mask: torch.Tensor | None
-    ) -> _RawStep:
+    ) -> _StepArrays:
         """A pass on an accelerator: everything packed into one int64 tensor, copied to the host once."""
         parts = [
             ids.reshape(-1).to(device=p.device, dtype=torch.int64),
@@ -485,19 +479,7 @@ class Recorder:
             offset += n_rows
         if p.tokens is not None:
             tokens_np = host[offset : offset + n_rows].reshape(p.batch, p.seq)
-        return _RawStep(
-            host[:size].reshape(shape),
-            weights_np.reshape(shape),
-            mask_np,
-            tokens_np,
-            p.batch,
-            p.seq,
-            self.n_passes,
-            p.phase,
-            p.group,
-            p.request_base,
-            p.drop_eos,
-        )
+        return host[:size].reshape(shape), weights_np.reshape(shape), mask_np, tokens_np
 
     @property
     def n_tokens(self) -> int:
