@@ -432,6 +432,54 @@ def test_packed_copy_path_gives_the_same_trace(monkeypatch: pytest.MonkeyPatch) 
     )
 
 
+def test_each_generate_call_keeps_its_own_end_tokens() -> None:
+    """Steps are counted later (when n_tokens or the trace is asked for); a step must still be
+    judged by the end token of its own generate() call, not by a later call's."""
+    model = tiny_qwen3()
+    ids = torch.randint(3, 64, (2, 5), generator=torch.Generator().manual_seed(3))
+    free = model.generate(input_ids=ids, max_new_tokens=6, do_sample=False)
+    eos = int(free[0, 5 + 1])  # row 0's second generated token: row 0 stops after 1 token
+    unused = next(t for t in range(3, 64) if t not in free.tolist()[0] + free.tolist()[1])
+
+    def run(peek: bool) -> Any:
+        with moeprof.record(model) as rec:
+            for end in (eos, unused):
+                model.generate(
+                    input_ids=ids,
+                    max_new_tokens=6,
+                    do_sample=False,
+                    eos_token_id=end,
+                    pad_token_id=0,
+                )
+                if peek:
+                    assert rec.n_tokens > 0
+        return rec.to_trace()
+
+    late, early = run(peek=False), run(peek=True)
+    for trace in (late, early):
+        per_request = np.bincount(trace.request_ids).tolist()
+        assert per_request[0] == 5 + 1 and per_request[2:] == [10, 10]  # 5 prompt + 5 fed
+    np.testing.assert_array_equal(late.expert_ids, early.expert_ids)
+    np.testing.assert_array_equal(late.token_ids, early.token_ids)
+
+
+def test_a_pass_without_new_tokens_records_nothing() -> None:
+    model = tiny_qwen3()
+    with torch.no_grad(), moeprof.record(model) as rec:
+        rec._begin_pass(
+            model,
+            (),
+            {"input_ids": torch.zeros(2, 0, dtype=torch.long), "attention_mask": torch.ones(2, 4)},
+        )
+        for layer in rec.layers:
+            hook = next(iter(layer.module._forward_pre_hooks.values()))
+            ids = torch.zeros(0, 2, dtype=torch.long)
+            hook(layer.module, (torch.zeros(0, 32), ids, torch.zeros(0, 2)), {})
+        assert rec._active is not None
+        rec._finish(rec._active)
+    assert rec.n_passes == 1 and rec.n_tokens == 0 and rec.to_trace().n_tokens == 0
+
+
 def test_inputs_reused_in_place_after_a_pass_do_not_change_the_trace() -> None:
     """A serving loop may refill its input buffers; the recorder keeps its own copy of each step."""
     model = tiny_qwen3()

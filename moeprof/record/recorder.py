@@ -46,7 +46,8 @@ class _Pass:
     phase: int
     group: int  # which _Requests the rows belong to
     request_base: int
-    drop_eos: bool  # a generate() decode step: rows past their end token are not real work
+    # A generate() decode step: that call's end tokens (rows past them are not real work).
+    eos: np.ndarray | None
     captures: list[list[Routing]] = field(default_factory=list)
 
 
@@ -81,11 +82,21 @@ class _RawStep(NamedTuple):
     phase: int
     group: int
     request_base: int
-    drop_eos: bool
+    eos: np.ndarray | None  # the end tokens of the generate() call this decode step is part of
 
 
 # A step's host arrays: ids [L, N, K], weights [L, N, K] fp16, mask [B, S] | None, tokens | None.
 _StepArrays = tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None]
+
+
+def _held_bytes(arrays: _StepArrays) -> int:
+    """Host memory the arrays keep alive: views count their whole buffers, each buffer once."""
+    buffers = {}
+    for a in arrays:
+        if a is not None:
+            owner = a if a.base is None else a.base
+            buffers[id(owner)] = owner.nbytes
+    return sum(buffers.values())
 
 
 class _Rows(NamedTuple):
@@ -353,7 +364,8 @@ class Recorder:
             phase=PHASE_DECODE if decode else PHASE_PREFILL,
             group=requests.group,
             request_base=requests.base,
-            drop_eos=decode and self._generate_depth > 0 and self._eos.size > 0,
+            # Counting happens later, maybe after another generate() call set other end tokens.
+            eos=self._eos if decode and self._generate_depth > 0 and self._eos.size else None,
             captures=[[] for _ in self.layers],
         )
         return None
@@ -414,7 +426,8 @@ class Recorder:
             ids_all, weights_all = self._stack_mixed(p, n_rows, top_k)
         mask = None
         if p.mask is not None:
-            mask = p.mask[:, -p.seq :] if p.mask.shape[1] != p.seq else p.mask
+            # This pass's columns are the last `seq` ([:, -0:] would be all of them).
+            mask = p.mask[:, p.mask.shape[1] - p.seq :] if p.mask.shape[1] != p.seq else p.mask
             if mask.is_floating_point():
                 mask = mask != 0
         if p.tokens is None:
@@ -424,11 +437,11 @@ class Recorder:
         else:
             arrays = self._copied_step(p, ids_all, weights_all, mask)
         raw = _RawStep(
-            *arrays, p.batch, p.seq, self.n_passes, p.phase, p.group, p.request_base, p.drop_eos
+            *arrays, p.batch, p.seq, self.n_passes, p.phase, p.group, p.request_base, p.eos
         )
         self._raw.append(raw)
         self.n_passes += 1
-        self._pending_bytes += raw.ids.nbytes + raw.weights.nbytes
+        self._pending_bytes += _held_bytes(arrays)
         if self._pending_bytes > _PENDING_BYTES:
             self._drain()
 
@@ -451,24 +464,25 @@ class Recorder:
     def _copied_step(
         self, p: _Pass, ids: torch.Tensor, weights: torch.Tensor, mask: torch.Tensor | None
     ) -> _StepArrays:
-        """A pass on an accelerator: everything packed into one int64 tensor, copied to the host once."""
+        """A pass on an accelerator: everything packed into one int32 tensor, copied to the host
+        once (int32 halves the copy of a large prefill step; ids and token ids fit)."""
         parts = [
-            ids.reshape(-1).to(device=p.device, dtype=torch.int64),
+            ids.reshape(-1).to(device=p.device, dtype=torch.int32),
             weights.reshape(-1)
             .to(device=p.device, dtype=torch.float16)
             .view(torch.int16)
-            .to(torch.int64),
+            .to(torch.int32),
         ]
         if mask is not None:
-            parts.append(mask.reshape(-1).to(device=p.device, dtype=torch.int64))
+            parts.append(mask.reshape(-1).to(device=p.device, dtype=torch.int32))
         if p.tokens is not None:
-            parts.append(p.tokens.reshape(-1).to(device=p.device, dtype=torch.int64))
+            parts.append(p.tokens.reshape(-1).to(device=p.device, dtype=torch.int32))
         host = torch.cat(parts).cpu().numpy()  # the single device->host copy of this step
         shape = tuple(ids.shape)
         size = ids.numel()
         bits = host[size : 2 * size]
-        if _LITTLE_ENDIAN:  # the low 16 bits of each int64 hold the fp16 pattern: a view
-            weights_np = bits.view(np.uint16)[::4].view(np.float16)
+        if _LITTLE_ENDIAN:  # the low 16 bits of each int32 hold the fp16 pattern: a view
+            weights_np = bits.view(np.uint16)[::2].view(np.float16)
         else:
             weights_np = (bits & 0xFFFF).astype(np.uint16).view(np.float16)
         offset = 2 * size
@@ -501,10 +515,10 @@ class Recorder:
                 rows = self._rows = _RowState(
                     raw.group, np.zeros(batch, np.int64), np.zeros(batch, bool)
                 )
-            if raw.drop_eos and raw.tokens is not None:
+            if raw.eos is not None and raw.tokens is not None:
                 # generate() feeds a finished row its end token, then padding: not real work.
                 valid &= ~rows.done[:, None]
-                fed_eos = np.isin(raw.tokens, self._eos)
+                fed_eos = np.isin(raw.tokens, raw.eos)
                 rows.done |= fed_eos.any(axis=1)
                 valid &= ~fed_eos
             positions = rows.row_len[:, None] + np.cumsum(valid, axis=1) - 1
