@@ -568,6 +568,7 @@ class PcieMonitor:
         self.settle_bytes = settle_bytes
         self.settle_quiet_s = settle_quiet_s
         self._wall_us = wall_us
+        self.refresh_us: int | None = None  # the driver's counter refresh period, once seen
         self.tx_every = max(1, int(tx_every))
         self._handle = handle
         self._clock = clock
@@ -652,12 +653,31 @@ class PcieMonitor:
                 acc.rx_bytes += rx
                 acc.tx_bytes += tx
                 acc.max_gap_s = max(acc.max_gap_s, elapsed)
+                self._note_refresh(last, reading)
             else:
                 acc.first = reading
             if max(reading.rx_bytes, reading.tx_bytes) >= 1 << 32:
                 acc.fits_32 = False
             acc.last = reading
             acc.samples += 1
+
+    def _note_refresh(self, before: CounterReading, after: CounterReading) -> None:
+        """Learn how often the driver refreshes the counters: the smallest step of NVML's RX
+        stamp between two reads that saw RX change. A driver that stamps each change gives
+        about the polling interval; one that caches gives its refresh period."""
+        a, b = before.rx_nvml_timestamp_us, after.rx_nvml_timestamp_us
+        if a is None or b is None or b <= a or after.rx_bytes == before.rx_bytes:
+            return
+        step = b - a
+        if self.refresh_us is None or step < self.refresh_us:
+            self.refresh_us = step
+
+    def _quiet_needed_s(self) -> float:
+        """How long unchanged counters must stay put to be taken as settled: `settle_quiet_s`,
+        or two refresh periods of a driver seen to refresh less often (at most half the bound)."""
+        if self.refresh_us is None:
+            return self.settle_quiet_s
+        return max(self.settle_quiet_s, min(2 * self.refresh_us / 1e6, self.settle_max_s / 2))
 
     def _sample_rx(self) -> None:
         rate = read_pcie_throughput_one(self._nv, self._handle, "rx")
@@ -710,6 +730,10 @@ class PcieMonitor:
                 return
             next_at = began + self._poll_s
 
+    def close(self) -> None:
+        """End a window's polling thread without measuring (after an error); safe to repeat."""
+        self._halt_thread()
+
     def _halt_thread(self) -> None:
         if self._thread is not None:
             self._stop_event.set()
@@ -740,7 +764,7 @@ class PcieMonitor:
             else:
                 if (
                     _stamped_after(acc.last, not_before_us)
-                    or now - quiet_since >= self.settle_quiet_s
+                    or now - quiet_since >= self._quiet_needed_s()
                 ):
                     return elapsed, True
             if elapsed >= self.settle_max_s:

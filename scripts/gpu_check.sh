@@ -119,8 +119,8 @@ for name in ("numpy", "pynvml", "typer", "rich", "safetensors", "pytest", "trans
         present.append(name)
     except Exception as exc:  # ImportError, or a broken install
         print(f"  {name:12s} MISSING ({type(exc).__name__})")
-import numpy
-if int(numpy.__version__.split(".")[0]) < 2:
+numpy = sys.modules.get("numpy")
+if numpy is not None and int(numpy.__version__.split(".")[0]) < 2:
     print(f"gpu_check: WARNING: numpy {numpy.__version__} < 2.0 (moeprof requires 2.0; bit "
           "counting falls back to a byte table, other differences may fail)")
 with open(os.path.join(os.environ["MOEPROF_GPU_CHECK_OUT"], "modules.txt"), "w") as fh:

@@ -641,6 +641,39 @@ def test_a_cached_counter_is_read_until_its_stamp_postdates_the_run() -> None:
     )
 
 
+@pytest.mark.parametrize("period", [0.05, 0.25])
+def test_a_slowly_refreshed_counter_is_not_taken_as_quiet(period: float) -> None:
+    """Scenario: a caching driver refreshes every 250 ms, longer than the 100 ms of quiet that
+    settles a driver whose stamps cannot tell. The refresh period is learned from the reads
+    during the run (RX stamps step by it), so quiet must last two periods: the fresh value
+    comes first and every byte is counted."""
+    clock = FakeClock()
+    clock.t = 1_700_000_000.0
+    gpu = FakeGpu(clock=clock, refresh_period_s=period, rx_bytes=5 << 40)
+    nv = gateway_for(gpu)
+    mon = nvml.PcieMonitor(
+        nv.handle(index=0),
+        nv=nv,
+        background=False,
+        clock=clock,
+        sleep=clock.sleep,
+        wall_us=lambda: int(round(clock() * 1e6)),
+    )
+    clock.t += 0.001
+    mon.start()
+    n = 0
+    # At least 0.5 s at 10 GB/s, read every 5 ms as the thread does, ending 0.1 s past a refresh.
+    while n < 500 or not (0.100 < clock.t % 0.25 < 0.104):
+        clock.t += 0.001
+        gpu.transfer(10_000_000)
+        n += 1
+        if n % 5 == 0:
+            mon.sample()
+    m = mon.stop()
+    assert mon.refresh_us == pytest.approx(period * 1e6)
+    assert m.rx_bytes == n * 10_000_000 and m.settled is True
+
+
 def test_settling_catches_a_late_warm_up_and_gives_up_after_the_bound() -> None:
     clock = FakeClock()
     gpu = FakeGpu(clock=clock, report_delay_s=0.015, rx_bytes=1 << 40)

@@ -1087,6 +1087,35 @@ def test_calibration_checks_that_the_byte_counters_count(counting: bool) -> None
         assert any("saw 0 RX bytes" in note for note in info["measurement_notes"])
 
 
+def test_a_failing_calibration_leaves_no_polling_thread() -> None:
+    import threading
+
+    pytest.importorskip("torch")
+    from moeprof.replay.backends import Calibration, CudaBackend
+
+    class Failing(CudaBackend):
+        def calibrate(self, nbytes: int = 0, repeats: int = 5) -> Calibration:
+            self.failed = True  # sticky, as CUDA errors are: every later sync raises it again
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+        def synchronize(self) -> None:
+            if getattr(self, "failed", False):
+                raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    be = Failing(0, torch_module=FakeTorch(FakeCuda()))
+    trace = moeprof.synthesize(n_experts=8, top_k=2, n_layers=1, n_requests=2, seed=4)
+    with pytest.raises(RuntimeError, match="illegal memory access"):
+        replay(
+            trace,
+            batch_sizes=[8],
+            expert_bytes=4096,
+            calibration_bytes=1 << 20,
+            backend=be,
+            nv=gateway_for(FakeGpu(rx_bytes=1 << 40)),
+        )
+    assert not [t for t in threading.enumerate() if t.name == "moeprof-pcie"]
+
+
 def test_cuda_stream_is_restored_when_compute_fails_mid_run() -> None:
     pytest.importorskip("torch")
     cuda = FakeCuda()
@@ -1138,8 +1167,13 @@ def test_host_register_covers_whole_pages_of_its_own(monkeypatch: pytest.MonkeyP
     be = fake_cuda_backend(cuda)
     import torch
 
-    monkeypatch.setattr(torch.Tensor, "is_pinned", lambda self: True)  # what registering does
+    def is_pinned(self: Any) -> bool:  # as ATen answers it: from the storage's start
+        start = self.untyped_storage().data_ptr()
+        return any(p <= start < p + n for p, n in zip(cuda.registered_ptrs, cuda.registered))
+
+    monkeypatch.setattr(torch.Tensor, "is_pinned", is_pinned)
     tensors = [be._host_tensor(n) for n in (100, 4096, 5000, 3 * page)]
+    assert be.host_memory == "pinned host memory (cudaHostRegister)"  # no fallback taken
     for t, n, ptr, size in zip(
         tensors, (100, 4096, 5000, 3 * page), cuda.registered_ptrs, cuda.registered
     ):
@@ -1233,3 +1267,14 @@ def test_schedule_lists_are_built_before_the_timed_run(monkeypatch: pytest.Monke
     trace = moeprof.synthesize(n_layers=1, n_requests=2, tokens_per_request=8, seed=0)
     replay(trace, batch_sizes=[4], expert_bytes=256, calibrate=False, backend=Ordered())
     assert events == ["lists", "start_run"] * 3
+
+
+def test_host_bound_needs_a_short_tail_too() -> None:
+    """Issue time near device time also happens when a GPU-bound run fills CUDA's launch queue
+    (the host blocks while issuing); then a queue's worth of work is left after issuing."""
+    from moeprof.replay.engine import _host_bound
+
+    assert _host_bound(0.95, 0.9502, 0.95)  # GPU done right after the last issue
+    assert not _host_bound(9.7, 10.0, 10.0)  # queue full: 0.3 s of copies still queued
+    assert not _host_bound(0.1, 1.0, 1.0)  # issued fast, GPU busy long after
+    assert not _host_bound(0.0, 0.0, 0.0)  # nothing ran

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import ctypes
 import math
+import mmap
 import os
 import re
 import time
@@ -333,15 +334,14 @@ class CudaBackend(Backend):
         """Page-locked host memory of exactly `nbytes`: a plain tensor registered with
         cudaHostRegister (torch's pinned allocator rounds sizes up to a power of two).
 
-        The registered range is whole pages of its own allocation: small tensors come from the
-        heap, and two sharing a page would make the second registration fail (cudaError 712,
-        already registered)."""
+        The memory is an anonymous mapping, whole pages of its own: heap blocks may share a page,
+        which would make a second registration fail (cudaError 712, already registered), and
+        the tensor's storage starts where the registration does (torch's is_pinned() looks at
+        the storage's start, not a view's)."""
         torch = self.torch
         page = _page_bytes()
-        span = -(-nbytes // page) * page
-        base = torch.empty(span + page, dtype=torch.uint8)
-        offset = -base.data_ptr() % page
-        t = base[offset : offset + nbytes]  # the view keeps `base` alive
+        span = max(page, -(-nbytes // page) * page)
+        t = torch.frombuffer(mmap.mmap(-1, span), dtype=torch.uint8)[:nbytes]  # keeps the map
         rc: int | None
         try:
             rc = int(torch.cuda.cudart().cudaHostRegister(t.data_ptr(), span, 0))
@@ -353,7 +353,7 @@ class CudaBackend(Backend):
                 self.host_memory = "pinned host memory (cudaHostRegister)"
                 return t
             self._unregister(t)
-        why = ""
+        why = "" if rc is None else "; registered memory not reported pinned"
         if rc:
             clear_register_error(rc)
             why = f"; cudaHostRegister failed: cudaError {rc}"

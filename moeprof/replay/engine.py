@@ -55,7 +55,11 @@ ProgressFn = Callable[[str, int, int], None]  # (what is running, batches done, 
 HOST_HEADROOM = 0.9  # use at most this share of available host memory
 # Pinned pages cannot be swapped or reclaimed: pinning most of the RAM invites the OOM killer.
 PINNED_HEADROOM = 0.5
-HOST_BOUND_SHARE = 0.9  # issuing took this share of the device time: the GPU waited on Python
+# Host-bound run: issuing took >= this share of the device time AND the GPU was done at most
+# HOST_BOUND_TAIL_S after the host had issued everything. (A GPU-bound run that fills CUDA's
+# launch queue also blocks the host while issuing, but then a queue's worth of work remains.)
+HOST_BOUND_SHARE = 0.9
+HOST_BOUND_TAIL_S = 1e-3
 DEVICE_HEADROOM = 0.9
 DEVICE_RESERVE_BYTES = 512 << 20  # CUDA context, FFN activations, allocator slack
 CPU_NOTE = (
@@ -268,6 +272,15 @@ def _pcie_monitor(
     return nvml.PcieMonitor(handle, nv=gw, counters_failed=counters_failed)
 
 
+def _host_bound(issue_s: float, wall_s: float, device_s: float) -> bool:
+    """Whether the GPU probably waited for Python to queue the run (see HOST_BOUND_SHARE)."""
+    return (
+        device_s > 0
+        and issue_s >= HOST_BOUND_SHARE * device_s
+        and wall_s - issue_s < HOST_BOUND_TAIL_S
+    )
+
+
 COUNTER_CHECK_MIN = 0.5  # NVML RX over the calibration's bytes below this: counters not counting
 
 
@@ -282,9 +295,9 @@ def _calibrate(
     monitor.start()
     try:
         calibration = be.calibrate(nbytes)
-    finally:
         be.synchronize()
-        seen = monitor.stop()
+    finally:
+        seen = monitor.stop()  # also after a CUDA error: the polling thread must end
     moved = calibration.nbytes * (calibration.repeats + 1)
     rx = seen.rx_bytes
     return calibration, {
@@ -464,8 +477,8 @@ def replay(
                 be.synchronize()
                 monitor.start()
                 t0 = time.perf_counter()
-                be.start_run()
                 try:
+                    be.start_run()
                     layer_copies, hits = _execute(
                         be,
                         per_layer,
@@ -506,12 +519,14 @@ def replay(
                         issue_seconds=issue,
                         # The GPU may have waited for Python to queue the work: then seconds
                         # and GB/s describe the host, not the link.
-                        host_bound=None if be.ran_on_cpu else issue >= HOST_BOUND_SHARE * seconds,
+                        host_bound=None if be.ran_on_cpu else _host_bound(issue, wall, seconds),
                     )
                 )
     except KeyboardInterrupt:
         be.abort_run()
         raise ReplayInterrupted(partial(True)) from None
     finally:
+        if monitor is not None:
+            monitor.close()  # a window left open by an error: its polling thread ends here
         be.release()
     return partial(False)
