@@ -609,13 +609,12 @@ def test_a_counter_that_refreshes_late_is_waited_for() -> None:
     assert m.samples >= 40
 
 
-def test_a_cached_counter_is_read_until_its_stamp_postdates_the_run() -> None:
-    """Scenario: the driver refreshes the counters every 50 ms and stamps each refresh. Two
-    reads 20 ms apart can both show the value from before the run's last bytes; settling goes on
-    until a value stamped after the run's end, then stops without waiting for quiet."""
+def caching_driver(period_s: float) -> tuple[FakeClock, FakeGpu, nvml.PcieMonitor]:
+    """A driver that refreshes the counters every `period_s` and stamps each refresh, on a fake
+    clock set to a wall-clock time (the stamps are that clock's µs), with a monitor on it."""
     clock = FakeClock()
-    clock.t = 1_700_000_000.0  # a wall-clock time: the fake's stamps are in this clock's µs
-    gpu = FakeGpu(clock=clock, refresh_period_s=0.05, rx_bytes=5 << 40)
+    clock.t = 1_700_000_000.0
+    gpu = FakeGpu(clock=clock, refresh_period_s=period_s, rx_bytes=5 << 40)
     nv = gateway_for(gpu)
     mon = nvml.PcieMonitor(
         nv.handle(index=0),
@@ -625,6 +624,14 @@ def test_a_cached_counter_is_read_until_its_stamp_postdates_the_run() -> None:
         sleep=clock.sleep,
         wall_us=lambda: int(round(clock() * 1e6)),
     )
+    return clock, gpu, mon
+
+
+def test_a_cached_counter_is_read_until_its_stamp_postdates_the_run() -> None:
+    """Scenario: the driver refreshes the counters every 50 ms and stamps each refresh. Two
+    reads 20 ms apart can both show the value from before the run's last bytes; settling goes on
+    until a value stamped after the run's end, then stops without waiting for quiet."""
+    clock, gpu, mon = caching_driver(0.05)
     clock.t += 0.001  # just past a refresh
     mon.start()
     assert mon._settle_start_s is not None and mon._settle_start_s <= 0.06
@@ -647,18 +654,7 @@ def test_a_slowly_refreshed_counter_is_not_taken_as_quiet(period: float) -> None
     settles a driver whose stamps cannot tell. The refresh period is learned from the reads
     during the run (RX stamps step by it), so quiet must last two periods: the fresh value
     comes first and every byte is counted."""
-    clock = FakeClock()
-    clock.t = 1_700_000_000.0
-    gpu = FakeGpu(clock=clock, refresh_period_s=period, rx_bytes=5 << 40)
-    nv = gateway_for(gpu)
-    mon = nvml.PcieMonitor(
-        nv.handle(index=0),
-        nv=nv,
-        background=False,
-        clock=clock,
-        sleep=clock.sleep,
-        wall_us=lambda: int(round(clock() * 1e6)),
-    )
+    clock, gpu, mon = caching_driver(period)
     clock.t += 0.001
     mon.start()
     n = 0
