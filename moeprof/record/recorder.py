@@ -194,7 +194,7 @@ class Recorder:
         self._pending: list[_Rows] = []  # tokens counted, not yet unpacked into trace rows
         self._pending_bytes = 0
         self._n_counted = 0
-        self._layer_passes = np.zeros(len(self.layers), dtype=np.int64)
+        self._layer_passes = [0] * len(self.layers)  # passes in which each layer routed
         self._tokens_unknown = False
         self.n_passes = 0  # forward passes recorded (= steps)
         self.orphan_calls = 0  # MoE-layer calls seen outside a forward of `model`
@@ -403,26 +403,16 @@ class Recorder:
                         f"forward pass of {p.batch} x {p.seq} tokens; this model drops or reorders "
                         "tokens before routing and needs its own adapter"
                     )
-        first = p.captures[0][0] if p.captures[0] else None
-        uniform = (
-            first is not None
-            and first[1] is not None
-            and all(
-                len(c) == 1
-                and c[0][1] is not None
-                and c[0][0].shape == first[0].shape
-                and c[0][0].dtype == first[0].dtype
-                and c[0][0].device == first[0].device
-                and c[0][1].dtype == first[1].dtype  # type: ignore[union-attr]
-                and c[0][1].device == first[0].device  # type: ignore[union-attr]
-                for c in p.captures
-            )
-        )
-        if uniform:
-            # Common case: every layer routed all tokens with k slots; stack, then convert once.
-            ids_all = torch.stack([c[0][0] for c in p.captures])
-            weights_all = torch.stack([c[0][1] for c in p.captures])  # type: ignore[misc]
-        else:
+        ids_all = weights_all = None
+        if all(len(c) == 1 and c[0][1] is not None for c in p.captures):
+            # Common case: every layer routed all tokens with k slots on one device; stack checks
+            # shapes and devices itself (and promotes mixed dtypes), so try it first.
+            try:
+                ids_all = torch.stack([c[0][0] for c in p.captures])
+                weights_all = torch.stack([c[0][1] for c in p.captures])  # type: ignore[misc]
+            except RuntimeError:
+                ids_all = weights_all = None
+        if ids_all is None or weights_all is None:
             ids_all, weights_all = self._stack_mixed(p, n_rows, top_k)
         mask = None
         if p.mask is not None:
