@@ -463,6 +463,46 @@ def test_each_generate_call_keeps_its_own_end_tokens() -> None:
     np.testing.assert_array_equal(late.token_ids, early.token_ids)
 
 
+def test_ctrl_c_while_steps_are_counted_or_unpacked_loses_nothing(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Counting and unpacking run late (a progress callback, to_trace); a Ctrl-C in the middle
+    of either must leave every step to be worked off by the next call."""
+    model = tiny_qwen3()
+    ids = torch.randint(3, 64, (2, 5), generator=torch.Generator().manual_seed(1))
+
+    def recorded() -> Any:
+        rec = moeprof.record(model)
+        with rec:
+            model.generate(input_ids=ids, max_new_tokens=6, do_sample=False, min_new_tokens=6)
+        return rec
+
+    want = recorded().to_trace()
+
+    def interrupt_on(calls: list[int], at: int, real: Any) -> Any:
+        def fn(*args: Any, **kwargs: Any) -> Any:
+            calls.append(1)
+            if len(calls) == at:
+                raise KeyboardInterrupt
+            return real(*args, **kwargs)
+
+        return fn
+
+    rec = recorded()
+    with monkeypatch.context() as m:
+        m.setattr(np, "cumsum", interrupt_on([], 3, np.cumsum))  # in the 3rd step's count
+        with pytest.raises(KeyboardInterrupt):
+            _ = rec.n_tokens
+    with monkeypatch.context() as m:
+        m.setattr(Recorder, "_unpack", interrupt_on([], 4, Recorder._unpack))
+        with pytest.raises(KeyboardInterrupt):
+            rec.to_trace()
+    got = rec.to_trace()
+    assert got.n_tokens == want.n_tokens == rec.n_tokens
+    for name in ("expert_ids", "request_ids", "positions", "steps", "token_ids"):
+        np.testing.assert_array_equal(getattr(got, name), getattr(want, name), err_msg=name)
+
+
 def test_a_pass_without_new_tokens_records_nothing() -> None:
     model = tiny_qwen3()
     with torch.no_grad(), moeprof.record(model) as rec:

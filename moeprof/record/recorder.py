@@ -19,6 +19,7 @@ from __future__ import annotations
 import inspect
 import math
 import sys
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
@@ -190,8 +191,10 @@ class Recorder:
         self._chunks: list[_Chunk] = []
         # Steps pass through two queues, both worked off only when their results are asked for
         # (to_trace, n_tokens) or they hold too much memory: the step path itself only copies.
-        self._raw: list[_RawStep] = []  # copied to the host, tokens not yet counted
-        self._pending: list[_Rows] = []  # tokens counted, not yet unpacked into trace rows
+        # Each queue loses an item only once its result is stored, so a Ctrl-C while they are
+        # worked off (e.g. in a progress callback) loses nothing.
+        self._raw: deque[_RawStep] = deque()  # copied to the host, tokens not yet counted
+        self._pending: deque[_Rows] = deque()  # tokens counted, not yet unpacked into trace rows
         self._pending_bytes = 0
         self._n_counted = 0
         self._layer_passes = [0] * len(self.layers)  # passes in which each layer routed
@@ -493,31 +496,33 @@ class Recorder:
 
     def _count(self) -> None:
         """Find the recorded tokens of the raw steps, in step order: rows carry state across steps."""
-        raw_steps, self._raw = self._raw, []
-        for raw in raw_steps:
+        while self._raw:
+            raw = self._raw[0]
             if raw.mask is not None:
                 valid = raw.mask != 0
             else:
                 valid = np.ones((raw.batch, raw.seq), bool)
-            batch = raw.batch
             rows = self._rows
             if rows is None or rows.group != raw.group:
-                rows = self._rows = _RowState(
-                    raw.group, np.zeros(batch, np.int64), np.zeros(batch, bool)
+                rows = _RowState(
+                    raw.group, np.zeros(raw.batch, np.int64), np.zeros(raw.batch, bool)
                 )
+            done = rows.done
             if raw.eos is not None and raw.tokens is not None:
                 # generate() feeds a finished row its end token, then padding: not real work.
-                valid &= ~rows.done[:, None]
+                valid &= ~done[:, None]
                 fed_eos = np.isin(raw.tokens, raw.eos)
-                rows.done |= fed_eos.any(axis=1)
+                done = done | fed_eos.any(axis=1)
                 valid &= ~fed_eos
             positions = rows.row_len[:, None] + np.cumsum(valid, axis=1) - 1
-            rows.row_len += valid.sum(axis=1)
             keep = np.flatnonzero(valid)
+            tokens = None if raw.tokens is None else raw.tokens.reshape(-1)[keep]
+            # Commit: the new row state, the counted step, and only then drop the raw one.
+            self._rows = _RowState(raw.group, rows.row_len + valid.sum(axis=1), done)
             if keep.size:
-                tokens = None if raw.tokens is None else raw.tokens.reshape(-1)[keep]
                 self._pending.append(_Rows(raw, keep, positions.reshape(-1)[keep], tokens))
                 self._n_counted += int(keep.size)
+            self._raw.popleft()
 
     def _stack_mixed(self, p: _Pass, n_rows: int, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """[L, N, K] ids (int32) and weights (fp16) when layers differ: missing calls, k, devices."""
@@ -547,12 +552,12 @@ class Recorder:
     def _drain(self) -> None:
         """Unpack the steps recorded so far into trace rows."""
         self._count()
-        pending, self._pending = self._pending, []
+        while self._pending:
+            self._chunks.append(self._unpack(self._pending[0]))
+            self._pending.popleft()
         self._pending_bytes = 0
-        for rows in pending:
-            self._store(rows)
 
-    def _store(self, step_rows: _Rows) -> None:
+    def _unpack(self, step_rows: _Rows) -> _Chunk:
         raw, keep = step_rows.raw, step_rows.keep
         # Every row valid (most decode steps): a slice, not a gather.
         rows: slice | np.ndarray = slice(None) if keep.size == raw.batch * raw.seq else keep
@@ -562,16 +567,14 @@ class Recorder:
             ids = np.where((ids < 0) | (ids >= sentinel), sentinel, ids)
         ids = ids.astype(np.uint16)
         weights = raw.weights[:, rows].transpose(1, 0, 2)
-        self._chunks.append(
-            _Chunk(
-                expert_ids=np.ascontiguousarray(ids),
-                gate_weights=np.ascontiguousarray(weights),
-                request_ids=raw.request_base + keep // raw.seq,
-                positions=step_rows.positions.astype(np.int32),
-                token_ids=None if step_rows.tokens is None else step_rows.tokens.astype(np.int32),
-                step=raw.step,
-                phase=raw.phase,
-            )
+        return _Chunk(
+            expert_ids=np.ascontiguousarray(ids),
+            gate_weights=np.ascontiguousarray(weights),
+            request_ids=raw.request_base + keep // raw.seq,
+            positions=step_rows.positions.astype(np.int32),
+            token_ids=None if step_rows.tokens is None else step_rows.tokens.astype(np.int32),
+            step=raw.step,
+            phase=raw.phase,
         )
 
     # ------------------------------------------------------------------ result
