@@ -26,6 +26,14 @@ from moeprof.errors import MoeprofError
 PathLike: TypeAlias = "str | os.PathLike[str]"
 
 
+_TEMP_SUFFIX = ".tmp"
+
+
+def _temp_prefix(name: str) -> str:
+    """Temporary files are hidden siblings: ".NAME.XXXXXXXX.tmp"."""
+    return f".{name}."
+
+
 def _parent(target: Path) -> Path:
     return target.parent if str(target.parent) else Path(".")
 
@@ -106,7 +114,7 @@ def atomic_paths(paths: Sequence[PathLike]) -> Iterator[list[Path]]:
         for target, dest in zip(targets, dests):
             try:
                 fd, tmp_name = tempfile.mkstemp(
-                    prefix=f".{dest.name}.", suffix=".tmp", dir=_parent(dest)
+                    prefix=_temp_prefix(dest.name), suffix=_TEMP_SUFFIX, dir=_parent(dest)
                 )
             except OSError as exc:
                 raise _write_error(target, exc) from None
@@ -169,7 +177,8 @@ def write_bytes(path: PathLike, data: bytes) -> None:
 
 
 _NAME_MAX = 255  # bytes in one path component on Linux, macOS and Windows file systems
-_TEMP_NAME_EXTRA = len(".") + len(".XXXXXXXX") + len(".tmp")
+# mkstemp's temporary name: prefix, 8 random characters, suffix.
+_TEMP_NAME_EXTRA = len(_temp_prefix("")) + 8 + len(_TEMP_SUFFIX)
 
 
 def check_outputs(paths: Sequence[PathLike | None], *, force: bool) -> None:

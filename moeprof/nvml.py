@@ -761,12 +761,11 @@ class PcieMonitor:
                 return elapsed, False
             if max(acc.rx_bytes - before[0], acc.tx_bytes - before[1]) >= self.settle_bytes:
                 quiet_since = now
-            else:
-                if (
-                    _stamped_after(acc.last, not_before_us)
-                    or now - quiet_since >= self._quiet_needed_s()
-                ):
-                    return elapsed, True
+            elif (
+                _stamped_after(acc.last, not_before_us)
+                or now - quiet_since >= self._quiet_needed_s()
+            ):
+                return elapsed, True
             if elapsed >= self.settle_max_s:
                 return elapsed, False
 

@@ -860,6 +860,14 @@ DEEPSEEK_V3 = {
     "moe_intermediate_size": 32,
     "torch_dtype": "bfloat16",
 }
+LLAMA4 = {
+    "model_type": "llama4_text",
+    "num_hidden_layers": 4,
+    "num_local_experts": 8,
+    "hidden_size": 64,
+    "intermediate_size": 32,
+    "torch_dtype": "bfloat16",
+}
 QWEN = {
     "model_type": "qwen3_moe",
     "num_hidden_layers": 4,
@@ -904,38 +912,15 @@ QWEN = {
             "'n_shared_experts' must be an integer",
         ),
         (
-            {
-                "model_type": "llama4_text",
-                "num_hidden_layers": 4,
-                "num_local_experts": 8,
-                "hidden_size": 64,
-                "intermediate_size": 32,
-                "torch_dtype": "bfloat16",
-                "interleave_moe_layer_step": 0,
-            },
+            {**LLAMA4, "interleave_moe_layer_step": 0},
             "'interleave_moe_layer_step' must be in 1",
         ),
         (
-            {
-                "model_type": "llama4_text",
-                "num_hidden_layers": 4,
-                "num_local_experts": 8,
-                "hidden_size": 64,
-                "intermediate_size": 32,
-                "torch_dtype": "bfloat16",
-                "moe_layers": "1,3",
-            },
+            {**LLAMA4, "moe_layers": "1,3"},
             "'moe_layers' must be a list of integers",
         ),
         (
-            {
-                "model_type": "llama4_text",
-                "num_hidden_layers": 4,
-                "num_local_experts": 8,
-                "hidden_size": 64,
-                "intermediate_size": 32,
-                "moe_layers": [1, 4],
-            },
+            {**LLAMA4, "moe_layers": [1, 4]},
             "'moe_layers' names layers outside 0..3",
         ),
         (

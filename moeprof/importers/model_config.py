@@ -133,6 +133,11 @@ def _size(cfg: dict[str, Any], key: str, where: str, default: int | None = None)
     return _int(cfg, key, where, default, lo=0 if default == 0 else 1, hi=_MAX_SIZE)
 
 
+def _experts(cfg: dict[str, Any], key: str, where: str) -> int:
+    """A routed-expert count (0: a dense model, refused later with its own message)."""
+    return _int(cfg, key, where, lo=0, hi=_MAX_SIZE)
+
+
 def _int_list(cfg: dict[str, Any], key: str, where: str) -> list[int] | None:
     value = cfg.get(key)
     if value is None:
@@ -210,7 +215,7 @@ class _Layout:
 def _layout_mixtral(c: dict[str, Any], w: str, fmt: WeightFormat) -> _Layout:
     n = _layers(c, "num_hidden_layers", w)
     return _Layout(
-        _int(c, "num_local_experts", w, lo=0, hi=_MAX_SIZE),
+        _experts(c, "num_local_experts", w),
         c.get("num_experts_per_tok"),
         _size(c, "hidden_size", w),
         _size(c, "intermediate_size", w),
@@ -223,7 +228,7 @@ def _layout_qwen_moe(c: dict[str, Any], w: str, fmt: WeightFormat) -> _Layout:
     # transformers Qwen2MoeDecoderLayer: MoE unless listed in mlp_only_layers, every
     # decoder_sparse_step-th layer; the shared expert has its own size and a hidden->1 gate.
     n = _layers(c, "num_hidden_layers", w)
-    n_exp = _int(c, "num_experts", w, lo=0, hi=_MAX_SIZE)
+    n_exp = _experts(c, "num_experts", w)
     step = _step(c, "decoder_sparse_step", w, 1)
     dense = set(_int_list(c, "mlp_only_layers", w) or [])
     layers = [i for i in range(n) if i not in dense and n_exp > 0 and (i + 1) % step == 0]
@@ -257,7 +262,7 @@ def _layout_deepseek(c: dict[str, Any], w: str, fmt: WeightFormat) -> _Layout:
     n_shared = _size(c, "n_shared_experts", w, 0)
     shared = _swiglu_bytes(hidden, inter * n_shared, fmt) if n_shared else 0
     return _Layout(
-        _int(c, "n_routed_experts", w, lo=0, hi=_MAX_SIZE),
+        _experts(c, "n_routed_experts", w),
         c.get("num_experts_per_tok"),
         hidden,
         inter,
@@ -269,7 +274,7 @@ def _layout_deepseek(c: dict[str, Any], w: str, fmt: WeightFormat) -> _Layout:
 def _layout_olmoe(c: dict[str, Any], w: str, fmt: WeightFormat) -> _Layout:
     n = _layers(c, "num_hidden_layers", w)
     return _Layout(
-        _int(c, "num_experts", w, lo=0, hi=_MAX_SIZE),
+        _experts(c, "num_experts", w),
         c.get("num_experts_per_tok"),
         _size(c, "hidden_size", w),
         _size(c, "intermediate_size", w),
@@ -283,7 +288,7 @@ def _layout_gpt_oss(c: dict[str, Any], w: str, fmt: WeightFormat) -> _Layout:
     n = _layers(c, "num_hidden_layers", w)
     top_k = c.get("num_experts_per_tok", c.get("experts_per_token"))
     return _Layout(
-        _int(c, "num_local_experts", w, lo=0, hi=_MAX_SIZE),
+        _experts(c, "num_local_experts", w),
         top_k,
         _size(c, "hidden_size", w),
         _size(c, "intermediate_size", w),
@@ -302,7 +307,7 @@ def _layout_dbrx(c: dict[str, Any], w: str, fmt: WeightFormat) -> _Layout:
     where = f"{w} (ffn_config)"
     n = _layers(c, "n_layers", w)
     return _Layout(
-        _int(ffn, "moe_num_experts", where, lo=0, hi=_MAX_SIZE),
+        _experts(ffn, "moe_num_experts", where),
         ffn.get("moe_top_k"),
         _size(c, "d_model", w),
         _size(ffn, "ffn_hidden_size", where),
@@ -317,7 +322,7 @@ def _layout_granite(c: dict[str, Any], w: str, fmt: WeightFormat) -> _Layout:
     shared_inter = _size(c, "shared_intermediate_size", w, 0)
     shared = _swiglu_bytes(hidden, shared_inter, fmt) if shared_inter else 0
     return _Layout(
-        _int(c, "num_local_experts", w, lo=0, hi=_MAX_SIZE),
+        _experts(c, "num_local_experts", w),
         c.get("num_experts_per_tok"),
         hidden,
         _size(c, "intermediate_size", w),
@@ -331,7 +336,7 @@ def _layout_jamba(c: dict[str, Any], w: str, fmt: WeightFormat) -> _Layout:
     period = _step(c, "expert_layer_period", w, 2)
     offset = _int(c, "expert_layer_offset", w, 1, lo=0, hi=_MAX_LAYERS)
     return _Layout(
-        _int(c, "num_experts", w, lo=0, hi=_MAX_SIZE),
+        _experts(c, "num_experts", w),
         c.get("num_experts_per_tok"),
         _size(c, "hidden_size", w),
         _size(c, "intermediate_size", w),
@@ -353,7 +358,7 @@ def _layout_llama4(c: dict[str, Any], w: str, fmt: WeightFormat) -> _Layout:
     hidden = _size(c, "hidden_size", w)
     inter = _size(c, "intermediate_size", w)
     return _Layout(
-        _int(c, "num_local_experts", w, lo=0, hi=_MAX_SIZE),
+        _experts(c, "num_local_experts", w),
         c.get("num_experts_per_tok"),
         hidden,
         inter,

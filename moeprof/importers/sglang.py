@@ -57,14 +57,15 @@ def _as_array(value: Any, path: Path, j: int, name: str, ndim: int | None = None
         if isinstance(value, torch.Tensor):
             if value.layout != torch.strided or value.is_nested or value.is_meta:
                 raise MoeprofError(f"{where} must be a dense tensor, got a {value.layout} one")
-            if value.is_quantized or value.dtype.is_floating_point or value.dtype.is_complex:
-                raise MoeprofError(f"{where} must hold integers, got {value.dtype}")
-            if value.dtype == torch.bool:
+            if (
+                value.is_quantized
+                or value.dtype.is_floating_point
+                or value.dtype.is_complex
+                or value.dtype == torch.bool
+            ):
                 raise MoeprofError(f"{where} must hold integers, got {value.dtype}")
             arr = value.detach().cpu().numpy()
-        elif isinstance(value, bool) or isinstance(value, (str, bytes, dict, float)):
-            raise MoeprofError(f"{where} must be integers, got {type(value).__name__}")
-        elif isinstance(value, (int, list, tuple, np.ndarray)):
+        elif isinstance(value, (int, list, tuple, np.ndarray)) and not isinstance(value, bool):
             arr = np.asarray(value)
             if arr.size == 0 and arr.dtype.kind == "f":
                 arr = arr.astype(np.int64)

@@ -71,7 +71,7 @@ class _RowState:
 
 
 class _RawStep(NamedTuple):
-    """One forward pass as copied to the host (views of one buffer), not yet looked at."""
+    """One forward pass on the host (numpy views of its own copies), not yet looked at."""
 
     ids: np.ndarray  # [L, N, K] integers
     weights: np.ndarray  # [L, N, K] float16 (NaN where the adapter gives none)

@@ -339,7 +339,7 @@ class CudaBackend(Backend):
         the tensor's storage starts where the registration does (torch's is_pinned() looks at
         the storage's start, not a view's)."""
         torch = self.torch
-        page = _page_bytes()
+        page = mmap.PAGESIZE
         span = max(page, -(-nbytes // page) * page)
         t = torch.frombuffer(mmap.mmap(-1, span), dtype=torch.uint8)[:nbytes]  # keeps the map
         rc: int | None
@@ -592,13 +592,6 @@ def clear_register_error(rc: int, call: str = "cudaHostRegister") -> None:
             "runtime's last error could not be cleared (libcudart not found in this process), so "
             "a later kernel would fail with it"
         )
-
-
-def _page_bytes() -> int:
-    try:
-        return int(os.sysconf("SC_PAGE_SIZE"))
-    except (AttributeError, OSError, ValueError):  # not POSIX
-        return 4096
 
 
 def cuda_pci_bus_id(props: Any) -> str | None:

@@ -285,12 +285,13 @@ COUNTER_CHECK_MIN = 0.5  # NVML RX over the calibration's bytes below this: coun
 
 
 def _calibrate(
-    be: Backend, nbytes: int, monitor: nvml.PcieMonitor
-) -> tuple[Calibration, dict[str, Any] | None]:
+    be: Backend, nbytes: int, monitor: nvml.PcieMonitor, nv: nvml.Nvml | None
+) -> tuple[Calibration, dict[str, Any] | None, nvml.PcieMonitor]:
     """The peak-rate calibration; with NVML byte counters, also their check: the calibration
-    moves a known number of bytes (warm-up + repeats), which the RX counter must see."""
+    moves a known number of bytes (warm-up + repeats), which the RX counter must see. Returns
+    the monitor to measure the runs with: without the counters when they did not count."""
     if monitor.method != nvml.METHOD_COUNTERS:
-        return be.calibrate(nbytes), None
+        return be.calibrate(nbytes), None, monitor
     be.synchronize()
     monitor.start()
     try:
@@ -300,12 +301,16 @@ def _calibrate(
         seen = monitor.stop()  # also after a CUDA error: the polling thread must end
     moved = calibration.nbytes * (calibration.repeats + 1)
     rx = seen.rx_bytes
-    return calibration, {
+    check = {
         "bytes_copied": moved,
         "nvml_rx_bytes": rx,
         "rx_to_copied": None if rx is None else rx / moved,
         "reason": seen.reason,
     }
+    if rx is None or rx < COUNTER_CHECK_MIN * moved:
+        why = f"answer, but saw {'nothing' if rx is None else f'{rx:,}'} RX bytes of a {moved:,}-byte calibration copy"
+        monitor = _pcie_monitor(be, nv, counters_failed=why)
+    return calibration, check, monitor
 
 
 def _link_info(backend: Backend, nv: nvml.Nvml | None) -> dict[str, Any]:
@@ -440,20 +445,11 @@ def replay(
     monitor: nvml.PcieMonitor | None = None
     try:
         monitor = _pcie_monitor(be, nv)
-        calibration, check = (
-            _calibrate(be, calibration_bytes, monitor) if calibrate else (None, None)
-        )
+        calibration: Calibration | None = None
+        check: dict[str, Any] | None = None
+        if calibrate:
+            calibration, check, monitor = _calibrate(be, calibration_bytes, monitor, nv)
         info["counter_check"] = check
-        if check is not None and (
-            check["rx_to_copied"] is None or check["rx_to_copied"] < COUNTER_CHECK_MIN
-        ):
-            seen = "nothing" if check["nvml_rx_bytes"] is None else f"{check['nvml_rx_bytes']:,}"
-            monitor = _pcie_monitor(
-                be,
-                nv,
-                counters_failed=f"answer, but saw {seen} RX bytes of a "
-                f"{check['bytes_copied']:,}-byte calibration copy",
-            )
         peak = calibration.peak_gbps if calibration else None
         info["calibration"] = calibration.to_dict() if calibration else None
         info["peak_h2d_gbps"] = peak

@@ -61,7 +61,7 @@ class StrategyRun:
     pcie: PcieMeasurement
     batch_latency: LatencyStats | None = None
     issue_seconds: float | None = None  # host time to issue the run's work (before waiting)
-    host_bound: bool | None = None  # GPU: issuing took >= 90% of the device time (None on CPU)
+    host_bound: bool | None = None  # GPU: the GPU waited for Python (engine._host_bound); CPU: None
 
     @property
     def gbps(self) -> float:
