@@ -10,8 +10,8 @@ import pytest
 from conftest import DATA
 
 import moeprof
+from moeprof.formatting import human_bytes, pct
 from moeprof.report import build_report, render_markdown
-from moeprof.report.model import human_bytes, pct
 from moeprof.report.plot import render_plot
 from moeprof.report.terminal import render_terminal
 

@@ -6,7 +6,7 @@ import contextlib
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import typer
 from rich.console import Console
@@ -25,6 +25,7 @@ __all__ = [
     "note_written",
     "plot_option",
     "progress_bar",
+    "write_outputs",
 ]
 
 console = Console(highlight=False)
@@ -54,23 +55,95 @@ def note_written(path: str | Path, what: str) -> None:
     err_console.print(f"[green]wrote[/green] {what}: {path}")
 
 
+class _Rate:
+    """A rich column: '{done} {unit}  {rate} {unit}/s' (built lazily; rich loads on first use)."""
+
+    @staticmethod
+    def column(unit: str) -> Any:
+        from rich.progress import ProgressColumn, Task
+        from rich.text import Text
+
+        class RateColumn(ProgressColumn):
+            def render(self, task: Task) -> Text:
+                elapsed = task.elapsed or 0.0
+                rate = task.completed / elapsed if elapsed > 0 else 0.0
+                return Text(f"{task.completed:,.0f} {unit}  {rate:,.0f} {unit}/s")
+
+        return RateColumn()
+
+
 @contextlib.contextmanager
-def progress_bar(description: str) -> Iterator[Callable[[int, int], None]]:
-    """A rich progress bar on stderr, driven by (done, total) calls; hidden when not a terminal."""
+def progress_bar(
+    description: str, *, unit: str = "", rate: bool = False, transient: bool = True
+) -> Iterator[Callable[..., None]]:
+    """The one progress bar: rich, on stderr (a transient one only on a terminal).
+
+    Yields ``update(done, total, label=None)``: each distinct ``label`` (default: `description`)
+    is its own bar. Nothing is drawn before the first update, so work refused up front prints
+    only its error line. ``rate=True`` shows the count and its rate in `unit` per second
+    instead of done/total.
+    """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    with Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
+    columns: list[Any] = [TextColumn("[bold]{task.description}"), BarColumn()]
+    if rate:
+        columns.append(_Rate.column(unit))
+    else:
+        columns.append(MofNCompleteColumn())
+        if unit:
+            columns.append(TextColumn(unit))
+    columns.append(TimeElapsedColumn())
+    bar = Progress(
+        *columns,
         console=err_console,
-        transient=True,
-        disable=not err_console.is_terminal,
-    ) as bar:
-        task = bar.add_task(description, total=None)
+        transient=transient,
+        # A transient bar off a terminal is noise; a kept one leaves its final line as a record.
+        disable=transient and not err_console.is_terminal,
+    )
+    tasks: dict[str, Any] = {}
 
-        def update(done: int, total: int) -> None:
-            bar.update(task, completed=done, total=total)
+    def update(done: int, total: int | None, label: str | None = None) -> None:
+        name = description if label is None else label
+        if not tasks:
+            bar.start()
+        if name not in tasks:
+            tasks[name] = bar.add_task(name, total=total)
+        bar.update(tasks[name], completed=done, total=total)
 
+    try:
         yield update
+    finally:
+        if tasks:
+            bar.stop()
+
+
+def write_outputs(
+    doc: dict[str, Any],
+    *,
+    json_out: Path | None = None,
+    markdown_out: Path | None = None,
+    plot_out: Path | None = None,
+    title: str = "moeprof report",
+) -> None:
+    """Render every requested output of a results document, then write them all at once
+    (temporary files, then renames): an error while producing any one leaves none written and
+    none overwritten."""
+    import json
+
+    from moeprof import _io
+    from moeprof.report.markdown import render_markdown
+
+    rendered: list[tuple[Path, bytes, str]] = []
+    if json_out is not None:
+        rendered.append((json_out, (json.dumps(doc, indent=2) + "\n").encode(), "results JSON"))
+    if markdown_out is not None:
+        rendered.append(
+            (markdown_out, render_markdown(doc, title=title).encode(), "markdown report")
+        )
+    if plot_out is not None:
+        from moeprof.report.plot import render_plot
+
+        rendered.append((plot_out, render_plot(doc), "plot"))
+    _io.write_all([(path, data) for path, data, _ in rendered])
+    for path, _, what in rendered:
+        note_written(path, what)

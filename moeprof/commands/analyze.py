@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import typer
@@ -12,38 +11,9 @@ from moeprof.commands._common import (
     force_option,
     layers_option,
     markdown_option,
-    note_written,
     plot_option,
+    write_outputs,
 )
-
-
-def write_outputs(
-    doc: dict,
-    *,
-    json_out: Path | None,
-    markdown_out: Path | None,
-    plot_out: Path | None,
-    title: str = "moeprof report",
-) -> None:
-    """Render every output, write them all to temporary files, then rename them all: an error
-    while producing any one of them leaves none written (and none overwritten)."""
-    from moeprof import _io
-    from moeprof.report.markdown import render_markdown
-
-    rendered: list[tuple[Path, bytes, str]] = []
-    if json_out is not None:
-        rendered.append((json_out, (json.dumps(doc, indent=2) + "\n").encode(), "results JSON"))
-    if markdown_out is not None:
-        rendered.append(
-            (markdown_out, render_markdown(doc, title=title).encode(), "markdown report")
-        )
-    if plot_out is not None:
-        from moeprof.report.plot import render_plot
-
-        rendered.append((plot_out, render_plot(doc), "plot"))
-    _io.write_all([(path, data) for path, data, _ in rendered])
-    for path, _, what in rendered:
-        note_written(path, what)
 
 
 def register(app: typer.Typer) -> None:

@@ -30,8 +30,8 @@ def doctor_renderables(doc: dict[str, Any]) -> list[Any]:
     """Rich tables for a DoctorReport dict."""
     from rich.table import Table
 
+    from moeprof.formatting import human_bytes
     from moeprof.nvml import pcie_link_gbps
-    from moeprof.report.model import human_bytes
 
     out: list[Any] = []
     env = Table(title="Environment", title_justify="left", show_header=False)

@@ -20,7 +20,7 @@ def register(app: typer.Typer) -> None:
         from rich.table import Table
 
         from moeprof.analyze import trace_summary
-        from moeprof.report.model import human_bytes
+        from moeprof.formatting import human_bytes
         from moeprof.trace import load_trace
 
         trace = load_trace(trace_path)

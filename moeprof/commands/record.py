@@ -8,13 +8,19 @@ from typing import Any
 
 import typer
 
-from moeprof.commands._common import console, err_console, force_option, note_written
+from moeprof.commands._common import (
+    console,
+    err_console,
+    force_option,
+    note_written,
+    progress_bar,
+)
 
 
 def _summary_table(trace: Any, run: Any, path: Path) -> Any:
     from rich.table import Table
 
-    from moeprof.report.model import human_bytes
+    from moeprof.formatting import human_bytes
 
     meta = trace.meta
     model = meta.get("model") or {}
@@ -114,16 +120,6 @@ def register(app: typer.Typer) -> None:
 
         Example: moeprof record --max-new-tokens 32 -o demo.moe   (the built-in demo model)
         """
-        from rich.progress import (
-            BarColumn,
-            Progress,
-            ProgressColumn,
-            Task,
-            TextColumn,
-            TimeElapsedColumn,
-        )
-        from rich.text import Text
-
         from moeprof import _io
         from moeprof.errors import MoeprofError
         from moeprof.record.run import (
@@ -172,34 +168,19 @@ def register(app: typer.Typer) -> None:
             count_prompt_tokens(loaded.tokenizer, prompt_list) + len(prompt_list) * max_new_tokens
         )
 
-        class _Rate(ProgressColumn):
-            def render(self, task: Task) -> Text:
-                elapsed = task.elapsed or 0.0
-                rate = task.completed / elapsed if elapsed > 0 else 0.0
-                return Text(f"{task.completed:,.0f} tokens  {rate:,.0f} tokens/s")
-
         # A model without MoE layers is refused before the progress bar appears (one clean line).
         from moeprof.record.adapters import find_moe_layers
 
         find_moe_layers(loaded.model)
-        progress = Progress(
-            TextColumn("recording"),
-            BarColumn(),
-            _Rate(),
-            TimeElapsedColumn(),
-            console=err_console,
-            transient=False,
-        )
-        task = progress.add_task("record", total=total)
-        last = [0.0]
+        with progress_bar("recording", unit="tokens", rate=True, transient=False) as update:
+            last = [0.0]
 
-        def on_step(rec: Any) -> None:
-            now = time.monotonic()
-            if now - last[0] > 0.1:  # redraw at most 10x per second
-                last[0] = now
-                progress.update(task, completed=rec.n_tokens)
+            def on_step(rec: Any) -> None:
+                now = time.monotonic()
+                if now - last[0] > 0.1:  # counting tokens costs; redraw at most 10x per second
+                    last[0] = now
+                    update(rec.n_tokens, total)
 
-        with progress:
             run = record_prompts(
                 loaded,
                 prompt_list,
@@ -208,7 +189,7 @@ def register(app: typer.Typer) -> None:
                 settings={"prompts": prompts_name},
                 on_step=on_step,
             )
-            progress.update(task, completed=run.trace.n_tokens, total=max(run.trace.n_tokens, 1))
+            update(run.trace.n_tokens, max(run.trace.n_tokens, 1))
         run.trace.save(output)
         console.print(_summary_table(run.trace, run, output))
         note_written(output, f"trace ({run.trace.n_tokens:,} tokens)")

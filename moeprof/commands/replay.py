@@ -2,35 +2,18 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import typer
 
-from moeprof.commands._common import console, err_console, force_option, info, note_written
-
-
-def render_outputs(
-    doc: dict[str, Any], *, json_out: Path | None, markdown_out: Path | None
-) -> None:
-    """Render everything, then write all files at once (temporary files, then renames): an
-    error while producing any of them leaves none written."""
-    from moeprof import _io
-    from moeprof.report.markdown import render_markdown
-    from moeprof.report.replay import replay_markdown
-
-    rendered: list[tuple[Path, bytes, str]] = []
-    if json_out is not None:
-        rendered.append((json_out, (json.dumps(doc, indent=2) + "\n").encode(), "results JSON"))
-    if markdown_out is not None:
-        text = render_markdown(doc, title="moeprof replay report")
-        if "## Replay (measured)" not in text:  # a renderer without the replay section
-            text = text.rstrip("\n") + "\n\n" + replay_markdown(doc)
-        rendered.append((markdown_out, text.encode(), "markdown report"))
-    _io.write_all([(path, data) for path, data, _ in rendered])
-    for path, _, what in rendered:
-        note_written(path, what)
+from moeprof.commands._common import (
+    console,
+    force_option,
+    info,
+    progress_bar,
+    write_outputs,
+)
 
 
 def register(app: typer.Typer) -> None:
@@ -92,14 +75,6 @@ def register(app: typer.Typer) -> None:
 
         Example: moeprof replay demo.moe --device cuda --batch-sizes 8,64 --expert-bytes 16777216 --json replay.json
         """
-        from rich.progress import (
-            BarColumn,
-            MofNCompleteColumn,
-            Progress,
-            TextColumn,
-            TimeElapsedColumn,
-        )
-
         from moeprof import _io
         from moeprof.analyze import parse_batch_sizes
         from moeprof.policies import check_policy
@@ -114,31 +89,15 @@ def register(app: typer.Typer) -> None:
         _io.check_outputs([json_out, markdown_out], force=force)
         trace = load_trace(trace_path)
 
-        progress = Progress(
-            TextColumn("[bold]{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("batches"),
-            TimeElapsedColumn(),
-            console=err_console,
-            transient=True,
-        )
-        tasks: dict[str, Any] = {}
-
-        def on_progress(label: str, done: int, total: int) -> None:
-            if not tasks:
-                progress.start()  # only once work begins: refusals print nothing but their line
-            if label not in tasks:
-                tasks[label] = progress.add_task(label, total=total)
-            progress.update(tasks[label], completed=done)
-
         def show_and_write(doc: dict[str, Any]) -> None:
             doc["trace"]["path"] = str(trace_path)
             console.print(render_terminal(doc))  # includes the replay tables
-            render_outputs(doc, json_out=json_out, markdown_out=markdown_out)
+            write_outputs(
+                doc, json_out=json_out, markdown_out=markdown_out, title="moeprof replay report"
+            )
 
         try:
-            try:
+            with progress_bar("replay", unit="batches") as update:
                 result = replay(
                     trace,
                     device=device,
@@ -151,11 +110,8 @@ def register(app: typer.Typer) -> None:
                     expert_bytes=expert_bytes,
                     compute=compute,
                     hidden_size=hidden_size,
-                    on_progress=on_progress,
+                    on_progress=lambda label, done, total: update(done, total, label),
                 )
-            finally:
-                if tasks:
-                    progress.stop()
         except ReplayInterrupted as exc:
             if exc.partial is not None and exc.partial.runs:
                 info("[yellow]interrupted[/yellow]: writing the runs that finished")

@@ -121,7 +121,7 @@ def _block_sizes(
 
 
 def _human(n: float) -> str:
-    from moeprof.report.model import human_bytes
+    from moeprof.formatting import human_bytes
 
     return human_bytes(n)
 

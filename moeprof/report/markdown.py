@@ -5,7 +5,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from moeprof.report.model import ReportModel, build_report, human_bytes, pct
+from moeprof.formatting import human_bytes, pct
+from moeprof.report.model import ReportModel, build_report
 
 
 def md_table(header: Sequence[str], rows: Sequence[Sequence[str]], align: str = "") -> str:

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from moeprof.errors import MoeprofError
+from moeprof.formatting import human_bytes, pct
 
 _REQUIRED_ROW_KEYS = (
     "batch_size",
@@ -31,25 +32,6 @@ HALF = 0.5
 CLOSE_TO_UNIFORM_PP = 1.0  # percentage points within which routing counts as uniform-like
 LAYER_SPREAD_PP = 10.0
 DIMINISHING_PP = 5.0
-
-
-# ---------------------------------------------------------------------- formatting
-
-
-def pct(x: float) -> str:
-    return f"{100.0 * x:.1f}%"
-
-
-def human_bytes(n: float) -> str:
-    """Binary units, 3 significant figures: 1536 -> '1.50 KiB'."""
-    value = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
-        if abs(value) < 1024.0 or unit == "PiB":
-            if unit == "B":
-                return f"{int(value)} B"
-            return f"{value:.3g} {unit}" if abs(value) >= 100 else f"{value:.2f} {unit}"
-        value /= 1024.0
-    raise AssertionError("unreachable")
 
 
 # ---------------------------------------------------------------------- loading

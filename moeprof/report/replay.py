@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from moeprof.formatting import human_bytes, pct
 from moeprof.report.markdown import md_table
-from moeprof.report.model import human_bytes, pct
 
 REPLAY_HEADER = [
     "Batch",
