@@ -1,10 +1,15 @@
-"""Overhead of recording: the demo model's greedy generation with and without `moeprof.record`.
+"""Overhead of recording: the demo model's greedy generation with and without recording
+(`moeprof.record_routing`).
 
 Repetitions are interleaved (plain, recorded, recorded, plain, ...) so that drift in machine load
 hits both sides alike; the slowdown is the median of the per-pair ratios. On a shared machine
 other work only ever adds time, so the ratio of the fastest runs of each side ("best of") is
 printed too, as the estimate least touched by that noise. Building the trace (`to_trace`, once
-after the run) is timed separately. Target: <= 5 % slowdown.
+after the run) is timed separately. Both sides must generate the same tokens.
+
+Target: <= 5 % slowdown (median of the pairs); ``--strict`` exits 1 when it is missed, and a run
+whose recorded side generated other tokens always exits 1. Ends with a markdown table of the
+numbers, the machine and the date.
 
     .venv/bin/python benchmarks/bench_record.py                  # CPU
     .venv/bin/python benchmarks/bench_record.py --device cuda    # GPU
@@ -20,10 +25,13 @@ import time
 from typing import Any
 
 import torch
+from machine import machine_rows, markdown_table
 
 import moeprof
 from moeprof import demo
 from moeprof.record.run import encode
+
+TARGET_SLOWDOWN = 0.05
 
 
 def _sync(device: torch.device) -> None:
@@ -54,6 +62,11 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=7, help="pairs of timed runs")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     ap.add_argument("--json", action="store_true", help="print the numbers as JSON too")
+    ap.add_argument(
+        "--strict",
+        action="store_true",
+        help=f"exit 1 when the median slowdown exceeds {TARGET_SLOWDOWN:.0%}",
+    )
     args = ap.parse_args()
 
     if args.threads:
@@ -79,7 +92,7 @@ def main() -> None:
     def recorded() -> tuple[float, list[torch.Tensor], Any]:
         _sync(device)
         t0 = time.perf_counter()
-        with torch.inference_mode(), moeprof.record(model) as rec:
+        with torch.inference_mode(), moeprof.record_routing(model) as rec:
             outs = generate_all(model, batches, new)
         _sync(device)
         return time.perf_counter() - t0, outs, rec
@@ -139,10 +152,40 @@ def main() -> None:
         f"{100 * best_slowdown:+.1f}%"
     )
     print(f"to_trace(): {1000 * to_trace_s:.1f} ms once per run; same tokens generated: {same}")
+    met = slowdown <= TARGET_SLOWDOWN
+    print(f"target: <= {TARGET_SLOWDOWN:.0%} slowdown: {'met' if met else 'MISSED'}")
     if args.json:
         print(json.dumps(result, indent=2))
+    print("\nMarkdown:\n")
+    rows = [
+        ("generate, median", f"{statistics.median(plain_s):.3f} s"),
+        ("generate + record, median", f"{statistics.median(rec_s):.3f} s"),
+        (
+            f"**slowdown** (median of {args.reps} interleaved pairs)",
+            f"**{100 * slowdown:+.1f} %** (target ≤ {TARGET_SLOWDOWN:.0%}: "
+            f"{'met' if met else 'missed'})",
+        ),
+        (
+            "range of the pairs",
+            f"{100 * result['slowdown_min_max'][0]:+.1f} % .. "
+            f"{100 * result['slowdown_min_max'][1]:+.1f} %",
+        ),
+        (f"best of {args.reps}", f"{100 * best_slowdown:+.1f} %"),
+        ("`to_trace()`, once per run", f"{1000 * to_trace_s:.1f} ms"),
+        ("same tokens generated", "yes" if same else "**no**"),
+    ]
+    print(markdown_table(("demo model, greedy generation", "value"), rows))
+    print()
+    workload = (
+        f"{device}, {result['dtype']}, {result['threads']} threads; {len(prompts)} prompts, "
+        f"batch {args.batch_size}, {new} new tokens, {tokens:,} tokens in {rec.n_passes} passes"
+    )
+    extra = {"torch": torch.__version__, "workload": workload}
+    print(markdown_table(("machine", ""), machine_rows(extra)))
     if not same:
         sys.exit("recording changed the generated tokens")
+    if args.strict and not met:
+        sys.exit(1)
 
 
 if __name__ == "__main__":

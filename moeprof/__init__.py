@@ -8,8 +8,8 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 from moeprof.analyze import AnalysisResult, BatchSizeResult, LayerResult, analyze
+from moeprof.batching import POLICIES, BatchPlan, plan_batches
 from moeprof.errors import MoeprofError
-from moeprof.policies import POLICIES, BatchPlan, plan_batches
 from moeprof.synth import synthesize
 from moeprof.trace import FORMAT_VERSION, Trace, load_trace
 
@@ -30,12 +30,14 @@ __all__ = [
 ]
 
 # Entry points whose modules import torch or transformers load on first use, so that
-# `import moeprof` stays light for analysis-only users.
+# `import moeprof` stays light for analysis-only users. No name here is also a subpackage
+# (`moeprof.record`, `moeprof.replay`): importing a subpackage binds its name on `moeprof`,
+# which would shadow a function of the same name.
 _LAZY = {
-    "record": ("moeprof.record", "record"),
+    "record_routing": ("moeprof.record", "record"),
     "import_trace": ("moeprof.importers", "import_trace"),
     "export_trace": ("moeprof.export", "export_trace"),
-    "replay": ("moeprof.replay", "replay"),
+    "replay_trace": ("moeprof.replay", "replay"),
 }
 
 

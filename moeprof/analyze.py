@@ -10,15 +10,14 @@ trace and reused for every batch size and policy, so a batch size costs one pass
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
 
+from moeprof.batching import BatchPlan, check_batch_sizes, get_policy
 from moeprof.errors import MoeprofError
-from moeprof.policies import BatchPlan, check_batch_size, check_policy, plan_batches
 from moeprof.trace import Trace, out_of_range_id
 
 _WORD = 64
@@ -141,23 +140,23 @@ def unique_per_batch(masks: np.ndarray, plan: BatchPlan) -> np.ndarray:
     """Distinct experts per batch and layer, int64 [n_batches, L]."""
     if plan.n_batches == 0:
         return np.zeros((0, masks.shape[1]), dtype=np.int64)
-    n_tokens = masks.shape[0]
-    if plan.policy == "tokens":
-        # Consecutive equal batches (policy tokens): OR over a reshaped axis, faster than reduceat.
-        b = min(plan.batch_size, max(n_tokens, 1))
-        n_full = n_tokens // b
+    n_rows = plan.n_rows  # a plan may cover only the first batches (replay)
+    if plan.equal_contiguous:
+        # Consecutive equal batches: OR over a reshaped axis, faster than reduceat.
+        b = min(plan.batch_size, max(n_rows, 1))
+        n_full = n_rows // b
         full = np.bitwise_or.reduce(
             masks[: n_full * b].reshape(n_full, b, *masks.shape[1:]), axis=1
         )
         merged = (
             full
-            if n_full * b == n_tokens
+            if n_full * b == n_rows
             else np.concatenate(
-                (full, np.bitwise_or.reduce(masks[n_full * b :], axis=0, keepdims=True))
+                (full, np.bitwise_or.reduce(masks[n_full * b : n_rows], axis=0, keepdims=True))
             )
         )
     else:
-        grouped = masks if plan.is_identity else masks[plan.order]
+        grouped = masks[:n_rows] if plan.is_identity else masks[plan.order]
         merged = np.bitwise_or.reduceat(grouped, plan.starts[:-1], axis=0)
     return popcount(merged).sum(axis=2, dtype=np.int64)
 
@@ -185,8 +184,8 @@ def slots_per_token(trace: Trace, masks: np.ndarray | None = None) -> np.ndarray
 
 def _sum_per_batch(values: np.ndarray, plan: BatchPlan) -> np.ndarray:
     """Σ of per-row values [T, ...] within each batch of `plan`, [n_batches, ...]."""
-    n_rows = int(plan.starts[-1])  # a plan may cover only the first batches (replay)
-    if plan.policy == "tokens":
+    n_rows = plan.n_rows  # a plan may cover only the first batches (replay)
+    if plan.equal_contiguous:
         # Consecutive equal batches: a reshape and one sum, faster than reduceat.
         b = min(plan.batch_size, max(n_rows, 1))
         n_full = n_rows // b
@@ -248,10 +247,6 @@ class LayerResult:
     uniform_unique: float
     uniform_memory_savings: float
 
-    @property
-    def reuse_factor(self) -> float:
-        return self.memory_savings
-
 
 @dataclass(frozen=True)
 class BatchSizeResult:
@@ -282,7 +277,6 @@ class BatchSizeResult:
 @dataclass(frozen=True)
 class AnalysisResult:
     trace: dict[str, Any]
-    policy: str
     results: tuple[BatchSizeResult, ...]
 
     def to_dict(self) -> dict[str, Any]:
@@ -374,35 +368,15 @@ def summarize(
     )
 
 
-def parse_batch_sizes(text: str | Iterable[int]) -> list[int]:
-    """'1,2,4' or [1, 2, 4] -> sorted distinct positive ints; anything else is a MoeprofError."""
-    items: list[Any]
-    if isinstance(text, str):
-        items = [s.strip() for s in text.split(",") if s.strip()]
-    else:
-        items = list(text)
-    if not items:
-        raise MoeprofError("no batch sizes given")
-    sizes = []
-    for item in items:
-        if isinstance(item, str) and re.fullmatch(r"[+-]?[0-9]{1,19}", item):
-            value = int(item)
-        elif isinstance(item, (int, np.integer)) and not isinstance(item, bool):
-            value = int(item)
-        else:
-            raise MoeprofError(f"batch size {item!r} is not a whole number")
-        sizes.append(check_batch_size(value))
-    return sorted(set(sizes))
-
-
 def analyze(
     trace: Trace,
-    batch_sizes: Iterable[int] | str = (1, 2, 4, 8, 16, 32, 64),
+    batch_sizes: Iterable[int] = (1, 2, 4, 8, 16, 32, 64),
     policy: str = "tokens",
 ) -> AnalysisResult:
-    """Dedup savings of `trace` for each batch size under `policy` (one row for 'recorded')."""
-    check_policy(policy)
-    sizes = parse_batch_sizes(batch_sizes)
+    """Dedup savings of `trace` for each batch size under `policy` (one row when the policy
+    takes no batch size, as 'recorded')."""
+    batching = get_policy(policy)
+    sizes = check_batch_sizes(batch_sizes)
     if trace.n_tokens == 0:
         raise MoeprofError("the trace is empty (no tokens)")
     masks = expert_masks(trace)
@@ -414,11 +388,6 @@ def analyze(
         requests = slots.sum(axis=0, dtype=np.int64)
         log_miss = log_miss_per_token(slots, trace.n_experts, trace.top_k)
     layers = trace.moe_layer_indices
-    plans = (
-        [plan_batches(trace, policy, 0)]
-        if policy == "recorded"
-        else [plan_batches(trace, policy, b) for b in sizes]
-    )
     results = tuple(
         summarize(
             plan,
@@ -430,6 +399,6 @@ def analyze(
             layers,
             log_miss,
         )
-        for plan in plans
+        for plan in batching.plans(trace, sizes)
     )
-    return AnalysisResult(trace=trace_summary(trace), policy=policy, results=results)
+    return AnalysisResult(trace=trace_summary(trace), results=results)

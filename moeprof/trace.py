@@ -43,7 +43,6 @@ _ARRAY_DTYPES: dict[str, np.dtype[Any]] = {
 }
 _OPTIONAL = ("gate_weights", "steps", "phase", "token_ids")
 _ST_DTYPES = {"U8": np.uint8, "U16": np.uint16, "I32": np.int32, "F16": np.float16}
-_NP_TO_ST = {np.dtype(v): k for k, v in _ST_DTYPES.items()}
 # Keys of the metadata document that the Trace object owns; everything else is free-form `meta`.
 _OWNED_META = ("n_experts", "expert_bytes", "top_k", "n_tokens", "n_layers")
 
@@ -169,6 +168,123 @@ def library_versions() -> dict[str, str]:
     return versions
 
 
+def semantic_problem(
+    ids: np.ndarray,
+    n_experts: np.ndarray,
+    request_ids: np.ndarray,
+    positions: np.ndarray,
+    phase: np.ndarray | None,
+    meta: Mapping[str, Any],
+) -> str | None:
+    """Why well-shaped trace arrays do not form a valid trace, or None.
+
+    The one set of content rules, shared by :meth:`Trace.from_arrays` and :func:`load_trace`:
+    expert ids in range (checked before any cast), no expert twice per token and layer, rows in
+    strictly increasing (request, position) order, phases 0 or 1, usable metadata. Takes integer
+    arrays of any dtype. Only the order check depends on row order, so ``from_arrays`` can check
+    the caller's ids in the caller's order (its messages name the caller's token index).
+    """
+    if ids.size and ids.dtype.kind == "i" and int(ids.min()) < 0:
+        return "expert_ids must not be negative"
+    problem = out_of_range_id(ids, n_experts)
+    if problem:
+        return problem
+    if int(n_experts.max()) > np.iinfo(ids.dtype).max:
+        # The sentinel must fit the compared dtype; ids are in range, so this cast is exact.
+        ids = ids.astype(_ids_dtype(n_experts))
+    dup = duplicate_expert(ids, n_experts)
+    if dup:
+        return (
+            f"token {dup[0]} names expert {dup[2]} twice in layer {dup[1]}; a token's experts "
+            "in a layer must be distinct"
+        )
+    if request_ids.size > 1:
+        # Request-major: strictly increasing (request, position). O(T), cheap.
+        r0, r1 = request_ids[:-1], request_ids[1:]
+        p0, p1 = positions[:-1], positions[1:]
+        ordered = (r1 > r0) | ((r1 == r0) & (p1 > p0))
+        if not ordered.all():
+            i = int(np.argmin(ordered))
+            if r1[i] == r0[i] and p1[i] == p0[i]:
+                return (
+                    f"request {int(r0[i])} has two tokens at position {int(p0[i])}: rows must be "
+                    "in strictly increasing (request, position) order"
+                )
+            return f"rows are not in (request, position) order at row {i + 1}"
+    if phase is not None and phase.size:
+        lo, hi = int(phase.min()), int(phase.max())
+        if lo < PHASE_PREFILL or hi > PHASE_DECODE:
+            return f"phase must be 0 (prefill) or 1 (decode), got values in {lo}..{hi}"
+    return _meta_problem(meta, ids.shape[1])
+
+
+def _expert_ids_array(expert_ids: np.ndarray | Sequence[Any]) -> np.ndarray:
+    """The caller's expert ids as an integer [tokens, layers, top_k] array (not yet cast)."""
+    ids = np.asarray(expert_ids)
+    if ids.ndim != 3:
+        raise MoeprofError(f"expert_ids must have shape [tokens, layers, top_k], got {ids.shape}")
+    if ids.shape[1] == 0 or ids.shape[2] == 0:
+        raise MoeprofError("expert_ids must have at least one MoE layer and one top-k slot")
+    if ids.size and not np.issubdtype(ids.dtype, np.integer):
+        raise MoeprofError(f"expert_ids must be integers, got {ids.dtype}")
+    return ids
+
+
+def _token_column(value: np.ndarray | Sequence[int], name: str, n_tokens: int) -> np.ndarray:
+    """One per-token integer array of the caller's, shape-checked, in its own dtype."""
+    arr = np.asarray(value)
+    if arr.shape != (n_tokens,):
+        raise MoeprofError(f"{name} must have shape [{n_tokens}], got {arr.shape}")
+    if arr.size and not np.issubdtype(arr.dtype, np.integer):
+        raise MoeprofError(f"{name} must be integers, got {arr.dtype}")
+    return arr
+
+
+def _stored_column(arr: np.ndarray, name: str) -> np.ndarray:
+    """A per-token array in its file dtype, range-checked first: a silent wrap would corrupt it."""
+    if arr.size:
+        info = np.iinfo(_ARRAY_DTYPES[name])
+        lo, hi = int(arr.min()), int(arr.max())
+        if lo < info.min or hi > info.max:
+            raise MoeprofError(
+                f"{name} must lie in {info.min}..{info.max}, got values in {lo}..{hi}"
+            )
+    return arr.astype(_ARRAY_DTYPES[name])  # a copy: the trace never aliases caller arrays
+
+
+def _gate_weights_array(value: np.ndarray | Sequence[Any], shape: tuple[int, ...]) -> np.ndarray:
+    try:
+        gw = np.asarray(value, dtype=np.float16)
+    except (TypeError, ValueError):
+        raise MoeprofError("gate_weights must be numbers") from None
+    if gw.shape != shape:
+        raise MoeprofError(f"gate_weights must have shape {shape}, got {gw.shape}")
+    return gw
+
+
+def _appearance_positions(request_ids: np.ndarray) -> np.ndarray:
+    """Each row's rank among its request's rows, in the order given."""
+    n_tokens = len(request_ids)
+    order = np.argsort(request_ids, kind="stable")
+    sorted_req = request_ids[order]
+    first = np.searchsorted(sorted_req, sorted_req, side="left")
+    pos = np.empty(n_tokens, dtype=np.int32)
+    pos[order] = (np.arange(n_tokens) - first).astype(np.int32)
+    return pos
+
+
+def _full_meta(meta: Mapping[str, Any] | None, n_layers: int) -> dict[str, Any]:
+    """The caller's free-form metadata with defaults; keys the Trace owns are dropped."""
+    full_meta = {k: v for k, v in (meta or {}).items() if k not in _OWNED_META}
+    full_meta.setdefault("moe_layer_indices", list(range(n_layers)))
+    full_meta.setdefault("shared_expert_bytes", 0)
+    full_meta.setdefault(
+        "created", _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    )
+    full_meta.setdefault("library_versions", library_versions())
+    return full_meta
+
+
 class Trace:
     """Routing decisions: ``expert_ids[T, L, K]`` plus per-token arrays, in request-major order.
 
@@ -235,116 +351,62 @@ class Trace:
         ``request_ids`` all rows are one request; without ``positions`` each request's rows are
         numbered 0..n-1 in the order given. ``expert_bytes=None`` means the size is unknown (0).
         """
-        ids = np.asarray(expert_ids)
-        if ids.ndim != 3:
-            raise MoeprofError(
-                f"expert_ids must have shape [tokens, layers, top_k], got {ids.shape}"
-            )
-        n_tokens, n_layers, top_k = ids.shape
-        if n_layers == 0 or top_k == 0:
-            raise MoeprofError("expert_ids must have at least one MoE layer and one top-k slot")
-        if ids.size and not np.issubdtype(ids.dtype, np.integer):
-            raise MoeprofError(f"expert_ids must be integers, got {ids.dtype}")
+        ids = _expert_ids_array(expert_ids)
+        n_tokens, n_layers, _ = ids.shape
         n_exp = _per_layer(n_experts, n_layers, "n_experts", 1, 65535)
-        if ids.size and int(ids.min()) < 0:
-            raise MoeprofError("expert_ids must not be negative")
-        problem = out_of_range_id(ids, n_exp)
-        if problem:
-            raise MoeprofError(problem)
-        # Safe after the range checks; the sentinel fits the stored dtype.
-        ids = ids.astype(_ids_dtype(n_exp), copy=False)
-        dup = duplicate_expert(ids, n_exp)
-        if dup:
-            raise MoeprofError(
-                f"token {dup[0]} names expert {dup[2]} twice in layer {dup[1]}; a token's experts "
-                "in a layer must be distinct"
-            )
         ebytes = (
             np.zeros(n_layers, dtype=np.int64)
             if expert_bytes is None
             else _per_layer(expert_bytes, n_layers, "expert_bytes", 0, MAX_EXPERT_BYTES)
         )
-
-        def per_token(value: Any, name: str) -> np.ndarray | None:
-            if value is None:
-                return None
-            arr = np.asarray(value)
-            if arr.shape != (n_tokens,):
-                raise MoeprofError(f"{name} must have shape [{n_tokens}], got {arr.shape}")
-            if arr.size and not np.issubdtype(arr.dtype, np.integer):
-                raise MoeprofError(f"{name} must be integers, got {arr.dtype}")
-            if arr.size:
-                # Range-check before the cast: a silent wrap would corrupt the trace.
-                info = np.iinfo(_ARRAY_DTYPES[name])
-                lo, hi = int(arr.min()), int(arr.max())
-                if name == "phase" and (lo < PHASE_PREFILL or hi > PHASE_DECODE):
-                    raise MoeprofError("phase must be 0 (prefill) or 1 (decode)")
-                if lo < info.min or hi > info.max:
-                    raise MoeprofError(
-                        f"{name} must lie in {info.min}..{info.max}, got values in {lo}..{hi}"
-                    )
-            return arr.astype(_ARRAY_DTYPES[name])
-
-        req = per_token(request_ids, "request_ids")
-        if req is None:
-            req = np.zeros(n_tokens, dtype=np.int32)
-        pos = per_token(positions, "positions")
-        stp = per_token(steps, "steps")
-        phs = per_token(phase, "phase")
-        tok = per_token(token_ids, "token_ids")
-        gw = None
-        if gate_weights is not None:
-            try:
-                gw = np.asarray(gate_weights, dtype=np.float16)
-            except (TypeError, ValueError):
-                raise MoeprofError("gate_weights must be numbers") from None
-            if gw.shape != ids.shape:
-                raise MoeprofError(f"gate_weights must have shape {ids.shape}, got {gw.shape}")
-
-        if pos is None:
-            # Order of appearance within each request: rank of the row among its request's rows.
-            order = np.argsort(req, kind="stable")
-            sorted_req = req[order]
-            first = np.searchsorted(sorted_req, sorted_req, side="left")
-            pos = np.empty(n_tokens, dtype=np.int32)
-            pos[order] = (np.arange(n_tokens) - first).astype(np.int32)
-        order = np.lexsort((pos, req))
-        if n_tokens and not (order == np.arange(n_tokens)).all():
-            ids, req, pos = ids[order], req[order], pos[order]
-            gw = None if gw is None else gw[order]
-            stp = None if stp is None else stp[order]
-            phs = None if phs is None else phs[order]
-            tok = None if tok is None else tok[order]
-        if n_tokens > 1:
-            same = (req[1:] == req[:-1]) & (pos[1:] == pos[:-1])
-            if same.any():
-                i = int(np.argmax(same))
-                raise MoeprofError(
-                    f"request {int(req[i])} has two tokens at position {int(pos[i])}"
-                )
-
-        full_meta = dict(meta or {})
-        for key in _OWNED_META:
-            full_meta.pop(key, None)
-        full_meta.setdefault("moe_layer_indices", list(range(n_layers)))
-        full_meta.setdefault("shared_expert_bytes", 0)
-        full_meta.setdefault(
-            "created", _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+        req = (
+            np.zeros(n_tokens, dtype=np.int32)
+            if request_ids is None
+            else _token_column(request_ids, "request_ids", n_tokens)
         )
-        full_meta.setdefault("library_versions", library_versions())
-        problem = _meta_problem(full_meta, n_layers)
+        pos = (
+            _appearance_positions(req)
+            if positions is None
+            else _token_column(positions, "positions", n_tokens)
+        )
+        optional = {"steps": steps, "phase": phase, "token_ids": token_ids}
+        columns = {
+            name: _token_column(value, name, n_tokens)
+            for name, value in optional.items()
+            if value is not None
+        }
+        gw = None if gate_weights is None else _gate_weights_array(gate_weights, ids.shape)
+        full_meta = _full_meta(meta, n_layers)
+
+        sort = np.lexsort((pos, req))
+        order = sort if n_tokens and not np.array_equal(sort, np.arange(n_tokens)) else None
+        if order is not None:
+            req, pos = req[order], pos[order]
+        # Only the order check reads row order: ids and phases are checked as the caller gave them.
+        problem = semantic_problem(ids, n_exp, req, pos, columns.get("phase"), full_meta)
         if problem:
             raise MoeprofError(problem)
+        ids = ids.astype(_ids_dtype(n_exp), copy=False)  # exact: every id is in range
+        req, pos = _stored_column(req, "request_ids"), _stored_column(pos, "positions")
+        stored = {name: _stored_column(arr, name) for name, arr in columns.items()}
+        if order is not None:
+            ids = ids[order]
+            gw = None if gw is None else gw[order]
+            stored = {name: arr[order] for name, arr in stored.items()}
         full_meta["moe_layer_indices"] = [int(x) for x in full_meta["moe_layer_indices"]]
         full_meta["shared_expert_bytes"] = int(full_meta["shared_expert_bytes"])
+
+        def contiguous(name: str) -> np.ndarray | None:
+            return np.ascontiguousarray(stored[name]) if name in stored else None
+
         return cls(
             expert_ids=np.ascontiguousarray(ids),
             request_ids=np.ascontiguousarray(req),
             positions=np.ascontiguousarray(pos),
             gate_weights=None if gw is None else np.ascontiguousarray(gw),
-            steps=None if stp is None else np.ascontiguousarray(stp),
-            phase=None if phs is None else np.ascontiguousarray(phs),
-            token_ids=None if tok is None else np.ascontiguousarray(tok),
+            steps=contiguous("steps"),
+            phase=contiguous("phase"),
+            token_ids=contiguous("token_ids"),
             n_experts=n_exp,
             expert_bytes=ebytes,
             meta=full_meta,
@@ -436,6 +498,37 @@ def load_trace(path: str | os.PathLike[str]) -> Trace:
         raise MoeprofError(f"trace file {p} not found")
     if p.is_dir():
         raise MoeprofError(f"{p} is a folder, not a trace file")
+    header, doc, buf, data_start = _read_header(p)
+    arrays = _map_arrays(p, header, buf, data_start)
+    n_exp, ebytes = _check_layout(p, arrays, doc)
+    ids = arrays["expert_ids"]
+    problem = semantic_problem(
+        ids, n_exp, arrays["request_ids"], arrays["positions"], arrays.get("phase"), doc
+    )
+    if problem:
+        raise _corrupt(p, problem)
+    meta = {
+        k: v
+        for k, v in doc.items()
+        if k not in _OWNED_META and k not in ("format", "format_version")
+    }
+    return Trace(
+        expert_ids=ids,
+        request_ids=arrays["request_ids"],
+        positions=arrays["positions"],
+        gate_weights=arrays.get("gate_weights"),
+        steps=arrays.get("steps"),
+        phase=arrays.get("phase"),
+        token_ids=arrays.get("token_ids"),
+        n_experts=n_exp,
+        expert_bytes=ebytes,
+        meta=meta,
+    )
+
+
+def _read_header(p: Path) -> tuple[dict[str, Any], dict[str, Any], mmap.mmap, int]:
+    """The safetensors header (array entries), the moeprof metadata document, a read-only map
+    of the file and the offset where the data section starts."""
     size = p.stat().st_size
     if size < 8:
         raise _corrupt(p, "file too short")
@@ -470,10 +563,15 @@ def load_trace(path: str | os.PathLike[str]) -> Trace:
             raise _corrupt(p, "metadata document missing or not JSON") from None
         if not isinstance(doc, dict):
             raise _corrupt(p, "metadata document is not a JSON object")
-        data_start = 8 + header_len
-        buf: mmap.mmap | bytes
-        buf = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) if size > 0 else b""
+        buf = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+    return header, doc, buf, 8 + header_len
 
+
+def _map_arrays(
+    p: Path, header: dict[str, Any], buf: mmap.mmap, data_start: int
+) -> dict[str, np.ndarray]:
+    """Each header entry as a read-only view of the map; the arrays must tile the data section."""
+    size = len(buf)
     arrays: dict[str, np.ndarray] = {}
     ranges: list[tuple[int, int]] = []
     for name, info in header.items():
@@ -498,7 +596,7 @@ def load_trace(path: str | os.PathLike[str]) -> Trace:
             ).reshape(shape)
         except ValueError:  # e.g. an empty array with a dimension numpy cannot index
             raise _corrupt(p, f"array {name!r} has a bad shape") from None
-    # The arrays must tile the data section exactly: no overlap, no gap, nothing after the end.
+    # No overlap, no gap, nothing after the end.
     ranges.sort()
     expected = 0
     for begin, end in ranges:
@@ -507,7 +605,14 @@ def load_trace(path: str | os.PathLike[str]) -> Trace:
         expected = end
     if data_start + expected != size:
         raise _corrupt(p, "file size does not match its header (truncated or trailing bytes)")
+    return arrays
 
+
+def _check_layout(
+    p: Path, arrays: dict[str, np.ndarray], doc: dict[str, Any]
+) -> tuple[np.ndarray, np.ndarray]:
+    """Required arrays present, every array of the expected dtype and shape, and the per-layer
+    values of the metadata; returns n_experts and expert_bytes as int64 [L]."""
     for required in ("expert_ids", "request_ids", "positions"):
         if required not in arrays:
             raise _corrupt(p, f"array {required!r} missing")
@@ -517,25 +622,18 @@ def load_trace(path: str | os.PathLike[str]) -> Trace:
     n_tokens, n_layers, top_k = ids.shape
     if n_layers == 0 or top_k == 0:
         raise _corrupt(p, "expert_ids has no MoE layer or no top-k slot")
-    n_exp_doc, ebytes_doc = doc.get("n_experts"), doc.get("expert_bytes")
-    for key, values in (("n_experts", n_exp_doc), ("expert_bytes", ebytes_doc)):
-        if not isinstance(values, list) or not all(_is_int(v) for v in values):
+    per_layer = []
+    for key, lo, hi in (("n_experts", 1, 65535), ("expert_bytes", 0, MAX_EXPERT_BYTES)):
+        values = doc.get(key)
+        if not isinstance(values, list):
             raise _corrupt(p, f"{key} must be a list of whole numbers in the metadata")
-        if len(values) != n_layers:
-            raise _corrupt(p, f"{key} does not have one value per layer")
-    # Range-checked as Python ints, before the int64 cast.
-    assert isinstance(n_exp_doc, list) and isinstance(ebytes_doc, list)
-    if not all(1 <= v <= 65535 for v in n_exp_doc):
-        raise _corrupt(p, "n_experts must be between 1 and 65535 per layer")
-    if not all(0 <= v <= MAX_EXPERT_BYTES for v in ebytes_doc):
-        raise _corrupt(p, f"expert_bytes must be between 0 and {MAX_EXPERT_BYTES} per layer")
-    n_exp = np.asarray(n_exp_doc, dtype=np.int64)
-    ebytes = np.asarray(ebytes_doc, dtype=np.int64)
+        try:
+            per_layer.append(_per_layer(values, n_layers, key, lo, hi))
+        except MoeprofError as exc:
+            raise _corrupt(p, exc.message) from None
+    n_exp, ebytes = per_layer
     if ids.dtype != _ids_dtype(n_exp):
         raise _corrupt(p, f"expert_ids is {ids.dtype}, expected {_ids_dtype(n_exp)}")
-    problem = _meta_problem(doc, n_layers)
-    if problem:
-        raise _corrupt(p, problem)
     for name, arr in arrays.items():
         if name == "expert_ids":
             continue
@@ -547,37 +645,4 @@ def load_trace(path: str | os.PathLike[str]) -> Trace:
             raise _corrupt(p, f"unknown array {name!r}")
         if not ok:
             raise _corrupt(p, f"array {name!r} has the wrong shape or dtype")
-    req, pos = arrays["request_ids"], arrays["positions"]
-    if n_tokens > 1:
-        # Rows are request-major: strictly increasing (request, position). O(T), cheap.
-        r0, r1 = req[:-1].astype(np.int64), req[1:].astype(np.int64)
-        ordered = (r1 > r0) | ((r1 == r0) & (pos[1:] > pos[:-1]))
-        if not ordered.all():
-            row = int(np.argmin(ordered)) + 1
-            raise _corrupt(p, f"rows are not in (request, position) order at row {row}")
-    phase = arrays.get("phase")
-    if phase is not None and phase.size and int(phase.max()) > PHASE_DECODE:
-        raise _corrupt(p, "phase holds values other than 0 (prefill) and 1 (decode)")
-    problem = out_of_range_id(ids, n_exp)
-    if problem:
-        raise _corrupt(p, problem)
-    dup = duplicate_expert(ids, n_exp)
-    if dup:
-        raise _corrupt(p, f"token {dup[0]} names expert {dup[2]} twice in layer {dup[1]}")
-    meta = {
-        k: v
-        for k, v in doc.items()
-        if k not in _OWNED_META and k not in ("format", "format_version")
-    }
-    return Trace(
-        expert_ids=ids,
-        request_ids=arrays["request_ids"],
-        positions=arrays["positions"],
-        gate_weights=arrays.get("gate_weights"),
-        steps=arrays.get("steps"),
-        phase=arrays.get("phase"),
-        token_ids=arrays.get("token_ids"),
-        n_experts=n_exp,
-        expert_bytes=ebytes,
-        meta=meta,
-    )
+    return n_exp, ebytes

@@ -159,7 +159,7 @@ step "replay naive/dedup/lru B=8,64" 90 "$PY" - <<'EOF'
 import json, os, time
 import moeprof
 from moeprof.replay import replay
-from moeprof.report.replay import replay_markdown
+from moeprof.report.markdown import replay_markdown
 
 out = os.environ["MOEPROF_GPU_CHECK_OUT"]
 trace = moeprof.synthesize(n_experts=8, top_k=2, n_layers=4, n_requests=16,
@@ -180,7 +180,7 @@ step "replay --compute (20 batches)" 50 "$PY" - <<'EOF'
 import json, os
 import moeprof
 from moeprof.replay import replay
-from moeprof.report.replay import replay_markdown
+from moeprof.report.markdown import replay_markdown
 
 out = os.environ["MOEPROF_GPU_CHECK_OUT"]
 trace = moeprof.synthesize(n_experts=8, top_k=2, n_layers=4, n_requests=16,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,8 +15,12 @@ from moeprof.trace import Trace
 
 REPO = Path(__file__).resolve().parent.parent
 DATA = Path(__file__).resolve().parent / "data"
-SHARED = REPO.parent / "shared"
-REFERENCE_TRACES = SHARED / "reference-traces"
+# Public routing captures made by other projects, read in place and never copied into this
+# repository (docs/real-routing.md says where each comes from and how to fetch it). The variable
+# names a folder holding their sub-folders; without it, the sibling folder of the team's CI.
+REFERENCE_TRACES = Path(
+    os.environ.get("MOEPROF_REFERENCE_TRACES") or REPO.parent / "shared" / "reference-traces"
+)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -112,3 +117,65 @@ def small_trace() -> Trace:
         locality=0.3,
         seed=1,
     )
+
+
+# ---------------------------------------------------------------------- replay and strategies
+
+
+def reference_loads(
+    trace: Trace, batches: Sequence[Sequence[int]], strategy: str, layer: int, capacity: int = 0
+) -> list[list[tuple[int, bool, int]]]:
+    """Per batch, the (expert, copied, tokens) items a strategy issues at `layer`, in issue
+    order, by direct simulation over each batch's rows, written apart from moeprof.strategies:
+
+    naive: every (token, expert) request in row then top-k order, one token each; dedup: each
+    distinct expert once, ascending, with its request count; lru: dedup's experts, those cached
+    at the batch's start first (hits, not copied), then the rest (misses), each group ascending;
+    the cache follows each expert's last request in row then top-k order and drops its least
+    recent experts down to `capacity` once the batch is done.
+    """
+    from collections import Counter, OrderedDict
+
+    ids = trace.expert_ids[:, layer, :].tolist()
+    sentinel = int(trace.n_experts[layer])
+    cache: OrderedDict[int, None] = OrderedDict()
+    out = []
+    for rows in batches:
+        requests = [e for row in rows for e in ids[int(row)] if e != sentinel]
+        counts = Counter(requests)
+        if strategy == "naive":
+            out.append([(e, True, 1) for e in requests])
+        elif strategy == "dedup":
+            out.append([(e, True, counts[e]) for e in sorted(counts)])
+        elif strategy == "lru":
+            at_start = set(cache)
+            for e in requests:
+                cache[e] = None
+                cache.move_to_end(e)
+            while len(cache) > capacity:
+                cache.popitem(last=False)
+            hits = [(e, False, counts[e]) for e in sorted(counts) if e in at_start]
+            misses = [(e, True, counts[e]) for e in sorted(counts) if e not in at_start]
+            out.append(hits + misses)
+        else:
+            raise ValueError(f"no reference for strategy {strategy!r}")
+    return out
+
+
+def plan_rows(plan: moeprof.BatchPlan) -> list[list[int]]:
+    """Rows of each batch of a plan, in the plan's order."""
+    return [plan.rows(b).tolist() for b in range(plan.n_batches)]
+
+
+def cpu_replay(trace: Trace, **kw: object) -> moeprof.replay.ReplayResult:
+    """replay() on the CPU backend, uncalibrated, with 1 KiB blocks unless told otherwise."""
+    from moeprof.replay import replay
+
+    kw.setdefault("calibrate", False)
+    kw.setdefault("expert_bytes", 1024)
+    return replay(trace, device="cpu", **kw)
+
+
+def strategy_entry(doc_row: dict, name: str) -> dict:
+    """One strategy's entry in a replayed results row."""
+    return next(s for s in doc_row["replay"]["strategies"] if s["strategy"] == name)

@@ -168,7 +168,7 @@ def test_heterogeneous_expert_bytes_weight_bandwidth() -> None:
 
 def test_results_json_shape() -> None:
     trace = moeprof.synthesize(n_layers=2, seed=0)
-    doc = moeprof.analyze(trace, "1,8").to_dict()
+    doc = moeprof.analyze(trace, [8, 1]).to_dict()
     assert doc["moeprof_version"] == moeprof.__version__
     assert doc["trace"]["n_tokens"] == trace.n_tokens
     assert [r["batch_size"] for r in doc["results"]] == [1, 8]
@@ -188,11 +188,29 @@ def test_results_json_shape() -> None:
     assert set(doc["results"][1]["layers"][0]) >= {"layer", "requests", "unique", "memory_savings"}
 
 
-@pytest.mark.parametrize("bad", ["0", "-1", "x", "1.5", "", "4,,a", "٣", "1" * 5000])
-def test_bad_batch_sizes(bad: str) -> None:
+@pytest.mark.parametrize(
+    "bad,message",
+    [
+        ("0", "batch size must be at least 1, got 0"),
+        ("-1", "batch size must be at least 1, got -1"),
+        ("x", "batch size 'x' is not a whole number"),
+        ("1.5", "batch size '1.5' is not a whole number"),
+        ("", "no batch sizes given"),
+        ("4,,a", "batch size 'a' is not a whole number"),
+        ("٣", "batch size '٣' is not a whole number"),
+        ("1" * 5000, "batch size '1111111111"),
+    ],
+)
+def test_bad_batch_sizes(bad: str, message: str) -> None:
+    """`--batch-sizes` text is parsed at the command boundary; the library takes numbers."""
+    from moeprof.commands.analyze import parse_batch_sizes
+
+    with pytest.raises(MoeprofError, match=f"^{message}"):
+        parse_batch_sizes(bad)
+    assert parse_batch_sizes(" 8, 1,8 ") == [1, 8]
     trace = moeprof.synthesize(n_layers=1, seed=0)
-    with pytest.raises(MoeprofError):
-        moeprof.analyze(trace, bad)
+    with pytest.raises(MoeprofError, match="batch sizes must be whole numbers, not the text"):
+        moeprof.analyze(trace, bad)  # type: ignore[arg-type]
 
 
 def test_unknown_policy_and_missing_steps() -> None:

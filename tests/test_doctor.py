@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import json
-import types
 from pathlib import Path
 from typing import Any
 
 import pytest
-from test_nvml import ERROR_INVALID_ARGUMENT, ERROR_LIBRARY_NOT_FOUND, FakeGpu
+from nvml_fakes import ERROR_INVALID_ARGUMENT, ERROR_LIBRARY_NOT_FOUND, FakeGpu, loader_for
 
 from moeprof import nvml
+from moeprof.nvml import binding
 from moeprof.replay.doctor import gather
 
 
@@ -19,15 +19,7 @@ def fake_nvml(monkeypatch: pytest.MonkeyPatch) -> Any:
     """Install a fake pynvml at the gateway; returns a function taking a FakeGpu (or None)."""
 
     def install(gpu: FakeGpu | None) -> None:
-        if gpu is None:
-
-            def missing() -> types.ModuleType:
-                raise ImportError("No module named 'pynvml'")
-
-            monkeypatch.setattr(nvml, "_import_pynvml", missing)
-        else:
-            module = gpu.module()
-            monkeypatch.setattr(nvml, "_import_pynvml", lambda: module)
+        monkeypatch.setattr(binding, "_import_pynvml", loader_for(gpu))
         nvml.reset()
 
     yield install

@@ -1,237 +1,35 @@
-"""The NVML gateway against a fake pynvml, with scenarios named after real failures.
-
-No GPU needed: the fake replaces the binding at the gateway (``moeprof.nvml._import_pynvml``)
-and behaves like nvidia-ml-py: NVMLError subclasses carrying ``.value``, field values with a
-per-field ``nvmlReturn``, a ``valueType`` and a ``value`` union.
+"""The NVML package against a fake pynvml (tests/nvml_fakes.py), with scenarios named after
+real failures. No GPU needed: the fake replaces the binding at the gateway
+(``moeprof.nvml.binding._import_pynvml``, or a gateway's own loader).
 """
 
 from __future__ import annotations
 
 import ctypes
 import json
-import math
 import time
 import types
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
+from nvml_fakes import (
+    ERROR_GPU_IS_LOST,
+    ERROR_INVALID_ARGUMENT,
+    ERROR_LIBRARY_NOT_FOUND,
+    ERROR_NOT_SUPPORTED,
+    FI_RX,
+    FI_TX,
+    VALUE_DOUBLE,
+    VALUE_UINT,
+    VALUE_ULL,
+    FakeClock,
+    FakeGpu,
+    gateway_for,
+    loader_for,
+)
 
 from moeprof import nvml
-
-SUCCESS = 0
-ERROR_INVALID_ARGUMENT = 2
-ERROR_NOT_SUPPORTED = 3
-ERROR_NOT_FOUND = 6
-ERROR_LIBRARY_NOT_FOUND = 12
-ERROR_GPU_IS_LOST = 15
-VALUE_DOUBLE = 0
-VALUE_UINT = 1
-VALUE_ULL = 3
-FI_TX = 197
-FI_RX = 198
-
-
-class FakeNVMLError(Exception):
-    def __init__(self, value: int) -> None:
-        super().__init__(value)
-        self.value = value
-
-    def __str__(self) -> str:
-        return f"fake NVML error {self.value}"
-
-
-class FakeClock:
-    """A host clock that only moves when told (``sleep`` moves it too)."""
-
-    def __init__(self) -> None:
-        self.t = 100.0
-
-    def __call__(self) -> float:
-        return self.t
-
-    def sleep(self, seconds: float) -> None:
-        self.t += max(0.0, seconds)
-
-
-@dataclass
-class FakeGpu:
-    """State behind the fake binding: counters, what is supported, what fails."""
-
-    counter_bits: int = 64
-    value_type: int = VALUE_ULL
-    rx_bytes: int = 0  # true cumulative traffic (unwrapped)
-    tx_bytes: int = 0
-    counters_supported: bool = True
-    field_return: int | None = None  # every counter field answers this nvmlReturn
-    throughput_supported: bool = True
-    throughput_kib_s: tuple[int, int] = (0, 0)  # (rx, tx)
-    rx_per_read: int = 0  # traffic the device makes between two reads
-    tx_per_read: int = 0
-    lost_after_reads: int | None = None  # field reads before the GPU falls off the bus
-    init_error: int | None = None
-    bus_ids: dict[str, int] = field(default_factory=lambda: {"00000000:3B:00.0": 0})
-    reads: int = 0
-    init_calls: int = 0
-    # Time-driven scenarios: with a clock, traffic is logged when it happens (transfer()), the
-    # counters show it only `report_delay_s` later (a driver that refreshes them late), and
-    # each field carries NVML's timestamp (µs) of the value shown.
-    clock: FakeClock | None = None
-    report_delay_s: float = 0.0
-    # A driver that caches the counters: refreshed every `refresh_period_s`, each value stamped
-    # with its refresh time (instead of the time it changed).
-    refresh_period_s: float = 0.0
-    history: list[tuple[float, int, int]] = field(default_factory=list)
-    # Throughput: each call blocks `throughput_call_s` (moving the clock) and, with
-    # `throughput_fn(t0, t1) -> (rx, tx) KiB/s`, reports the average over the window ending
-    # at its return.
-    throughput_call_s: float = 0.0
-    throughput_fn: Callable[[float, float], tuple[int, int]] | None = None
-    throughput_calls: list[tuple[int, float]] = field(default_factory=list)
-
-    def transfer(self, rx: int, tx: int = 0) -> None:
-        """The device moves bytes now."""
-        self.rx_bytes += rx
-        self.tx_bytes += tx
-        if self.clock is not None:
-            self.history.append((self.clock(), self.rx_bytes, self.tx_bytes))
-
-    def _shown(self) -> tuple[int, int, float | None]:
-        """(rx, tx, time of that value) the counters show now."""
-        if self.clock is None:
-            return self.rx_bytes, self.tx_bytes, None
-        if not self.history:
-            self.history.append((self.clock() - 1.0, self.rx_bytes, self.tx_bytes))
-        visible = self.clock() - self.report_delay_s
-        if self.refresh_period_s:
-            visible = math.floor(visible / self.refresh_period_s) * self.refresh_period_s
-        shown = self.history[0]
-        for entry in self.history:
-            if entry[0] <= visible:
-                shown = entry
-        return shown[1], shown[2], (visible if self.refresh_period_s else shown[0])
-
-    def module(self) -> types.ModuleType:
-        gpu = self
-        m = types.ModuleType("pynvml")
-        m.NVMLError = FakeNVMLError  # type: ignore[attr-defined]
-        for name, value in {
-            "NVML_SUCCESS": SUCCESS,
-            "NVML_ERROR_INVALID_ARGUMENT": ERROR_INVALID_ARGUMENT,
-            "NVML_ERROR_NOT_SUPPORTED": ERROR_NOT_SUPPORTED,
-            "NVML_ERROR_NOT_FOUND": ERROR_NOT_FOUND,
-            "NVML_ERROR_LIBRARY_NOT_FOUND": ERROR_LIBRARY_NOT_FOUND,
-            "NVML_ERROR_GPU_IS_LOST": ERROR_GPU_IS_LOST,
-            "NVML_FI_DEV_PCIE_COUNT_TX_BYTES": FI_TX,
-            "NVML_FI_DEV_PCIE_COUNT_RX_BYTES": FI_RX,
-            "NVML_PCIE_UTIL_TX_BYTES": 0,
-            "NVML_PCIE_UTIL_RX_BYTES": 1,
-        }.items():
-            setattr(m, name, value)
-
-        def init() -> None:
-            gpu.init_calls += 1
-            if gpu.init_error is not None:
-                raise FakeNVMLError(gpu.init_error)
-
-        def handle_by_index(i: int) -> Any:
-            gpu._check_lost()
-            if i != 0:
-                raise FakeNVMLError(ERROR_NOT_FOUND)
-            return ("handle", 0)
-
-        def handle_by_bus(bus: str) -> Any:
-            if bus not in gpu.bus_ids:
-                raise FakeNVMLError(ERROR_NOT_FOUND)
-            return ("handle", gpu.bus_ids[bus])
-
-        def field_values(handle: Any, ids: list[int]) -> list[Any]:
-            gpu._check_lost()
-            gpu.reads += 1
-            if gpu.reads > 1 and (gpu.rx_per_read or gpu.tx_per_read):
-                gpu.transfer(gpu.rx_per_read, gpu.tx_per_read)
-            rx, tx, stamp = gpu._shown()
-            return [gpu._field(fid, {FI_RX: rx, FI_TX: tx}[fid], stamp) for fid in ids]
-
-        def throughput(handle: Any, counter: int) -> int:
-            gpu._check_lost()
-            if not gpu.throughput_supported:
-                raise FakeNVMLError(ERROR_NOT_SUPPORTED)
-            if gpu.clock is not None:
-                gpu.clock.t += gpu.throughput_call_s
-            if gpu.throughput_fn is not None and gpu.clock is not None:
-                now = gpu.clock()
-                rates = gpu.throughput_fn(now - nvml.THROUGHPUT_WINDOW_S, now)
-            else:
-                rates = gpu.throughput_kib_s
-            value = rates[0] if counter == 1 else rates[1]
-            gpu.throughput_calls.append((counter, gpu.clock() if gpu.clock else 0.0))
-            return value
-
-        funcs = {
-            "nvmlInit": init,
-            "nvmlShutdown": lambda: None,
-            "nvmlDeviceGetCount": lambda: 1,
-            "nvmlDeviceGetHandleByIndex": handle_by_index,
-            "nvmlDeviceGetHandleByPciBusId": handle_by_bus,
-            "nvmlDeviceGetFieldValues": field_values,
-            "nvmlDeviceGetPcieThroughput": throughput,
-            "nvmlDeviceGetName": lambda h: b"NVIDIA H200",
-            "nvmlDeviceGetUUID": lambda h: "GPU-1234",
-            "nvmlDeviceGetPciInfo": lambda h: types.SimpleNamespace(busId=b"00000000:3B:00.0"),
-            "nvmlDeviceGetMemoryInfo": lambda h: types.SimpleNamespace(total=141 << 30),
-            "nvmlDeviceGetCurrPcieLinkGeneration": lambda h: 1,  # idle links downshift
-            "nvmlDeviceGetMaxPcieLinkGeneration": lambda h: 5,
-            "nvmlDeviceGetGpuMaxPcieLinkGeneration": lambda h: 5,
-            "nvmlDeviceGetCurrPcieLinkWidth": lambda h: 16,
-            "nvmlDeviceGetMaxPcieLinkWidth": lambda h: 16,
-            "nvmlSystemGetDriverVersion": lambda: "560.35.03",
-            "nvmlSystemGetCudaDriverVersion": lambda: 12060,
-        }
-        for name, fn in funcs.items():
-            setattr(m, name, fn)
-        return m
-
-    def _check_lost(self) -> None:
-        if self.lost_after_reads is not None and self.reads >= self.lost_after_reads:
-            raise FakeNVMLError(ERROR_GPU_IS_LOST)
-
-    def _field(self, fid: int, true_value: int, stamp: float | None) -> Any:
-        ret = self.field_return
-        if ret is None:
-            ret = SUCCESS if self.counters_supported else ERROR_NOT_SUPPORTED
-        if ret != SUCCESS:
-            return types.SimpleNamespace(
-                fieldId=fid,
-                nvmlReturn=ret,
-                valueType=self.value_type,
-                value=types.SimpleNamespace(uiVal=0, ullVal=0, dVal=0.0),
-            )
-        wrapped = true_value % (1 << self.counter_bits)
-        # Like the C union: every member aliases the same bytes; only the typed one is right.
-        garbage_high = 0xDEAD << 48 if self.value_type == VALUE_UINT else 0
-        value = types.SimpleNamespace(
-            uiVal=wrapped & 0xFFFFFFFF, ullVal=wrapped | garbage_high, dVal=float(wrapped)
-        )
-        out = types.SimpleNamespace(
-            fieldId=fid, nvmlReturn=SUCCESS, valueType=self.value_type, value=value
-        )
-        if stamp is not None:
-            out.timestamp = int(round(stamp * 1e6))
-        return out
-
-
-def gateway_for(gpu: FakeGpu | None) -> nvml.Nvml:
-    if gpu is None:
-
-        def missing() -> types.ModuleType:
-            raise ImportError("No module named 'pynvml'")
-
-        return nvml.Nvml(loader=missing)
-    module = gpu.module()
-    return nvml.Nvml(loader=lambda: module)
-
+from moeprof.nvml import binding, counters
 
 # ---------------------------------------------------------------------- scenarios
 
@@ -281,9 +79,7 @@ def test_gateway_is_lazy_and_initialises_once() -> None:
 
 
 def test_module_level_gateway_is_monkeypatchable(monkeypatch: pytest.MonkeyPatch) -> None:
-    gpu = FakeGpu()
-    module = gpu.module()
-    monkeypatch.setattr(nvml, "_import_pynvml", lambda: module)
+    monkeypatch.setattr(binding, "_import_pynvml", loader_for(FakeGpu()))
     nvml.reset()
     try:
         assert nvml.gateway().device_count() == 1
@@ -405,16 +201,16 @@ def test_real_binding_field_value_struct() -> None:
     fv.fieldId = FI_RX
     fv.valueType = pynvml.NVML_VALUE_TYPE_UNSIGNED_LONG_LONG
     fv.value.ullVal = (1 << 40) + 5
-    assert nvml._field_value(fv) == ((1 << 40) + 5, 64, 3)
+    assert counters._field_value(fv) == ((1 << 40) + 5, 64, 3)
     fv.valueType = pynvml.NVML_VALUE_TYPE_UNSIGNED_INT
     fv.value.uiVal = 0xFFFFFFF0
-    assert nvml._field_value(fv) == (0xFFFFFFF0, 32, 1)
+    assert counters._field_value(fv) == (0xFFFFFFF0, 32, 1)
     fv.timestamp = 1_700_000_000_123_456
-    assert nvml._field_timestamp(fv) == 1_700_000_000_123_456
+    assert counters._field_timestamp(fv) == 1_700_000_000_123_456
     assert pynvml.NVML_ERROR_INVALID_ARGUMENT == ERROR_INVALID_ARGUMENT
     assert pynvml.NVML_FI_DEV_PCIE_COUNT_RX_BYTES == FI_RX
     assert pynvml.NVML_FI_DEV_PCIE_COUNT_TX_BYTES == FI_TX
-    assert nvml._VALUE_TYPES[pynvml.NVML_VALUE_TYPE_UNSIGNED_SHORT] == ("usVal", 16)
+    assert counters._VALUE_TYPES[pynvml.NVML_VALUE_TYPE_UNSIGNED_SHORT] == ("usVal", 16)
     assert ctypes.sizeof(ctypes.c_ulonglong) == 8
 
 
@@ -529,10 +325,10 @@ def test_counter_step() -> None:
     assert nvml.counter_step(5 << 32, 4 << 32, 64, ms) == (0, nvml.BACKWARDS)
     # A big forward jump (a late refresh) is what the link carried: counted as read.
     assert nvml.counter_step(5 << 32, 9 << 32, 64, ms) == (4 << 32, None)
-    # Plausibility scales with the time between the reads (and is at least 1 ms).
-    limit = nvml.plausible_bytes(0.01)
-    assert limit == pytest.approx(1.5 * nvml.MAX_LINK_BYTES_PER_S * 0.01)
-    assert nvml.plausible_bytes(0.0) == nvml.plausible_bytes(nvml.MIN_ELAPSED_S)
+    # Plausibility scales with the time between the reads (and is at least 1 ms): 1.5 x the
+    # fastest link planned for, 128 GB/s.
+    assert nvml.plausible_bytes(0.01) == pytest.approx(1.5 * 128e9 * 0.01)
+    assert nvml.plausible_bytes(0.0) == pytest.approx(1.5 * 128e9 * 0.001)
 
 
 def test_32bit_counter_in_a_64bit_field() -> None:
@@ -634,12 +430,12 @@ def test_a_cached_counter_is_read_until_its_stamp_postdates_the_run() -> None:
     clock, gpu, mon = caching_driver(0.05)
     clock.t += 0.001  # just past a refresh
     mon.start()
-    assert mon._settle_start_s is not None and mon._settle_start_s <= 0.06
     gpu.transfer(8 << 20)
     clock.t += 0.003
     gpu.transfer(8 << 20)  # the run's last bytes, 4 ms before stop
     clock.t += 0.004
     m = mon.stop()
+    assert m.settle_start_s is not None and m.settle_start_s <= 0.06
     assert m.rx_bytes == 16 << 20
     assert m.settled is True and m.settle_stop_s is not None and m.settle_stop_s < 0.1
     last = m.last_reading
@@ -720,6 +516,72 @@ def test_per_field_invalid_argument_means_not_supported() -> None:
     assert isinstance(lost, nvml.NotAvailable) and lost.kind == nvml.GPU_LOST
 
 
+def test_each_counter_window_counts_only_its_own_bytes() -> None:
+    """One monitor measures run after run: each window starts from its own opening read, and
+    traffic between windows belongs to none."""
+    gpu = FakeGpu(rx_bytes=1 << 40)
+    nv = gateway_for(gpu)
+    clock = FakeClock()
+    mon = nvml.PcieMonitor(nv.handle(index=0), nv=nv, background=False, clock=clock, settle_max_s=0)
+    mon.start()
+    gpu.transfer(1000, 10)
+    clock.t += 0.01
+    first = mon.stop()
+    gpu.transfer(500_000, 5)  # between the windows
+    clock.t += 1.0
+    mon.start()
+    gpu.transfer(300, 3)
+    clock.t += 0.01
+    second = mon.stop()
+    assert (first.rx_bytes, first.tx_bytes, first.samples) == (1000, 10, 2)
+    assert (second.rx_bytes, second.tx_bytes, second.samples) == (300, 3, 2)
+    assert second.first_reading is not None and second.first_reading["t_s"] == 0.0
+    assert second.first_reading["rx_bytes"] == (1 << 40) + 1000 + 500_000
+
+
+def test_each_throughput_window_integrates_only_its_own_time() -> None:
+    gpu = FakeGpu(counters_supported=False, throughput_kib_s=(1000, 10))
+    nv = gateway_for(gpu)
+    clock = FakeClock()
+    mon = nvml.PcieMonitor(
+        nv.handle(index=0), nv=nv, background=False, clock=clock, settle_max_s=0, tx_every=1
+    )
+    mon.start()
+    clock.t += 0.1
+    first = mon.stop()
+    clock.t += 5.0  # idle between the windows
+    mon.start()
+    clock.t += 0.2
+    second = mon.stop()
+    # 1000 KiB/s for 0.1 s and then 0.2 s (1 KiB = 1024 bytes); TX at 10 KiB/s.
+    assert (first.rx_bytes, first.tx_bytes) == (102_400, 1024)
+    assert (second.rx_bytes, second.tx_bytes) == (204_800, 2048)
+    assert first.samples == second.samples == 2  # the opening read and the tail read
+    assert second.window_s == pytest.approx(0.2)
+
+
+def test_throughput_read_failing_mid_window_measures_nothing() -> None:
+    gpu = FakeGpu(counters_supported=False, throughput_kib_s=(1000, 10))
+    nv = gateway_for(gpu)
+    clock = FakeClock()
+    mon = nvml.PcieMonitor(nv.handle(index=0), nv=nv, background=False, clock=clock)
+    assert mon.method == nvml.METHOD_THROUGHPUT
+    mon.start()
+    clock.t += 0.02
+    mon.sample()
+    gpu.lost_after_reads = gpu.reads  # every NVML call from now on: GPU is lost
+    clock.t += 0.02
+    mon.sample()
+    m = mon.stop()
+    assert m.method == nvml.METHOD_THROUGHPUT
+    assert m.rx_bytes is None and m.tx_bytes is None
+    assert (
+        m.reason
+        == "measurement failed: nvmlDeviceGetPcieThroughput: GPU is lost (fell off the bus)"
+    )
+    assert m.samples == 2  # the opening read and the one sample before the loss
+
+
 def test_measurement_dict_carries_the_raw_reads() -> None:
     gpu = FakeGpu(rx_bytes=123, tx_bytes=45, rx_per_read=1000)
     nv = gateway_for(gpu)
@@ -796,7 +658,7 @@ def test_nvml_handle_is_the_gpu_torch_uses() -> None:
     (same UUID), and its byte counters, where supported, see a 256 MiB host->device copy."""
     torch = pytest.importorskip("torch")
     pytest.importorskip("pynvml")
-    from moeprof.replay.backends import cuda_pci_bus_id
+    from moeprof.replay.cudart import cuda_pci_bus_id
 
     props = torch.cuda.get_device_properties(0)
     nv = nvml.gateway()

@@ -1,8 +1,21 @@
-"""Validation on real routing recorded from real pretrained models (../shared/reference-traces).
+"""Validation on real routing recorded from real pretrained models, by other projects.
 
 The analysis of each imported trace must equal a brute-force count written here from the raw
 files (csv / json and Python sets, not moeprof's importer), for policies tokens and decode and
-batch sizes 1-64. The folder is read in place (never copied); the tests skip when it is absent.
+batch sizes 1-64. The captures are read in place from ``REFERENCE_TRACES`` (tests/conftest.py:
+``$MOEPROF_REFERENCE_TRACES`` if set) and never copied into this repository; a test skips when
+its folder is absent. Sub-folders, each fetched from a public repository at a fixed commit
+(docs/real-routing.md has the commands):
+
+- ``moebeyond-dsv2lite-prefill/test/``: https://github.com/ngavhane/moe-beyond at commit
+  4dca2eacb7bc0a3086770a4de7a57cc0b81479bd, ``test_datasets/formatted_csvs/*.csv`` (100 files):
+  DeepSeek-V2-Lite-Chat prefill routing.
+- ``specmoe-mixtral-decode/``: https://github.com/Mario928/speculative-moe at commit
+  216e26eb86ee09fa46bb0e8c000be7e9758e10b6, ``routing_data_collected/{gsm8k,humaneval}_2_routing.jsonl``:
+  Mixtral-8x7B-Instruct decode routing (later commits hold Git LFS pointers instead).
+- ``fiddler-mixtral-popularity/mixtral_8x7b_original/``: https://github.com/efeslab/fiddler at
+  commit 5e5ed673f3a1b67c5a80f9c02f0f89672a20bf58 (branch ``popularity``),
+  ``benchmarks/results/popularity/mixtral_8x7b_original/*.json``: per-layer expert counts.
 """
 
 from __future__ import annotations
@@ -10,13 +23,13 @@ from __future__ import annotations
 import ast
 import csv
 import json
-import os
 from collections import deque
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import REFERENCE_TRACES
 
 from moeprof.analyze import analyze
 from moeprof.cli import main
@@ -26,15 +39,9 @@ from moeprof.importers import MoeprofImportWarning, import_trace
 from moeprof.synth import synthesize
 from moeprof.trace import load_trace
 
-REFERENCE = Path(
-    os.environ.get(
-        "MOEPROF_REFERENCE_TRACES",
-        Path(__file__).resolve().parents[2] / "shared" / "reference-traces",
-    )
-)
-DEEPSEEK = REFERENCE / "moebeyond-dsv2lite-prefill" / "test"
-MIXTRAL = REFERENCE / "specmoe-mixtral-decode"
-POPULARITY = REFERENCE / "fiddler-mixtral-popularity" / "mixtral_8x7b_original"
+DEEPSEEK = REFERENCE_TRACES / "moebeyond-dsv2lite-prefill" / "test"
+MIXTRAL = REFERENCE_TRACES / "specmoe-mixtral-decode"
+POPULARITY = REFERENCE_TRACES / "fiddler-mixtral-popularity" / "mixtral_8x7b_original"
 CONFIGS = Path(__file__).parent / "data" / "import" / "configs"
 BATCH_SIZES = [1, 2, 3, 4, 8, 16, 32, 64]
 MIXTRAL_EXPERT_BYTES = 3 * 4096 * 14336 * 2
@@ -44,7 +51,7 @@ DEEPSEEK_EXPERT_BYTES = 3 * 2048 * 1408 * 2
 def needs(path: Path) -> pytest.MarkDecorator:
     return pytest.mark.skipif(
         not path.is_dir(),
-        reason=f"reference traces not found at {path} (set MOEPROF_REFERENCE_TRACES)",
+        reason=f"{path} not found: set MOEPROF_REFERENCE_TRACES (docs/real-routing.md)",
     )
 
 

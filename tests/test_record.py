@@ -78,7 +78,7 @@ def test_generate_rows_positions_phases_and_eos() -> None:
     free = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new, do_sample=False)
     eos = int(free[0, ids.shape[1] + 1])
     calls, handles = gate_capture(model)
-    with moeprof.record(model, settings={"note": "test"}) as rec:
+    with moeprof.record_routing(model, settings={"note": "test"}) as rec:
         out = model.generate(
             input_ids=ids,
             attention_mask=mask,
@@ -136,7 +136,7 @@ def test_separate_forwards_are_separate_requests_and_steps() -> None:
     model = tiny_qwen3()
     a = torch.randint(1, 64, (2, 5))
     b = torch.randint(1, 64, (1, 4))
-    with torch.no_grad(), moeprof.record(model) as rec:
+    with torch.no_grad(), moeprof.record_routing(model) as rec:
         model(input_ids=a, use_cache=False)
         model(b)  # positional input_ids
     trace = rec.to_trace()
@@ -152,7 +152,7 @@ def test_separate_forwards_are_separate_requests_and_steps() -> None:
 def test_manual_kv_cache_loop_continues_requests() -> None:
     model = tiny_qwen3()
     prompt = torch.randint(1, 64, (2, 4))
-    with torch.no_grad(), moeprof.record(model) as rec:
+    with torch.no_grad(), moeprof.record_routing(model) as rec:
         out = model(input_ids=prompt, use_cache=True)
         nxt = out.logits[:, -1].argmax(-1, keepdim=True)
         model(input_ids=nxt, cache=out.past_key_values, use_cache=True)
@@ -165,7 +165,7 @@ def test_manual_kv_cache_loop_continues_requests() -> None:
 def test_inputs_embeds_records_without_token_ids() -> None:
     model = tiny_qwen3()
     embeds = model.get_input_embeddings()(torch.randint(1, 64, (2, 3)))
-    with torch.no_grad(), moeprof.record(model) as rec:
+    with torch.no_grad(), moeprof.record_routing(model) as rec:
         model(inputs_embeds=embeds)
     trace = rec.to_trace()
     assert trace.n_tokens == 6 and trace.token_ids is None
@@ -173,7 +173,7 @@ def test_inputs_embeds_records_without_token_ids() -> None:
 
 def test_empty_recording_is_a_valid_trace(tmp_path: Any) -> None:
     model = tiny_qwen3()
-    with moeprof.record(model) as rec:
+    with moeprof.record_routing(model) as rec:
         pass
     trace = rec.to_trace()
     assert trace.n_tokens == 0 and trace.n_layers == 2 and trace.top_k == 2
@@ -185,13 +185,13 @@ def test_empty_recording_is_a_valid_trace(tmp_path: Any) -> None:
 def test_hooks_detach_on_exit_and_on_error() -> None:
     model = tiny_qwen3()
     before = hook_count(model)
-    with moeprof.record(model) as rec:
+    with moeprof.record_routing(model) as rec:
         assert hook_count(model) == before + 2 + 2  # 2 MoE layers + begin/end of pass
         assert "generate" in model.__dict__
     assert hook_count(model) == before and "generate" not in model.__dict__
     assert not rec.attached
     with pytest.raises(ValueError, match="boom"):
-        with moeprof.record(model):
+        with moeprof.record_routing(model):
             model(input_ids=torch.randint(1, 64, (1, 3)))
             raise ValueError("boom")
     assert hook_count(model) == before and "generate" not in model.__dict__
@@ -201,7 +201,7 @@ def test_failed_forward_pass_is_dropped() -> None:
     model = tiny_qwen3()
     layer2 = model.model.layers[2].mlp
     original = layer2.forward
-    with torch.no_grad(), moeprof.record(model) as rec:
+    with torch.no_grad(), moeprof.record_routing(model) as rec:
         layer2.forward = lambda *a, **k: (_ for _ in ()).throw(RuntimeError("mid-pass"))
         with pytest.raises(RuntimeError, match="mid-pass"):
             model(input_ids=torch.randint(1, 64, (2, 3)))
@@ -225,23 +225,30 @@ def test_model_without_moe_layers_is_a_clear_error() -> None:
         )
     )
     with pytest.raises(MoeprofError, match="LlamaForCausalLM has no MoE layer"):
-        moeprof.record(dense)
+        moeprof.record_routing(dense)
     with pytest.raises(MoeprofError, match="torch.nn.Module"):
-        moeprof.record("not a model")  # type: ignore[arg-type]
+        moeprof.record_routing("not a model")  # type: ignore[arg-type]
 
 
-def test_module_and_function_are_both_callable() -> None:
+def test_record_routing_is_the_function_not_the_package() -> None:
+    import types
+
     import moeprof.record as package
+    from moeprof.record import record
 
-    model = tiny_qwen3()
-    assert isinstance(package(model), Recorder)
-    assert isinstance(moeprof.record(model), Recorder)
+    # Importing the package binds moeprof.record to it; the lazy export has its own name.
+    assert isinstance(package, types.ModuleType) and not callable(package)
+    assert moeprof.record_routing is record
+    assert isinstance(moeprof.record_routing(tiny_qwen3()), Recorder)
 
 
 # ---------------------------------------------------------------------------- metadata, sizes
 def test_metadata_sizes_and_roundtrip(tmp_path: Any) -> None:
     model = tiny_qwen3().to(torch.bfloat16)
-    with torch.no_grad(), moeprof.record(model, model_id="org/tiny", revision="abc123") as rec:
+    with (
+        torch.no_grad(),
+        moeprof.record_routing(model, model_id="org/tiny", revision="abc123") as rec,
+    ):
         model(input_ids=torch.randint(1, 64, (2, 3)))
     trace = rec.to_trace()
     trace.save(tmp_path / "t.moe")
@@ -330,7 +337,7 @@ def test_registered_adapter_records_a_custom_model(toy_adapter: Adapter) -> None
     model = ToyModel()
     assert moeprof.record.adapters()[0] is toy_adapter
     ids = torch.randint(0, 16, (3, 4))
-    with torch.no_grad(), moeprof.record(model) as rec:
+    with torch.no_grad(), moeprof.record_routing(model) as rec:
         model(ids)
         seen = [block.last[0].clone() for block in model.blocks]  # type: ignore[index]
     trace = rec.to_trace()
@@ -344,7 +351,7 @@ def test_registered_adapter_records_a_custom_model(toy_adapter: Adapter) -> None
 
 def test_layers_with_fewer_slots_or_skipped_get_the_sentinel(toy_adapter: Adapter) -> None:
     model = ToyModel(ks=(2, 1))
-    with torch.no_grad(), moeprof.record(model) as rec:
+    with torch.no_grad(), moeprof.record_routing(model) as rec:
         model(torch.randint(0, 16, (1, 3)))
         k1 = model.blocks[1].last[0].clone()  # type: ignore[index]
         model.skip_last = True
@@ -368,7 +375,9 @@ def test_adapter_can_be_forced_by_name() -> None:
 
 
 def test_register_adapter_rejects_non_adapters() -> None:
-    with pytest.raises(MoeprofError):
+    with pytest.raises(
+        MoeprofError, match=r"register_adapter\(\) takes a moeprof\.record\.Adapter"
+    ):
         register_adapter("x")  # type: ignore[arg-type]
 
 
@@ -403,7 +412,7 @@ def _record_generate(model: Any, eos: int) -> Any:
     ids = torch.randint(3, 64, (3, 6), generator=g)
     mask = torch.ones_like(ids)
     mask[2, :4] = 0
-    with moeprof.record(model) as rec:
+    with moeprof.record_routing(model) as rec:
         model.generate(
             input_ids=ids,
             attention_mask=mask,
@@ -442,7 +451,7 @@ def test_each_generate_call_keeps_its_own_end_tokens() -> None:
     unused = next(t for t in range(3, 64) if t not in free.tolist()[0] + free.tolist()[1])
 
     def run(peek: bool) -> Any:
-        with moeprof.record(model) as rec:
+        with moeprof.record_routing(model) as rec:
             for end in (eos, unused):
                 model.generate(
                     input_ids=ids,
@@ -472,7 +481,7 @@ def test_ctrl_c_while_steps_are_counted_or_unpacked_loses_nothing(
     ids = torch.randint(3, 64, (2, 5), generator=torch.Generator().manual_seed(1))
 
     def recorded() -> Any:
-        rec = moeprof.record(model)
+        rec = moeprof.record_routing(model)
         with rec:
             model.generate(input_ids=ids, max_new_tokens=6, do_sample=False, min_new_tokens=6)
         return rec
@@ -505,7 +514,7 @@ def test_ctrl_c_while_steps_are_counted_or_unpacked_loses_nothing(
 
 def test_a_pass_without_new_tokens_records_nothing() -> None:
     model = tiny_qwen3()
-    with torch.no_grad(), moeprof.record(model) as rec:
+    with torch.no_grad(), moeprof.record_routing(model) as rec:
         rec._begin_pass(
             model,
             (),
@@ -527,7 +536,7 @@ def test_inputs_reused_in_place_after_a_pass_do_not_change_the_trace() -> None:
     mask = torch.ones_like(ids)
     mask[1, 0] = 0
     want_tokens = torch.cat([ids[0], ids[1, 1:]]).tolist()
-    with torch.no_grad(), moeprof.record(model) as rec:
+    with torch.no_grad(), moeprof.record_routing(model) as rec:
         model(input_ids=ids, attention_mask=mask, use_cache=False)
         ids.fill_(5)
         mask.fill_(1)
@@ -541,7 +550,7 @@ def test_inputs_reused_in_place_after_a_pass_do_not_change_the_trace() -> None:
 def test_cuda_layer_hooks_never_synchronise() -> None:
     model = tiny_qwen3().cuda()
     ids = torch.randint(1, 64, (2, 5), device="cuda")
-    with torch.no_grad(), moeprof.record(model) as rec:
+    with torch.no_grad(), moeprof.record_routing(model) as rec:
         rec._begin_pass(model, (), {"input_ids": ids})
         torch.cuda.set_sync_debug_mode("error")
         try:

@@ -435,7 +435,7 @@ def test_recorded_routing_matches_independent_capture(arch: str) -> None:
     ids, mask = _prompt_batch()
     ref = Reference(model, spec)
     new_tokens = 3
-    with torch.no_grad(), moeprof.record(model) as rec:
+    with torch.no_grad(), moeprof.record_routing(model) as rec:
         model.generate(
             input_ids=ids,
             attention_mask=mask,

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import json
+import math
 import os
+from collections import deque
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import pytest
 from conftest import DATA
 
@@ -43,6 +47,7 @@ def test_results_json_matches_golden() -> None:
     for got_row, want_row in zip(doc["results"], want["results"]):
         for key in ("memory_savings", "bandwidth_savings", "uniform_memory_savings"):
             assert got_row[key] == pytest.approx(want_row[key], rel=1e-12)
+    assert_same_document(_normalised(doc), _normalised(want))
 
 
 def test_report_numbers_come_from_the_results() -> None:
@@ -68,7 +73,9 @@ def test_recommendation_when_no_batch_reaches_half() -> None:
     trace = moeprof.synthesize(n_experts=64, top_k=2, n_layers=2, seed=0)
     text = render_markdown(moeprof.analyze(trace, [1, 2]).to_dict())
     assert "No analysed batch size reaches 50%" in text
-    assert "about as much reuse as uniform" in text or "uniform random routing" in text
+    # 64 experts, top-2, no locality: B = 2 saves 1.4% against 1.6% for uniform routing.
+    assert "Routing shows about as much reuse as uniform random routing would" in text
+    assert "more reuse than uniform" not in text and "less reuse than uniform" not in text
 
 
 def test_locality_recommendation() -> None:
@@ -210,3 +217,160 @@ def test_report_refuses_unparseable_json(tmp_path: Path, run_cli) -> None:
         src.write_text(text)
         result = run_cli("report", src)
         assert result.exit_code == 2 and result.stderr.count("\n") == 1, name
+
+
+# ---------------------------------------------------------------------- whole-document goldens
+
+MIXED = GOLDEN / "mixed_sizes.moe"
+MIXED_SIZES = [1, 2, 3, 4, 8, 32]  # 32 > the trace's 25 tokens: one batch holds them all
+MIXED_POLICIES = ("tokens", "decode", "recorded")
+REQUEST_LENGTHS = (7, 3, 9, 1, 5)
+
+
+def build_mixed_sizes_trace() -> moeprof.Trace:
+    """The trace behind tests/data/golden/mixed_sizes.moe: three MoE layers with different expert
+    counts and sizes (so a per-layer mix-up changes bytes), empty slots, a layer-token with no
+    expert at all, recorded steps that are neither the tokens nor the decode batching."""
+    n_experts = [4, 6, 8]
+    rng = np.random.default_rng(7)
+    rows, request_ids, positions, steps = [], [], [], []
+    for req, length in enumerate(REQUEST_LENGTHS):
+        for pos in range(length):
+            token = []
+            for e in n_experts:
+                popularity = 1.0 / np.arange(1, e + 1)  # skewed: some reuse to count
+                pair = rng.choice(e, size=2, replace=False, p=popularity / popularity.sum())
+                if rng.random() < 0.25:
+                    pair[1] = e  # the sentinel: this token routed one expert only here
+                token.append([int(x) for x in pair])
+            rows.append(token)
+            request_ids.append(req)
+            positions.append(pos)
+            steps.append(10 * (req // 2) + pos)  # requests 0+1, 2+3 and 4 ran side by side
+    rows[5][2] = [8, 8]  # token 5 routed nothing in layer 2
+    return moeprof.Trace.from_arrays(
+        np.array(rows),
+        n_experts=n_experts,
+        request_ids=request_ids,
+        positions=positions,
+        steps=steps,
+        expert_bytes=[1_000, 2_500, 40_000],
+        meta={
+            "moe_layer_indices": [1, 3, 5],
+            "created": "2026-11-30T00:00:00+00:00",
+            "library_versions": {"moeprof": "golden"},
+            "model": {"id": "golden-mixed-sizes", "architecture": None, "revision": None},
+            "source": {"kind": "test", "built_by": "tests/test_report.py"},
+        },
+    )
+
+
+def _normalised(doc: dict[str, Any]) -> dict[str, Any]:
+    """`doc` without what changes between runs and releases: versions and creation time."""
+    doc = json.loads(json.dumps(doc))
+    doc["moeprof_version"] = "golden"
+    doc["trace"]["created"] = "normalised"
+    doc["trace"]["library_versions"] = "normalised"
+    return doc
+
+
+def assert_same_document(got: Any, want: Any, where: str = "doc") -> None:
+    """Every key and value equal; floats to 1e-12 relative (they come from logs and sums)."""
+    if isinstance(want, dict):
+        assert isinstance(got, dict) and sorted(got) == sorted(want), where
+        for key in want:
+            assert_same_document(got[key], want[key], f"{where}.{key}")
+    elif isinstance(want, list):
+        assert isinstance(got, list) and len(got) == len(want), where
+        for i, (g, w) in enumerate(zip(got, want)):
+            assert_same_document(g, w, f"{where}[{i}]")
+    elif isinstance(want, float):
+        assert isinstance(got, float) and got == pytest.approx(want, rel=1e-12, abs=1e-15), where
+    else:
+        assert type(got) is type(want) and got == want, where
+
+
+def test_mixed_sizes_trace_is_the_checked_in_one() -> None:
+    built = build_mixed_sizes_trace()
+    if os.environ.get("MOEPROF_UPDATE_GOLDEN"):
+        built.save(MIXED)
+    stored = moeprof.load_trace(MIXED)
+    assert stored.metadata() == built.metadata()
+    assert stored.arrays().keys() == built.arrays().keys()
+    for name, array in built.arrays().items():
+        assert np.array_equal(stored.arrays()[name], array), name
+    assert len(set(stored.expert_bytes.tolist())) == 3 and len(set(stored.n_experts.tolist())) == 3
+
+
+@pytest.mark.parametrize("policy", MIXED_POLICIES)
+def test_mixed_sizes_results_match_golden_document(policy: str) -> None:
+    doc = moeprof.analyze(moeprof.load_trace(MIXED), MIXED_SIZES, policy=policy).to_dict()
+    golden = GOLDEN / f"mixed_sizes.{policy}.json"
+    if os.environ.get("MOEPROF_UPDATE_GOLDEN"):
+        golden.write_text(json.dumps(_normalised(doc), indent=2) + "\n")
+    assert_same_document(_normalised(doc), json.loads(golden.read_text()))
+
+
+def _batches(trace: moeprof.Trace, policy: str, size: int) -> list[list[int]]:
+    """Row indices of each batch, by the definitions in docs/method.md, one token at a time."""
+    rows = list(range(trace.n_tokens))
+    if policy == "tokens":
+        return [rows[i : i + size] for i in range(0, len(rows), size)]
+    if policy == "recorded":
+        by_step: dict[int, list[int]] = {}
+        for row, step in zip(rows, trace.steps.tolist()):
+            by_step.setdefault(step, []).append(row)
+        return [by_step[step] for step in sorted(by_step)]
+    # decode: `size` slots; each step every active request runs its next token; a finished
+    # request's slot goes to the next waiting request at the following step.
+    requests: dict[int, list[int]] = {}
+    for row, req in zip(rows, trace.request_ids.tolist()):
+        requests.setdefault(req, []).append(row)
+    waiting = deque(requests.values())
+    active: list[list[int]] = []
+    batches = []
+    while waiting or active:
+        while len(active) < size and waiting:
+            active.append(waiting.popleft())
+        batches.append([req_rows[0] for req_rows in active])
+        active = [req_rows[1:] for req_rows in active if len(req_rows) > 1]
+    return batches
+
+
+@pytest.mark.parametrize("policy", MIXED_POLICIES)
+def test_mixed_sizes_results_match_brute_force(policy: str) -> None:
+    """Requests, unique experts and bytes per layer with Python sets, each layer at its own size."""
+    trace = moeprof.load_trace(MIXED)
+    doc = moeprof.analyze(trace, MIXED_SIZES, policy=policy).to_dict()
+    ids = trace.expert_ids.tolist()
+    n_experts, sizes = trace.n_experts.tolist(), trace.expert_bytes.tolist()
+    batch_sizes = [0] if policy == "recorded" else MIXED_SIZES
+    assert len(doc["results"]) == len(batch_sizes)
+    for row, size in zip(doc["results"], batch_sizes):
+        batches = _batches(trace, policy, size)
+        assert row["n_batches"] == len(batches) and row["tokens"] == trace.n_tokens
+        assert row["batch_size"] == (max(map(len, batches)) if policy == "recorded" else size)
+        for layer, got in enumerate(row["layers"]):
+            e = n_experts[layer]
+            requests = unique = 0
+            uniform = 0.0
+            for batch in batches:
+                routed = [[x for x in ids[t][layer] if x != e] for t in batch]
+                requests += sum(len(r) for r in routed)
+                unique += len({x for r in routed for x in r})
+                uniform += e * (1 - math.prod(1 - len(r) / e for r in routed))
+            assert got["layer"] == layer and got["model_layer"] == [1, 3, 5][layer]
+            assert (got["requests"], got["unique"]) == (requests, unique), (size, layer)
+            assert got["bytes_requested"] == requests * sizes[layer]
+            assert got["bytes_unique"] == unique * sizes[layer]
+            assert got["memory_savings"] == pytest.approx(1 - unique / requests)
+            assert got["uniform_unique"] == pytest.approx(uniform, rel=1e-12)
+        layers = row["layers"]
+        assert row["requests"] == sum(x["requests"] for x in layers)
+        assert row["unique"] == sum(x["unique"] for x in layers)
+        assert row["bytes_requested"] == sum(x["requests"] * b for x, b in zip(layers, sizes))
+        assert row["bytes_unique"] == sum(x["unique"] * b for x, b in zip(layers, sizes))
+        assert row["bytes_saved"] == row["bytes_requested"] - row["bytes_unique"]
+        assert row["bandwidth_savings"] == pytest.approx(
+            row["bytes_saved"] / row["bytes_requested"]
+        )

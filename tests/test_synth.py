@@ -113,18 +113,18 @@ def test_popularity_counts() -> None:
 
 
 @pytest.mark.parametrize(
-    "kwargs",
+    ("kwargs", "message"),
     [
-        {"top_k": 0},
-        {"top_k": 9},
-        {"n_experts": 0},
-        {"locality": -0.1},
-        {"zipf": -1},
-        {"n_layers": 0},
-        {"tokens_per_request": 0},
-        {"length_spread": 1.0},
+        ({"top_k": 0}, r"top-k must be a whole number between 1 and 8 .*, got 0$"),
+        ({"top_k": 9}, r"top-k must be a whole number between 1 and 8 .*, got 9$"),
+        ({"n_experts": 0}, r"experts must be a whole number between 1 and 65535, got 0$"),
+        ({"locality": -0.1}, r"locality is a probability: between 0 and 1, got -0\.1$"),
+        ({"zipf": -1}, r"Zipf exponent must be >= 0 .*, got -1\.0$"),
+        ({"n_layers": 0}, r"layers must be a whole number at least 1, got 0$"),
+        ({"tokens_per_request": 0}, r"tokens per request must be a whole number at least 1"),
+        ({"length_spread": 1.0}, r"length spread must be in \[0, 1\), got 1\.0$"),
     ],
 )
-def test_bad_settings(kwargs: dict) -> None:
-    with pytest.raises(MoeprofError):
+def test_bad_settings(kwargs: dict, message: str) -> None:
+    with pytest.raises(MoeprofError, match=message):
         moeprof.synthesize(**kwargs)

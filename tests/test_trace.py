@@ -116,39 +116,75 @@ def test_default_positions_follow_appearance_within_request() -> None:
 @pytest.mark.parametrize(
     "kwargs, match",
     [
-        ({"expert_ids": np.zeros((2, 2), int)}, "shape"),
-        ({"expert_ids": np.full((1, 1, 1), 9)}, "out of range"),
-        ({"expert_ids": np.full((1, 1, 1), -1)}, "negative"),
-        ({"expert_ids": np.zeros((2, 1, 1), int), "request_ids": [0]}, "request_ids"),
-        ({"expert_ids": np.zeros((2, 1, 1), int), "positions": [0, 0]}, "two tokens"),
-        ({"expert_ids": np.zeros((1, 2, 1), int), "n_experts": [4, 4, 4]}, "n_experts"),
-        ({"expert_ids": np.zeros((1, 1, 1), int), "phase": [3]}, "phase"),
+        ({"expert_ids": np.zeros((2, 2), int)}, r"expert_ids must have shape \[tokens"),
+        ({"expert_ids": np.full((1, 1, 1), 9)}, "expert id 9 at token 0, layer 0 is out of range"),
+        ({"expert_ids": np.full((1, 1, 1), -1)}, "expert_ids must not be negative"),
+        (
+            {"expert_ids": np.zeros((2, 1, 1), int), "request_ids": [0]},
+            r"request_ids must have shape \[2\]",
+        ),
+        (
+            {"expert_ids": np.zeros((2, 1, 1), int), "positions": [0, 0]},
+            "request 0 has two tokens at position 0",
+        ),
+        (
+            {"expert_ids": np.zeros((1, 2, 1), int), "n_experts": [4, 4, 4]},
+            "n_experts must be one int or one value per MoE layer",
+        ),
+        (
+            {"expert_ids": np.zeros((1, 1, 1), int), "phase": [3]},
+            r"phase must be 0 \(prefill\) or 1 \(decode\)",
+        ),
         (
             {"expert_ids": np.array([[[0, 1]]]), "gate_weights": np.zeros((1, 1, 3))},
-            "gate_weights",
+            r"gate_weights must have shape \(1, 1, 2\)",
         ),
         ({"expert_ids": np.array([[[1, 2, 1]]])}, "names expert 1 twice in layer 0"),
-        ({"expert_ids": np.array([[[2**63, 0]]], dtype=np.uint64)}, "out of range"),
-        ({"expert_ids": np.zeros((1, 1, 1), int), "phase": [256]}, "phase"),
-        ({"expert_ids": np.zeros((1, 1, 1), int), "request_ids": [2**31]}, "request_ids"),
-        ({"expert_ids": np.zeros((1, 1, 1), int), "positions": [-(2**40)]}, "positions"),
-        ({"expert_ids": np.zeros((1, 1, 1), int), "steps": [2**32]}, "steps"),
-        ({"expert_ids": np.zeros((1, 1, 1), int), "token_ids": [2**31]}, "token_ids"),
-        ({"expert_ids": np.zeros((1, 1, 1), int), "gate_weights": [[["x"]]]}, "gate_weights"),
-        ({"expert_ids": np.zeros((1, 1, 1), int), "expert_bytes": 2**41}, "expert_bytes"),
-        ({"expert_ids": np.zeros((1, 1, 1), int), "meta": {"model": "m"}}, "'model'"),
-        ({"expert_ids": np.zeros((1, 1, 1), int), "meta": {"source": [1]}}, "'source'"),
+        (
+            {"expert_ids": np.array([[[2**63, 0]]], dtype=np.uint64)},
+            "expert id 9223372036854775808 .* out of range",
+        ),
+        (
+            {"expert_ids": np.zeros((1, 1, 1), int), "phase": [256]},
+            r"phase must be 0 \(prefill\) or 1 \(decode\)",
+        ),
+        (
+            {"expert_ids": np.zeros((1, 1, 1), int), "request_ids": [2**31]},
+            "request_ids must lie in",
+        ),
+        (
+            {"expert_ids": np.zeros((1, 1, 1), int), "positions": [-(2**40)]},
+            "positions must lie in",
+        ),
+        ({"expert_ids": np.zeros((1, 1, 1), int), "steps": [2**32]}, "steps must lie in"),
+        ({"expert_ids": np.zeros((1, 1, 1), int), "token_ids": [2**31]}, "token_ids must lie in"),
+        (
+            {"expert_ids": np.zeros((1, 1, 1), int), "gate_weights": [[["x"]]]},
+            "gate_weights must be numbers",
+        ),
+        (
+            {"expert_ids": np.zeros((1, 1, 1), int), "expert_bytes": 2**41},
+            "expert_bytes must be between 0 and",
+        ),
+        (
+            {"expert_ids": np.zeros((1, 1, 1), int), "meta": {"model": "m"}},
+            "metadata 'model' must be an object",
+        ),
+        (
+            {"expert_ids": np.zeros((1, 1, 1), int), "meta": {"source": [1]}},
+            "metadata 'source' must be an object",
+        ),
         (
             {"expert_ids": np.zeros((1, 2, 1), int), "meta": {"moe_layer_indices": [0]}},
-            "moe_layer_indices",
+            "moe_layer_indices names 1 layers, expert_ids has 2",
         ),
         (
             {"expert_ids": np.zeros((1, 1, 1), int), "meta": {"moe_layer_indices": ["a"]}},
-            "moe_layer_indices",
+            "moe_layer_indices must be a list of whole numbers",
         ),
         (
             {"expert_ids": np.zeros((1, 1, 1), int), "meta": {"shared_expert_bytes": "1"}},
-            "shared_expert_bytes",
+            "shared_expert_bytes must be a whole number of bytes",
         ),
     ],
 )
@@ -180,19 +216,19 @@ def test_refuses_what_it_cannot_read(tmp_path: Path) -> None:
     trace.save(good)
     raw = good.read_bytes()
 
-    cases = {
-        "missing.moe": None,
-        "random.moe": np.random.default_rng(0).bytes(4096),
-        "tiny.moe": b"abc",
-        "truncated.moe": raw[: len(raw) - 100],
-        "headeronly.moe": raw[:50],
-        "empty.moe": b"",
+    cases = {  # file name: (bytes, what the refusal says)
+        "missing.moe": (None, r"trace file .*missing\.moe not found"),
+        "random.moe": (np.random.default_rng(0).bytes(4096), r"\(bad header length\)"),
+        "tiny.moe": (b"abc", r"\(file too short\)"),
+        "truncated.moe": (raw[: len(raw) - 100], r"\(file is truncated\)"),
+        "headeronly.moe": (raw[:50], r"\(bad header length\)"),
+        "empty.moe": (b"", r"\(file too short\)"),
     }
-    for name, data in cases.items():
+    for name, (data, message) in cases.items():
         p = tmp_path / name
         if data is not None:
             p.write_bytes(data)
-        with pytest.raises(MoeprofError):
+        with pytest.raises(MoeprofError, match=message):
             load_trace(p)
 
     newer = tmp_path / "newer.moe"
@@ -290,22 +326,22 @@ def _raw_case(change: str) -> tuple[dict[str, np.ndarray], dict, str]:
 
 
 DEFECTS = {
-    "n_experts float": "n_experts",
-    "n_experts zero": "n_experts",
-    "n_experts too many": "n_experts",
-    "expert_bytes negative": "expert_bytes",
-    "expert_bytes string": "expert_bytes",
-    "ids dtype": "expected uint8",
-    "rows unsorted": "order",
-    "rows repeated": "order",
-    "version not integer": "version",
-    "layer indices length": "moe_layer_indices",
-    "model not object": "'model'",
-    "shared bytes float": "shared_expert_bytes",
-    "id out of range": "out of range",
-    "duplicate id": "twice",
-    "phase value": "phase",
-    "doc not object": "object",
+    "n_experts float": r"n_experts must be whole numbers, got \[4\.5\]",
+    "n_experts zero": "n_experts must be between 1 and 65535",
+    "n_experts too many": "n_experts must be one int or one value per MoE layer",
+    "expert_bytes negative": "expert_bytes must be between 0 and",
+    "expert_bytes string": "expert_bytes must be whole numbers",
+    "ids dtype": "expert_ids is uint16, expected uint8",
+    "rows unsorted": r"rows are not in \(request, position\) order at row 1",
+    "rows repeated": r"request 0 has two tokens at position 0: .*\(request, position\) order",
+    "version not integer": "format version is not a whole number",
+    "layer indices length": "moe_layer_indices names 2 layers, expert_ids has 1",
+    "model not object": "metadata 'model' must be an object",
+    "shared bytes float": "shared_expert_bytes must be a whole number of bytes",
+    "id out of range": "expert id 5 at token 1, layer 0 is out of range",
+    "duplicate id": "token 1 names expert 3 twice in layer 0",
+    "phase value": r"phase must be 0 \(prefill\) or 1 \(decode\)",
+    "doc not object": "metadata document is not a JSON object",
 }
 
 
@@ -384,20 +420,28 @@ def test_load_refuses_hostile_headers(tmp_path: Path) -> None:
     def replace(old: str, new: str):
         return lambda text: text.replace(old, new, 1)
 
-    cases = {
-        "inf shape": replace(json.dumps(shape).replace(" ", ""), "[1e400]"),
-        "float offset": replace(
-            json.dumps(offsets).replace(" ", ""), f"[{offsets[0]}.0,{offsets[1]}]"
+    bad_range = r"array 'positions' has a bad shape or byte range"
+    cases = {  # name: (header edit, what the refusal says)
+        "inf shape": (replace(json.dumps(shape).replace(" ", ""), "[1e400]"), bad_range),
+        "float offset": (
+            replace(json.dumps(offsets).replace(" ", ""), f"[{offsets[0]}.0,{offsets[1]}]"),
+            bad_range,
         ),
-        "wrapping shape": replace(json.dumps(shape).replace(" ", ""), f"[{2**62},4,0]"),
-        "deep header": lambda text: "[" * 100_000 + "]" * 100_000,
-        "huge int": replace(json.dumps(shape).replace(" ", ""), "[" + "9" * 5000 + "]"),
+        "wrapping shape": (
+            replace(json.dumps(shape).replace(" ", ""), f"[{2**62},4,0]"),
+            r"array 'positions' size does not match its shape",
+        ),
+        "deep header": (lambda text: "[" * 100_000 + "]" * 100_000, r"header is not JSON"),
+        "huge int": (
+            replace(json.dumps(shape).replace(" ", ""), "[" + "9" * 5000 + "]"),
+            r"header is not JSON",
+        ),
     }
-    for name, edit in cases.items():
+    for name, (edit, message) in cases.items():
         bad = tmp_path / f"{name}.moe"
         _rewrite_header(good, bad, edit)
         assert bad.read_bytes() != good.read_bytes(), name
-        with pytest.raises(MoeprofError):
+        with pytest.raises(MoeprofError, match=message):
             load_trace(bad)
 
 

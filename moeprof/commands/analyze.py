@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import typer
 
+from moeprof.batching import check_batch_size, policy_help
 from moeprof.commands._common import (
+    MoeprofError,
     console,
     force_option,
     layers_option,
@@ -16,6 +19,22 @@ from moeprof.commands._common import (
 )
 
 
+def parse_whole_numbers(text: str, noun: str) -> list[int]:
+    """Comma-separated whole numbers, in the order given; errors call each one a `noun`."""
+    items = [s.strip() for s in text.split(",") if s.strip()]
+    if not items:
+        raise MoeprofError(f"no {noun}s given")
+    for item in items:
+        if not re.fullmatch(r"[+-]?[0-9]{1,19}", item):
+            raise MoeprofError(f"{noun} {item!r} is not a whole number")
+    return [int(item) for item in items]
+
+
+def parse_batch_sizes(text: str) -> list[int]:
+    """`--batch-sizes` text, '1,2,4' -> sorted distinct positive ints; else a MoeprofError."""
+    return sorted({check_batch_size(b) for b in parse_whole_numbers(text, "batch size")})
+
+
 def register(app: typer.Typer) -> None:
     @app.command("analyze")
     def analyze_cmd(
@@ -23,13 +42,7 @@ def register(app: typer.Typer) -> None:
         batch_sizes: str = typer.Option(
             "1,2,4,8,16,32,64", "--batch-sizes", "-b", help="Comma-separated batch sizes."
         ),
-        policy: str = typer.Option(
-            "tokens",
-            "--policy",
-            "-p",
-            help="How tokens form batches: tokens (consecutive rows), decode (continuous "
-            "batching, B slots), recorded (the steps the model really ran).",
-        ),
+        policy: str = typer.Option("tokens", "--policy", "-p", help=policy_help()),
         json_out: Path | None = typer.Option(None, "--json", help="Write the results JSON here."),
         markdown_out: Path | None = markdown_option,
         plot_out: Path | None = plot_option,
@@ -41,12 +54,12 @@ def register(app: typer.Typer) -> None:
         Example: moeprof analyze traces/demo.moe --batch-sizes 1,8,64 --json out.json
         """
         from moeprof import _io
-        from moeprof.analyze import analyze, parse_batch_sizes
-        from moeprof.policies import check_policy
+        from moeprof.analyze import analyze
+        from moeprof.batching import get_policy
         from moeprof.report.terminal import render_terminal
         from moeprof.trace import load_trace
 
-        check_policy(policy)
+        get_policy(policy)
         sizes = parse_batch_sizes(batch_sizes)
         _io.check_outputs([json_out, markdown_out, plot_out], force=force)
         trace = load_trace(trace_path)

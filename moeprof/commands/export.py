@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from moeprof.commands._common import MoeprofError, force_option, note_written
+from moeprof.commands._common import MoeprofError, force_option, note_written, progress_bar
 
 
 def register(app: typer.Typer) -> None:
@@ -22,7 +22,6 @@ def register(app: typer.Typer) -> None:
         Example: moeprof export traces/demo.moe --format parquet -o demo.parquet
         """
         from moeprof import _io
-        from moeprof.commands._common import progress_bar
         from moeprof.export import EXPORT_FORMATS, export_trace
         from moeprof.trace import load_trace
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
 
@@ -16,61 +16,128 @@ from moeprof.commands._common import (
     progress_bar,
 )
 
+if TYPE_CHECKING:
+    from moeprof.record.run import LoadedModel, RecordRun
 
-def _summary_table(trace: Any, run: Any, path: Path) -> Any:
-    from rich.table import Table
 
-    from moeprof.formatting import human_bytes
+def _check_arguments(
+    *,
+    output: Path,
+    force: bool,
+    batch_size: int,
+    max_new_tokens: int,
+    limit: int | None,
+    device_map: str | None,
+    dtype: str,
+) -> None:
+    """Everything that can be checked before loading a model is checked first."""
+    from moeprof import _io
+    from moeprof.errors import MoeprofError
+    from moeprof.record.run import resolve_dtype
 
-    meta = trace.meta
-    model = meta.get("model") or {}
-    source = meta.get("source") or {}
-    n_exp = trace.n_experts.tolist()
-    ebytes = trace.expert_bytes.tolist()
-    layers = trace.moe_layer_indices
-    decode = int((trace.phase == 1).sum()) if trace.phase is not None else 0
-    if len(set(ebytes)) == 1:
-        expert_size = human_bytes(ebytes[0]) if ebytes[0] > 0 else "unknown"
+    _io.check_outputs([output], force=force)
+    if batch_size < 1:
+        raise MoeprofError("--batch-size must be at least 1")
+    if max_new_tokens < 0:
+        raise MoeprofError("--max-new-tokens must be 0 (prefill only) or more")
+    if limit is not None and limit < 1:
+        raise MoeprofError("--limit must be at least 1")
+    if device_map is not None and device_map != "auto":
+        raise MoeprofError(f"--device-map {device_map}: only 'auto' is supported")
+    resolve_dtype(dtype)
+
+
+def _load_prompts(prompts: Path | None, limit: int | None) -> tuple[list[str], str]:
+    """The prompts to record (the demo set without a file) and the name the trace records."""
+    if prompts is not None:
+        from moeprof.record.run import read_prompts
+
+        prompt_list, prompts_name = read_prompts(prompts), str(prompts)
     else:
-        expert_size = ", ".join(human_bytes(b) for b in ebytes)
-    dtype = source.get("expert_dtype")
-    rate = trace.n_tokens / run.seconds if run.seconds > 0 else 0.0
-    rows = [
-        ("model", f"{model.get('id') or 'unknown'} ({model.get('architecture') or '—'})"),
-        ("MoE layers", f"{trace.n_layers} (model layers {_ranges(layers)})"),
-        ("experts per layer", str(n_exp[0]) if len(set(n_exp)) == 1 else str(n_exp)),
-        ("top-k", str(trace.top_k)),
-        ("tokens", f"{trace.n_tokens:,} (prefill {trace.n_tokens - decode:,}, decode {decode:,})"),
-        ("requests", f"{trace.n_requests:,}"),
-        ("forward passes", f"{int(source.get('forward_passes', 0)):,}"),
-        ("routed expert size", expert_size + (f" ({dtype})" if dtype else "")),
-        ("shared experts / layer", human_bytes(int(meta.get("shared_expert_bytes") or 0))),
-        ("time", f"{run.seconds:.1f} s ({rate:,.0f} tokens/s)"),
-        ("trace file", f"{path} ({human_bytes(path.stat().st_size)})"),
-    ]
-    table = Table(title="recorded", title_justify="left", show_header=False)
-    table.add_column(style="bold")
-    table.add_column()
-    for key, value in rows:
-        table.add_row(key, value)
-    return table
+        from moeprof import demo
+
+        prompt_list, prompts_name = demo.prompts(), "moeprof-demo prompts"
+    return (prompt_list if limit is None else prompt_list[:limit]), prompts_name
 
 
-def _ranges(values: list[int]) -> str:
-    """[0,1,2,3,5] -> '0-3, 5'."""
-    out: list[str] = []
-    start = prev = None
-    for v in values:
-        if start is None:
-            start = prev = v
-        elif prev is not None and v == prev + 1:
-            prev = v
-        else:
-            out.append(f"{start}-{prev}" if start != prev else str(start))
-            start = prev = v
-    if start is not None:
-        out.append(f"{start}-{prev}" if start != prev else str(start))
-    return ", ".join(out)
+def _load_model(
+    model: str | None,
+    *,
+    device: str,
+    dtype: str,
+    device_map: str | None,
+    revision: str | None,
+    trust_remote_code: bool,
+) -> LoadedModel:
+    """The model and tokenizer, behind a spinner; a model without MoE layers is refused here,
+    before any progress bar appears (one clean line)."""
+    from transformers.utils import logging as hf_logging
+
+    from moeprof.record.adapters import find_moe_layers
+    from moeprof.record.run import load_model
+
+    hf_logging.disable_progress_bar()  # our own progress bar is the one to watch
+    with err_console.status(f"loading {model or 'the demo model'}..."):
+        loaded = load_model(
+            model,
+            device=device,
+            dtype=dtype,
+            device_map=device_map,
+            revision=revision,
+            trust_remote_code=trust_remote_code,
+        )
+    find_moe_layers(loaded.model)
+    return loaded
+
+
+def _record_with_progress(
+    loaded: LoadedModel,
+    prompt_list: list[str],
+    *,
+    batch_size: int,
+    max_new_tokens: int,
+    prompts_name: str,
+) -> RecordRun:
+    """Record every prompt, showing tokens done against the expected total."""
+    from moeprof.record.run import count_prompt_tokens, record_prompts
+
+    total = count_prompt_tokens(loaded.tokenizer, prompt_list) + len(prompt_list) * max_new_tokens
+    with progress_bar("recording", unit="tokens", rate=True, transient=False) as update:
+        last = [0.0]
+
+        def on_step(rec: Any) -> None:
+            now = time.monotonic()
+            if now - last[0] > 0.1:  # counting tokens costs; redraw at most 10x per second
+                last[0] = now
+                update(rec.n_tokens, total)
+
+        run = record_prompts(
+            loaded,
+            prompt_list,
+            batch_size=batch_size,
+            max_new_tokens=max_new_tokens,
+            settings={"prompts": prompts_name},
+            on_step=on_step,
+        )
+        update(run.trace.n_tokens, max(run.trace.n_tokens, 1))
+    return run
+
+
+def _save_and_summarise(run: RecordRun, output: Path, n_prompts: int) -> None:
+    """Write the trace, show what was recorded; exit 130 after a Ctrl-C (the trace is kept)."""
+    from moeprof.report.rows import recorded_items
+    from moeprof.report.terminal import kv_table
+
+    run.trace.save(output)
+    items = recorded_items(run.trace, run.seconds, str(output), output.stat().st_size)
+    console.print(kv_table("recorded", items))
+    note_written(output, f"trace ({run.trace.n_tokens:,} tokens)")
+    if run.interrupted:
+        err_console.print(
+            f"[yellow]interrupted[/yellow]: saved the {run.trace.n_tokens:,} tokens recorded "
+            f"before Ctrl-C ({run.prompts_done} of {n_prompts} prompts complete) to {output}"
+        )
+        raise typer.Exit(130)
 
 
 def register(app: typer.Typer) -> None:
@@ -120,82 +187,29 @@ def register(app: typer.Typer) -> None:
 
         Example: moeprof record --max-new-tokens 32 -o demo.moe   (the built-in demo model)
         """
-        from moeprof import _io
-        from moeprof.errors import MoeprofError
-        from moeprof.record.run import (
-            count_prompt_tokens,
-            load_model,
-            read_prompts,
-            record_prompts,
-            resolve_dtype,
+        _check_arguments(
+            output=output,
+            force=force,
+            batch_size=batch_size,
+            max_new_tokens=max_new_tokens,
+            limit=limit,
+            device_map=device_map,
+            dtype=dtype,
         )
-
-        # Everything that can be checked before loading a model is checked first.
-        _io.check_outputs([output], force=force)
-        if batch_size < 1:
-            raise MoeprofError("--batch-size must be at least 1")
-        if max_new_tokens < 0:
-            raise MoeprofError("--max-new-tokens must be 0 (prefill only) or more")
-        if limit is not None and limit < 1:
-            raise MoeprofError("--limit must be at least 1")
-        if device_map is not None and device_map != "auto":
-            raise MoeprofError(f"--device-map {device_map}: only 'auto' is supported")
-        resolve_dtype(dtype)
-        if prompts is not None:
-            prompt_list = read_prompts(prompts)
-            prompts_name = str(prompts)
-        else:
-            from moeprof import demo
-
-            prompt_list = demo.prompts()
-            prompts_name = "moeprof-demo prompts"
-        if limit is not None:
-            prompt_list = prompt_list[:limit]
-
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()  # our own progress bar is the one to watch
-        with err_console.status(f"loading {model or 'the demo model'}..."):
-            loaded = load_model(
-                model,
-                device=device,
-                dtype=dtype,
-                device_map=device_map,
-                revision=revision,
-                trust_remote_code=trust_remote_code,
-            )
-        total = (
-            count_prompt_tokens(loaded.tokenizer, prompt_list) + len(prompt_list) * max_new_tokens
+        prompt_list, prompts_name = _load_prompts(prompts, limit)
+        loaded = _load_model(
+            model,
+            device=device,
+            dtype=dtype,
+            device_map=device_map,
+            revision=revision,
+            trust_remote_code=trust_remote_code,
         )
-
-        # A model without MoE layers is refused before the progress bar appears (one clean line).
-        from moeprof.record.adapters import find_moe_layers
-
-        find_moe_layers(loaded.model)
-        with progress_bar("recording", unit="tokens", rate=True, transient=False) as update:
-            last = [0.0]
-
-            def on_step(rec: Any) -> None:
-                now = time.monotonic()
-                if now - last[0] > 0.1:  # counting tokens costs; redraw at most 10x per second
-                    last[0] = now
-                    update(rec.n_tokens, total)
-
-            run = record_prompts(
-                loaded,
-                prompt_list,
-                batch_size=batch_size,
-                max_new_tokens=max_new_tokens,
-                settings={"prompts": prompts_name},
-                on_step=on_step,
-            )
-            update(run.trace.n_tokens, max(run.trace.n_tokens, 1))
-        run.trace.save(output)
-        console.print(_summary_table(run.trace, run, output))
-        note_written(output, f"trace ({run.trace.n_tokens:,} tokens)")
-        if run.interrupted:
-            err_console.print(
-                f"[yellow]interrupted[/yellow]: saved the {run.trace.n_tokens:,} tokens recorded "
-                f"before Ctrl-C ({run.prompts_done} of {len(prompt_list)} prompts complete) to {output}"
-            )
-            raise typer.Exit(130)
+        run = _record_with_progress(
+            loaded,
+            prompt_list,
+            batch_size=batch_size,
+            max_new_tokens=max_new_tokens,
+            prompts_name=prompts_name,
+        )
+        _save_and_summarise(run, output, len(prompt_list))

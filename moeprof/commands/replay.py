@@ -1,19 +1,53 @@
-"""`moeprof replay`: re-execute a trace's expert loads (naive, dedup, LRU) and measure them."""
+"""`moeprof replay`: re-execute a trace's expert loads per residency strategy and measure them."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
 import typer
 
+from moeprof.batching import policy_help
 from moeprof.commands._common import (
+    MoeprofError,
     console,
     force_option,
     info,
     progress_bar,
     write_outputs,
 )
+from moeprof.commands.analyze import parse_batch_sizes, parse_whole_numbers
+from moeprof.strategies import REGISTRY, STRATEGIES, strategy_help
+
+# replay() words its errors with its parameter names; on the command line they are options.
+_OPTION_OF = {
+    "expert_bytes": "--expert-bytes",
+    "cache_experts": "--cache-experts",
+    "max_batches": "--max-batches",
+    "hidden_size": "--hidden-size",
+}
+_PARAMETER = re.compile(r"\b(" + "|".join(_OPTION_OF) + r")\b")
+
+
+def as_options(message: str) -> str:
+    """A replay() error message with each parameter name as its command-line option."""
+    return _PARAMETER.sub(lambda m: _OPTION_OF[m.group(1)], message)
+
+
+def parse_names(text: str) -> list[str]:
+    """`--strategies` text, 'naive,dedup' -> ['naive', 'dedup'] (checked by replay)."""
+    return [s.strip() for s in text.split(",") if s.strip()]
+
+
+def parse_layers(text: str | None) -> list[int] | None:
+    """`--layers` text, '3,1' -> [3, 1]; None: every layer (the range is checked by replay)."""
+    return None if text is None else parse_whole_numbers(text, "MoE layer")
+
+
+def _cache_help() -> str:
+    users = ", ".join(s.name for s in REGISTRY.values() if s.uses_cache)
+    return f"{users}: experts kept on the device per layer across batches."
 
 
 def register(app: typer.Typer) -> None:
@@ -28,20 +62,13 @@ def register(app: typer.Typer) -> None:
             "CPU backend (host copies, no NVML).",
         ),
         strategies: str = typer.Option(
-            "naive,dedup,lru", "--strategies", "-s", help="Comma-separated: naive, dedup, lru."
+            ",".join(STRATEGIES), "--strategies", "-s", help=strategy_help()
         ),
         batch_sizes: str = typer.Option(
             "8,64", "--batch-sizes", "-b", help="Comma-separated batch sizes."
         ),
-        policy: str = typer.Option(
-            "tokens", "--policy", "-p", help="How tokens form batches: tokens, decode, recorded."
-        ),
-        cache_experts: int = typer.Option(
-            0,
-            "--cache-experts",
-            "-C",
-            help="lru: experts kept on the device per layer across batches.",
-        ),
+        policy: str = typer.Option("tokens", "--policy", "-p", help=policy_help()),
+        cache_experts: int = typer.Option(0, "--cache-experts", "-C", help=_cache_help()),
         max_batches: int | None = typer.Option(
             None, "--max-batches", help="Replay only the first N batches of each batch size."
         ),
@@ -76,16 +103,16 @@ def register(app: typer.Typer) -> None:
         Example: moeprof replay demo.moe --device cuda --batch-sizes 8,64 --expert-bytes 16777216 --json replay.json
         """
         from moeprof import _io
-        from moeprof.analyze import parse_batch_sizes
-        from moeprof.policies import check_policy
+        from moeprof.batching import get_policy
         from moeprof.replay import ReplayInterrupted, replay
-        from moeprof.replay.schedule import check_strategies
         from moeprof.report.terminal import render_terminal
+        from moeprof.strategies import check_strategies
         from moeprof.trace import load_trace
 
-        check_policy(policy)
+        get_policy(policy)
         sizes = parse_batch_sizes(batch_sizes)
-        chosen = check_strategies(strategies)
+        chosen = check_strategies(parse_names(strategies))
+        replayed_layers = parse_layers(layers)
         _io.check_outputs([json_out, markdown_out], force=force)
         trace = load_trace(trace_path)
 
@@ -106,12 +133,14 @@ def register(app: typer.Typer) -> None:
                     policy=policy,
                     cache_experts=cache_experts,
                     max_batches=max_batches,
-                    layers=layers,
+                    layers=replayed_layers,
                     expert_bytes=expert_bytes,
                     compute=compute,
                     hidden_size=hidden_size,
                     on_progress=lambda label, done, total: update(done, total, label),
                 )
+        except MoeprofError as exc:
+            raise MoeprofError(as_options(str(exc))) from None
         except ReplayInterrupted as exc:
             if exc.partial is not None and exc.partial.runs:
                 info("[yellow]interrupted[/yellow]: writing the runs that finished")

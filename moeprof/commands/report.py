@@ -12,6 +12,7 @@ from moeprof.commands._common import (
     layers_option,
     markdown_option,
     plot_option,
+    write_outputs,
 )
 
 
@@ -26,8 +27,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Show the summary and savings tables of a results file; optionally write markdown and PNG."""
         from moeprof import _io
-        from moeprof.commands.analyze import write_outputs
-        from moeprof.report.model import load_results
+        from moeprof.report.results import load_results
         from moeprof.report.terminal import render_terminal
 
         _io.check_outputs([markdown_out, plot_out], force=force)

@@ -7,6 +7,15 @@ expert(s) of DeepSeek / Qwen2-MoE / Llama 4 / Granite-MoE-shared count separatel
 by every token, so they are never part of per-batch deduplication.
 
 Field names and layer rules follow the transformers implementations of each architecture.
+
+Two places know architectures, for two different jobs. This module sizes experts from a config
+alone, for routing captured elsewhere (``moeprof import --model-config``); one ``_layout_*``
+function per config layout, registered in ``_ARCHITECTURES`` by ``model_type``. Its sibling,
+:mod:`moeprof.record.adapters`, finds the routing points of a *running* model for
+``moeprof record`` (sizes then come from the loaded tensors). Supporting a new architecture: add
+a layout here (plus a case in ``tests/test_import_model_config.py``) if ``--model-config``
+refuses its ``model_type``; add an adapter there (plus a case in ``tests/test_record_archs.py``)
+if ``moeprof record`` cannot find its MoE layers.
 """
 
 from __future__ import annotations

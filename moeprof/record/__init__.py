@@ -1,6 +1,8 @@
 """Record per-token, per-MoE-layer routing from a running PyTorch model into a trace.
 
-    with moeprof.record(model) as rec:
+    from moeprof.record import record       # or: moeprof.record_routing
+
+    with record(model) as rec:
         model.generate(**inputs, max_new_tokens=32)
     trace = rec.to_trace()
 
@@ -9,10 +11,6 @@ Adapters (:mod:`moeprof.record.adapters`) say where each model routes; register 
 """
 
 from __future__ import annotations
-
-import sys
-import types
-from typing import Any
 
 from moeprof.record.adapters import (
     Adapter,
@@ -34,18 +32,3 @@ __all__ = [
     "register_adapter",
     "unregister_adapter",
 ]
-
-
-class _CallableModule(types.ModuleType):
-    """``moeprof.record`` names both this package and its main function.
-
-    Importing ``moeprof.record`` (the package) binds it as an attribute of ``moeprof``, which
-    would shadow the lazy ``moeprof.record`` -> :func:`record` mapping; calling the package
-    calls the function, so ``moeprof.record(model)`` works either way.
-    """
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Recorder:
-        return record(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule

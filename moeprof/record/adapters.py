@@ -16,6 +16,15 @@ Built in, tried in this order (user adapters, registered with :func:`register_ad
   (Mixtral, Qwen2/3-MoE, OLMoE, DeepSeek-V2/V3, GPT-OSS, Granite-MoE, PhiMoE, Ernie 4.5, GLM-4.5...).
 
 The first adapter that matches any module of a model is used for the whole model.
+
+Two places know architectures, for two different jobs. This module reads routing from a *running*
+model (``moeprof record``); expert sizes then come from the loaded tensors. Its sibling,
+:mod:`moeprof.importers.model_config`, computes expert sizes from a ``config.json`` alone, for
+routing captured elsewhere (``moeprof import --model-config``). Supporting a new architecture:
+add an adapter here (plus a case in ``tests/test_record_archs.py``) if ``moeprof record`` cannot
+find its MoE layers; add a config layout there (plus a case in
+``tests/test_import_model_config.py``) if ``--model-config`` refuses its ``model_type``. A model
+whose experts module takes ``(hidden_states, top_k_index, top_k_weights)`` needs no adapter.
 """
 
 from __future__ import annotations

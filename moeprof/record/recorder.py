@@ -162,7 +162,7 @@ class Recorder:
         on_step: Callable[[Recorder], None] | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
-            raise MoeprofError("moeprof.record() takes a torch.nn.Module (a loaded model)")
+            raise MoeprofError("record() takes a torch.nn.Module (a loaded model)")
         self.model = model
         self.layers: list[MoeLayer] = find_moe_layers(model, adapter)
         self.adapter = self.layers[0].adapter
@@ -695,7 +695,10 @@ def record(
 ) -> Recorder:
     """Record the routing of every forward pass of `model` while the context is open.
 
-    >>> with moeprof.record(model) as rec:          # doctest: +SKIP
+    Also available as ``moeprof.record_routing``.
+
+    >>> from moeprof.record import record           # doctest: +SKIP
+    >>> with record(model) as rec:                  # doctest: +SKIP
     ...     model.generate(**inputs, max_new_tokens=16)
     >>> trace = rec.to_trace()                      # doctest: +SKIP
 

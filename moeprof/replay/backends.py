@@ -19,16 +19,20 @@ start for the first batch) to this batch's end, so the latencies add up to at mo
 
 from __future__ import annotations
 
-import ctypes
 import math
 import mmap
 import os
-import re
 import time
 from dataclasses import dataclass
 from typing import Any
 
 from moeprof.errors import MoeprofError
+from moeprof.replay.cudart import (
+    cuda_clear_last_error,
+    cuda_pci_bus_id,
+    host_register,
+    host_unregister,
+)
 
 GIB = 1 << 30
 BLOCK_ALIGN = 512  # bytes: each block starts aligned, so every dtype view of it is aligned too
@@ -342,11 +346,7 @@ class CudaBackend(Backend):
         page = mmap.PAGESIZE
         span = max(page, -(-nbytes // page) * page)
         t = torch.frombuffer(mmap.mmap(-1, span), dtype=torch.uint8)[:nbytes]  # keeps the map
-        rc: int | None
-        try:
-            rc = int(torch.cuda.cudart().cudaHostRegister(t.data_ptr(), span, 0))
-        except (AttributeError, RuntimeError, AssertionError, TypeError):
-            rc = None  # no binding to call: the runtime was not asked
+        rc = host_register(torch, t.data_ptr(), span)  # None: no binding, the runtime not asked
         if rc == 0:
             self._registered.append(t)
             if t.is_pinned():
@@ -386,10 +386,7 @@ class CudaBackend(Backend):
         if len(kept) == len(self._registered):
             return  # not registered by us (torch's pinned allocator owns it)
         self._registered = kept
-        try:
-            rc = int(self.torch.cuda.cudart().cudaHostUnregister(tensor.data_ptr()))
-        except (AttributeError, RuntimeError, AssertionError, TypeError):
-            return
+        rc = host_unregister(self.torch, tensor.data_ptr())
         if rc:
             # Like a failed registration, a failed unregistration leaves the runtime's last
             # error set, and the next kernel launch would report it as its own.
@@ -513,78 +510,10 @@ class CudaBackend(Backend):
         )
 
 
-# The CUDA runtime keeps a per-thread "last error"; a failed cudaHostRegister leaves it set, and
-# torch checks it after every kernel launch, so the next unrelated kernel would raise it.
-CUDART_NAMES = ("libcudart.so", "libcudart.so.13", "libcudart.so.12", "libcudart.so.11.0")
-
-
-_CUDART_FILE = re.compile(r"^libcudart(-[0-9a-f]+)?\.so(\.|$)")  # also wheels' hashed copies
-_TORCH_CUDA_FILE = re.compile(r"^libtorch_cuda\.so")  # where a static cudart would live
-
-
-def loaded_cudart_paths(maps_text: str) -> list[str]:
-    """Libraries mapped into a process that may hold its CUDA runtime, from its /proc/PID/maps
-    text, once each: every libcudart first, then libtorch_cuda (a statically linked cudart)."""
-    cudart: list[str] = []
-    torch_cuda: list[str] = []
-    for line in maps_text.splitlines():
-        parts = line.split(None, 5)
-        if len(parts) < 6:
-            continue
-        path = parts[5].strip()
-        name = os.path.basename(path)
-        if _CUDART_FILE.match(name) and path not in cudart:
-            cudart.append(path)
-        elif _TORCH_CUDA_FILE.match(name) and path not in torch_cuda:
-            torch_cuda.append(path)
-    return cudart + torch_cuda
-
-
-def find_loaded_cudart() -> Any | None:
-    """The CUDA runtime this process already loaded (torch's), through ctypes, or None.
-
-    Only a library already loaded will do (RTLD_NOLOAD), and only one exporting
-    cudaGetLastError: a second copy of the runtime would have its own error state, and clearing
-    that one would leave torch's set.
-    """
-    candidates: list[str] = []
-    try:
-        with open("/proc/self/maps", encoding="utf-8", errors="replace") as fh:
-            candidates += loaded_cudart_paths(fh.read())
-    except OSError:
-        pass
-    noload = getattr(os, "RTLD_NOLOAD", None)
-    if noload is None:
-        return None
-    candidates += [n for n in CUDART_NAMES if n not in candidates]
-    for name in candidates:
-        try:
-            lib = ctypes.CDLL(name, mode=noload | getattr(os, "RTLD_NOW", 2))
-        except OSError:
-            continue
-        if hasattr(lib, "cudaGetLastError"):
-            return lib
-    return None
-
-
-def cuda_clear_last_error() -> int | None:
-    """Reset the CUDA runtime's last error (cudaGetLastError); returns the error it held, or
-    None when this process's libcudart cannot be reached."""
-    lib = find_loaded_cudart()
-    if lib is None:
-        return None
-    try:
-        fn = lib.cudaGetLastError
-    except AttributeError:
-        return None
-    fn.restype = ctypes.c_int
-    fn.argtypes = []
-    return int(fn())
-
-
 def clear_register_error(rc: int, call: str = "cudaHostRegister") -> None:
     """After a failed cudaHostRegister/Unregister (cudaError `rc`): clear the runtime's last
-    error, or refuse to go on, since the next kernel launch would report `rc` as its own."""
+    error (see :mod:`moeprof.replay.cudart`), or refuse to go on, since the next kernel launch
+    would report `rc` as its own."""
     if cuda_clear_last_error() is None:
         what = "pinning" if call == "cudaHostRegister" else "unpinning"
         raise MoeprofError(
@@ -592,14 +521,6 @@ def clear_register_error(rc: int, call: str = "cudaHostRegister") -> None:
             "runtime's last error could not be cleared (libcudart not found in this process), so "
             "a later kernel would fail with it"
         )
-
-
-def cuda_pci_bus_id(props: Any) -> str | None:
-    """'0000:3b:00.0' from torch device properties (for NVML), when torch exposes it."""
-    try:
-        return f"{int(props.pci_domain_id):04x}:{int(props.pci_bus_id):02x}:{int(props.pci_device_id):02x}.0"
-    except (AttributeError, TypeError, ValueError):
-        return None
 
 
 def _no_cuda_reason(torch: Any) -> str:

@@ -74,7 +74,8 @@ def gather(
 
     devices: list[CudaDevice] = []
     if cuda_available and torch is not None:
-        from moeprof.replay.backends import CudaBackend, cuda_pci_bus_id
+        from moeprof.replay.backends import CudaBackend
+        from moeprof.replay.cudart import cuda_pci_bus_id
 
         for i in range(torch.cuda.device_count()):
             props = torch.cuda.get_device_properties(i)

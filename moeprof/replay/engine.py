@@ -3,14 +3,15 @@
 Steps: validate everything and size the memory (refusing up front what cannot fit), count the
 replayed batches with analyze's own code, calibrate the link, then for each batch size and
 strategy build the schedule, allocate slots, and issue every copy (and FFN, with ``compute``)
-through a backend while NVML watches the link.
+through a backend while NVML watches the link (docs/replay.md).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -21,14 +22,13 @@ from moeprof.analyze import (
     BatchSizeResult,
     expert_masks,
     log_miss_per_token,
-    parse_batch_sizes,
     slots_per_token,
     summarize,
     trace_summary,
     unique_per_batch,
 )
+from moeprof.batching import BatchPlan, BatchPolicy, check_batch_sizes, get_policy
 from moeprof.errors import MoeprofError
-from moeprof.policies import BatchPlan, check_policy, plan_batches
 from moeprof.replay.backends import (
     DEFAULT_HIDDEN,
     GIB,
@@ -40,13 +40,14 @@ from moeprof.replay.backends import (
     make_backend,
 )
 from moeprof.replay.results import LatencyStats, ReplayResult, StrategyRun
-from moeprof.replay.schedule import (
+from moeprof.strategies import (
     STRATEGIES,
+    CountedLoads,
     Schedule,
-    build_schedule,
+    Strategy,
+    check_cache_experts,
     check_strategies,
-    slots_needed,
-    truncate_plan,
+    get_strategy,
 )
 from moeprof.trace import Trace
 
@@ -76,27 +77,30 @@ class ReplayInterrupted(KeyboardInterrupt):
         self.partial = partial
 
 
-def _check_layers(layers: Iterable[int] | str | None, n_layers: int) -> list[int]:
+def _check_whole(value: Any, name: str, minimum: int) -> int:
+    whole = isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+    if not whole or value < minimum:
+        raise MoeprofError(f"{name} must be at least {minimum}, got {value!r}")
+    return int(value)
+
+
+def _check_layers(layers: Sequence[int] | None, n_layers: int) -> list[int]:
+    """The MoE layers to replay, sorted and distinct (all when None)."""
     if layers is None:
         return list(range(n_layers))
     if isinstance(layers, str):
-        items: list[Any] = [s.strip() for s in layers.split(",") if s.strip()]
-    else:
-        items = list(layers)
+        raise MoeprofError(f"layers must be MoE layer numbers, not the text {layers!r}")
     out: list[int] = []
-    for item in items:
-        try:
-            value = int(item)
-        except (TypeError, ValueError):
-            raise MoeprofError(f"--layers: {item!r} is not a whole number") from None
-        if not 0 <= value < n_layers:
+    for item in layers:
+        if isinstance(item, bool) or not isinstance(item, (int, np.integer)):
+            raise MoeprofError(f"MoE layer {item!r} is not a whole number")
+        if not 0 <= item < n_layers:
             raise MoeprofError(
-                f"--layers: MoE layer {value} does not exist (the trace has {n_layers}: "
-                f"0..{n_layers - 1})"
+                f"MoE layer {item} does not exist (the trace has {n_layers}: 0..{n_layers - 1})"
             )
-        out.append(value)
+        out.append(int(item))
     if not out:
-        raise MoeprofError("--layers: no layers given")
+        raise MoeprofError("no layers given to replay")
     return sorted(set(out))
 
 
@@ -106,18 +110,28 @@ def _block_sizes(
     """(bytes replayed per expert block, full-size bytes) for each replayed layer."""
     full = [int(trace.expert_bytes[layer]) for layer in sel]
     if expert_bytes is not None:
-        if isinstance(expert_bytes, bool) or int(expert_bytes) < 1:
-            raise MoeprofError(f"--expert-bytes must be at least 1, got {expert_bytes}")
-        block = [int(expert_bytes)] * len(sel)
+        block = [_check_whole(expert_bytes, "expert_bytes", 1)] * len(sel)
     elif all(f > 0 for f in full):
         block = full
     else:
         raise MoeprofError(
-            "the trace does not record its expert size; pass --expert-bytes N to replay blocks "
-            "of N bytes"
+            "the trace does not record its expert size; pass expert_bytes to replay blocks of "
+            "that many bytes"
         )
     # Unknown full size: project with the replayed size (said so in the results).
     return block, [f if f > 0 else b for f, b in zip(full, block)]
+
+
+def _hidden_size(trace: Trace, hidden_size: int | None) -> int:
+    """The FFN's hidden size: `hidden_size`, else the trace's model metadata, else the default."""
+    if hidden_size is not None:
+        return _check_whole(hidden_size, "hidden_size", 1)
+    hidden = int((trace.meta.get("model") or {}).get("hidden_size") or DEFAULT_HIDDEN)
+    if hidden < 1:
+        raise MoeprofError(
+            f"the trace's model metadata gives hidden size {hidden}; pass hidden_size"
+        )
+    return hidden
 
 
 def _human(n: float) -> str:
@@ -128,15 +142,13 @@ def _human(n: float) -> str:
 
 def _counted(
     trace: Trace, plan: BatchPlan, sel: list[int], masks: np.ndarray
-) -> tuple[BatchSizeResult, np.ndarray, np.ndarray]:
-    """analyze's numbers for the plan's batches at the replayed layers, with analyze's code.
-
-    Returns the row, unique [n_batches, L_sel] and requests [L_sel].
-    """
-    n_rows = int(plan.starts[-1])
-    layer_masks = masks[:, sel, :]
-    if plan.policy == "tokens":
-        layer_masks = layer_masks[:n_rows]  # the first batches are the first rows
+) -> tuple[BatchSizeResult, CountedLoads]:
+    """analyze's numbers for the plan's batches at the replayed layers, with analyze's code:
+    the results row, and the counts the strategies are sized and checked with."""
+    n_rows = plan.n_rows
+    # The first batches of a plan in stored order are the first rows: bitsets of the rest are
+    # not copied for the layer selection.
+    layer_masks = (masks[:n_rows] if plan.is_identity else masks)[:, sel, :]
     unique_b = unique_per_batch(layer_masks, plan)
     # Routed slots per token from the bitsets, as analyze counts them (None: no empty slot).
     slots = slots_per_token(trace, masks)
@@ -159,7 +171,94 @@ def _counted(
     # Layer numbers are the trace's MoE layer indices, not positions in the selection.
     layers = tuple(dataclasses.replace(lr, layer=sel[i]) for i, lr in enumerate(row.layers))
     row = dataclasses.replace(row, layers=layers, max_reuse_layer=sel[row.max_reuse_layer])
-    return row, unique_b, requests
+    return row, CountedLoads(requests=requests, unique_per_batch=unique_b)
+
+
+@dataclass(frozen=True)
+class _Arguments:
+    """replay()'s arguments, validated: what to replay."""
+
+    strategies: tuple[Strategy, ...]
+    policy: BatchPolicy
+    batch_sizes: list[int]
+    cache_experts: int
+    max_batches: int | None
+    layers: list[int]  # replayed MoE layers
+    block: list[int]  # bytes replayed per expert, per layer
+    full: list[int]  # the trace's bytes per expert, per layer (projection)
+    hidden: int  # FFN hidden size (compute)
+
+
+def _check_arguments(
+    trace: Trace,
+    *,
+    strategies: Sequence[str],
+    batch_sizes: Sequence[int],
+    policy: str,
+    cache_experts: int,
+    max_batches: int | None,
+    layers: Sequence[int] | None,
+    expert_bytes: int | None,
+    hidden_size: int | None,
+) -> _Arguments:
+    chosen = tuple(get_strategy(name) for name in check_strategies(strategies))
+    batching = get_policy(policy)
+    sizes = check_batch_sizes(batch_sizes)
+    cache_experts = check_cache_experts(cache_experts)
+    if max_batches is not None:
+        max_batches = _check_whole(max_batches, "max_batches", 1)
+    if trace.n_tokens == 0:
+        raise MoeprofError("the trace is empty (no tokens)")
+    sel = _check_layers(layers, trace.n_layers)
+    block, full = _block_sizes(trace, sel, expert_bytes)
+    return _Arguments(
+        strategies=chosen,
+        policy=batching,
+        batch_sizes=sizes,
+        cache_experts=cache_experts,
+        max_batches=max_batches,
+        layers=sel,
+        block=block,
+        full=full,
+        hidden=_hidden_size(trace, hidden_size),
+    )
+
+
+@dataclass(frozen=True)
+class _Sizing:
+    """The replayed batches, counted with analyze's code, and the memory they need."""
+
+    plans: list[BatchPlan]  # the replayed batches of each batch size
+    batches_total: dict[int, int]  # batch size -> batches in the untruncated plan
+    rows: list[BatchSizeResult]  # analyze's row for each plan
+    counts: list[CountedLoads]  # and its counts
+    n_experts: list[int]  # per replayed layer
+    pool_bytes: int  # host pool of every replayed expert
+    slot_bytes: int  # device slots of the largest run
+
+
+def _plan_and_size(trace: Trace, args: _Arguments) -> _Sizing:
+    """Plan the batches, count them and size the host pool and the device slots (no device
+    work)."""
+    full_plans = args.policy.plans(trace, args.batch_sizes)
+    plans = [p.head(args.max_batches) for p in full_plans]
+    masks = expert_masks(trace)
+    counted = [_counted(trace, p, args.layers, masks) for p in plans]
+    n_experts = [int(trace.n_experts[layer]) for layer in args.layers]
+    stride = aligned(max(args.block))
+    return _Sizing(
+        plans=plans,
+        batches_total={p.batch_size: fp.n_batches for p, fp in zip(plans, full_plans)},
+        rows=[row for row, _ in counted],
+        counts=[counts for _, counts in counted],
+        n_experts=n_experts,
+        pool_bytes=sum(e * aligned(b) for e, b in zip(n_experts, args.block)),
+        slot_bytes=max(
+            s.total_slots(counts, args.cache_experts) * stride
+            for _, counts in counted
+            for s in args.strategies
+        ),
+    )
 
 
 def _check_memory(
@@ -188,7 +287,7 @@ def _check_memory(
             + (f", plus {_human(slot_bytes)} of slots" if on_cpu else "")
             + f") but only {_human(available)} is available"
             + ("" if on_cpu else f" (at most {headroom:.0%} of it is pinned)")
-            + "; replay fewer layers (--layers) or smaller blocks (--expert-bytes)"
+            + "; replay fewer layers or smaller blocks (expert_bytes)"
         )
     free = backend.device_free_bytes()
     if free is not None:
@@ -196,8 +295,8 @@ def _check_memory(
         if device_need > DEVICE_HEADROOM * free:
             raise MoeprofError(
                 f"the device slots need {_human(device_need)} but the device has "
-                f"{_human(free)} free; use smaller blocks (--expert-bytes), fewer layers "
-                "(--layers) or a smaller --cache-experts"
+                f"{_human(free)} free; use smaller blocks (expert_bytes), fewer layers or a "
+                "smaller cache (cache_experts)"
             )
 
 
@@ -331,16 +430,101 @@ def _link_info(backend: Backend, nv: nvml.Nvml | None) -> dict[str, Any]:
     return out
 
 
+def _describe(
+    be: Backend, trace: Trace, args: _Arguments, sizing: _Sizing, compute: bool
+) -> dict[str, Any]:
+    """The results' ``replay`` object as known before the link is measured."""
+    import torch
+
+    sel = args.layers
+    return {
+        **be.describe(),
+        "backend": be.name,
+        "ran_on_cpu": be.ran_on_cpu,
+        "note": CPU_NOTE if be.ran_on_cpu else None,
+        "strategies": [s.name for s in args.strategies],
+        "policy": args.policy.name,
+        "batch_sizes": [p.batch_size for p in sizing.plans],
+        "cache_experts": args.cache_experts,
+        "max_batches": args.max_batches,
+        "layers": sel,
+        "model_layers": [trace.moe_layer_indices[layer] for layer in sel],
+        "expert_bytes_replayed": args.block,
+        "expert_bytes_full": args.full,
+        "scaled_blocks": args.block != args.full,
+        "expert_bytes_known": bool(all(int(trace.expert_bytes[layer]) > 0 for layer in sel)),
+        "pool_bytes": sizing.pool_bytes,
+        "max_slot_bytes": sizing.slot_bytes,
+        "compute": compute,
+        "torch_version": torch.__version__,
+    }
+
+
+def _run_one(
+    be: Backend,
+    monitor: nvml.PcieMonitor,
+    schedule: Schedule,
+    strategy: Strategy,
+    counts: CountedLoads,
+    args: _Arguments,
+    *,
+    compute: bool,
+    peak: float | None,
+    on_progress: ProgressFn | None,
+) -> StrategyRun:
+    """Issue one strategy's schedule at one batch size into the allocated slots, timed and
+    watched by `monitor`; the slots are released after."""
+    plan = schedule.plan
+    be.warm_up()
+    label = f"{strategy.name} B={plan.batch_size}"
+    per_layer = _layer_lists(schedule)
+    be.synchronize()
+    monitor.start()
+    t0 = time.perf_counter()
+    try:
+        be.start_run()
+        layer_copies, hits = _execute(
+            be, per_layer, schedule.n_batches, compute=compute, progress=on_progress, label=label
+        )
+        issue = time.perf_counter() - t0
+        seconds = be.finish_run()
+    finally:
+        wall = time.perf_counter() - t0
+        pcie = monitor.stop()
+    be.release_slots()
+    return StrategyRun(
+        strategy=strategy.name,
+        batch_size=plan.batch_size,
+        n_batches=plan.n_batches,
+        copies=sum(layer_copies),
+        counted_copies=strategy.counted_copies(counts, schedule),
+        counted_basis=strategy.counted_basis,
+        layer_copies=tuple(layer_copies),
+        hits=hits,
+        bytes_copied=sum(c * b for c, b in zip(layer_copies, args.block)),
+        bytes_copied_full_size=sum(c * f for c, f in zip(layer_copies, args.full)),
+        seconds=seconds,
+        wall_seconds=wall,
+        peak_gbps=peak,
+        pcie=pcie,
+        batch_latency=LatencyStats.of(be.batch_latency_s) if compute else None,
+        issue_seconds=issue,
+        # The GPU may have waited for Python to queue the work: then seconds and GB/s describe
+        # the host, not the link.
+        host_bound=None if be.ran_on_cpu else _host_bound(issue, wall, seconds),
+    )
+
+
 def replay(
     trace: Trace,
     *,
     device: str = "cpu",
-    strategies: Sequence[str] | str = STRATEGIES,
-    batch_sizes: Iterable[int] | str = (8, 64),
+    strategies: Sequence[str] = STRATEGIES,
+    batch_sizes: Sequence[int] = (8, 64),
     policy: str = "tokens",
     cache_experts: int = 0,
     max_batches: int | None = None,
-    layers: Iterable[int] | str | None = None,
+    layers: Sequence[int] | None = None,
     expert_bytes: int | None = None,
     compute: bool = False,
     hidden_size: int | None = None,
@@ -356,91 +540,37 @@ def replay(
     in host memory, slots that do not fit on the device, or ``device="cuda"`` without CUDA.
     Ctrl-C raises :class:`ReplayInterrupted` carrying the runs that finished.
     """
-    strategy_list = check_strategies(strategies)
-    check_policy(policy)
-    sizes = parse_batch_sizes(batch_sizes)
-    if isinstance(cache_experts, bool) or int(cache_experts) < 0:
-        raise MoeprofError(f"--cache-experts must be 0 or more, got {cache_experts}")
-    cache_experts = int(cache_experts)
-    if max_batches is not None and int(max_batches) < 1:
-        raise MoeprofError(f"--max-batches must be at least 1, got {max_batches}")
-    if trace.n_tokens == 0:
-        raise MoeprofError("the trace is empty (no tokens)")
-    sel = _check_layers(layers, trace.n_layers)
-    block, full = _block_sizes(trace, sel, expert_bytes)
-    if hidden_size is not None and int(hidden_size) < 1:
-        raise MoeprofError(f"--hidden-size must be at least 1, got {hidden_size}")
-    hidden = int(
-        hidden_size or (trace.meta.get("model") or {}).get("hidden_size") or DEFAULT_HIDDEN
+    args = _check_arguments(
+        trace,
+        strategies=strategies,
+        batch_sizes=batch_sizes,
+        policy=policy,
+        cache_experts=cache_experts,
+        max_batches=max_batches,
+        layers=layers,
+        expert_bytes=expert_bytes,
+        hidden_size=hidden_size,
     )
-    if hidden < 1:
-        raise MoeprofError(f"--hidden-size must be at least 1, got {hidden}")
-
-    be = backend or make_backend(device)  # refuses --device cuda without CUDA, before any work
-
-    # Batches, counted with analyze's code, and the slots each run needs.
-    full_plans = (
-        [plan_batches(trace, policy, 0)]
-        if policy == "recorded"
-        else [plan_batches(trace, policy, b) for b in sizes]
-    )
-    plans = [truncate_plan(p, max_batches) for p in full_plans]
-    masks = expert_masks(trace)
-    counted = [_counted(trace, p, sel, masks) for p in plans]
-    n_experts = [int(trace.n_experts[layer]) for layer in sel]
-    stride = aligned(max(block))
-    slot_bytes = 0
-    for _, unique_b, requests in counted:
-        for strategy in strategy_list:
-            need = slots_needed(strategy, unique_b, cache_experts, requests)
-            total = max(need) if strategy in ("naive", "dedup") else sum(need)
-            slot_bytes = max(slot_bytes, total * stride)
-    pool_bytes = sum(e * aligned(b) for e, b in zip(n_experts, block))
-
+    be = backend or make_backend(device)  # refuses a missing CUDA device before any work
+    sizing = _plan_and_size(trace, args)
     if calibration_bytes is None:
         calibration_bytes = GIB if isinstance(be, CudaBackend) else 256 << 20
     _check_memory(
         be,
-        pool_bytes=pool_bytes,
-        slot_bytes=slot_bytes,
+        pool_bytes=sizing.pool_bytes,
+        slot_bytes=sizing.slot_bytes,
         calibration_bytes=calibration_bytes if calibrate else 0,
-        n_layers=len(sel),
-        n_experts=n_experts,
-        block=block,
+        n_layers=len(args.layers),
+        n_experts=sizing.n_experts,
+        block=args.block,
     )
 
-    import torch
-
-    description = be.describe()
-    info: dict[str, Any] = {
-        **description,
-        "backend": be.name,
-        "ran_on_cpu": be.ran_on_cpu,
-        "note": CPU_NOTE if be.ran_on_cpu else None,
-        "strategies": list(strategy_list),
-        "policy": policy,
-        "batch_sizes": [p.batch_size for p in plans],
-        "cache_experts": cache_experts,
-        "max_batches": max_batches,
-        "layers": sel,
-        "model_layers": [trace.moe_layer_indices[layer] for layer in sel],
-        "expert_bytes_replayed": block,
-        "expert_bytes_full": full,
-        "scaled_blocks": block != full,
-        "expert_bytes_known": bool(all(int(trace.expert_bytes[layer]) > 0 for layer in sel)),
-        "pool_bytes": pool_bytes,
-        "max_slot_bytes": slot_bytes,
-        "compute": compute,
-        "torch_version": torch.__version__,
-    }
+    info = _describe(be, trace, args, sizing, compute)
     runs: list[StrategyRun] = []
-    analysis = AnalysisResult(
-        trace=trace_summary(trace), policy=policy, results=tuple(c[0] for c in counted)
-    )
-    batches_total = {p.batch_size: fp.n_batches for p, fp in zip(plans, full_plans)}
+    analysis = AnalysisResult(trace=trace_summary(trace), results=tuple(sizing.rows))
 
-    def partial(interrupted: bool) -> ReplayResult:
-        return ReplayResult(analysis, tuple(runs), dict(info), batches_total, interrupted)
+    def assemble(interrupted: bool) -> ReplayResult:
+        return ReplayResult(analysis, tuple(runs), dict(info), sizing.batches_total, interrupted)
 
     monitor: nvml.PcieMonitor | None = None
     try:
@@ -453,76 +583,37 @@ def replay(
         peak = calibration.peak_gbps if calibration else None
         info["calibration"] = calibration.to_dict() if calibration else None
         info["peak_h2d_gbps"] = peak
-        be.allocate_pools(n_experts, block)
+        be.allocate_pools(sizing.n_experts, args.block)
         info["host_memory"] = be.host_memory
         info["measurement_method"] = monitor.method
         info["measurement_reason"] = monitor.reason
         info["measurement_notes"] = monitor.probe_notes
         info["link"] = _link_info(be, nv)
         info["ffn"] = None
-        for plan, (_row, unique_b, requests) in zip(plans, counted):
-            for strategy in strategy_list:
-                schedule = build_schedule(trace, plan, strategy, sel, cache_experts)
+        for plan, counts in zip(sizing.plans, sizing.counts):
+            for strategy in args.strategies:
+                schedule = strategy.schedule(trace, plan, args.layers, args.cache_experts)
                 be.allocate_slots(schedule.total_slots())
                 if compute:
-                    shapes = be.prepare_compute(hidden, int(plan.batch_tokens.max(initial=1)))
+                    shapes = be.prepare_compute(args.hidden, int(plan.batch_tokens.max(initial=1)))
                     info["ffn"] = [s.to_dict() for s in shapes]
-                be.warm_up()
-                label = f"{strategy} B={plan.batch_size}"
-                per_layer = _layer_lists(schedule)
-                be.synchronize()
-                monitor.start()
-                t0 = time.perf_counter()
-                try:
-                    be.start_run()
-                    layer_copies, hits = _execute(
-                        be,
-                        per_layer,
-                        schedule.n_batches,
-                        compute=compute,
-                        progress=on_progress,
-                        label=label,
-                    )
-                    issue = time.perf_counter() - t0
-                    seconds = be.finish_run()
-                finally:
-                    wall = time.perf_counter() - t0
-                    pcie = monitor.stop()
-                be.release_slots()
-                if strategy == "naive":
-                    expected, basis = int(requests.sum()), "analyze requests"
-                elif strategy == "dedup":
-                    expected, basis = int(unique_b.sum()), "analyze unique"
-                else:
-                    expected, basis = schedule.copies, "LRU simulation"
-                runs.append(
-                    StrategyRun(
-                        strategy=strategy,
-                        batch_size=plan.batch_size,
-                        n_batches=plan.n_batches,
-                        copies=sum(layer_copies),
-                        counted_copies=expected,
-                        counted_basis=basis,
-                        layer_copies=tuple(layer_copies),
-                        hits=hits,
-                        bytes_copied=sum(c * b for c, b in zip(layer_copies, block)),
-                        bytes_copied_full_size=sum(c * f for c, f in zip(layer_copies, full)),
-                        seconds=seconds,
-                        wall_seconds=wall,
-                        peak_gbps=peak,
-                        pcie=pcie,
-                        batch_latency=LatencyStats.of(be.batch_latency_s) if compute else None,
-                        issue_seconds=issue,
-                        # The GPU may have waited for Python to queue the work: then seconds
-                        # and GB/s describe the host, not the link.
-                        host_bound=None if be.ran_on_cpu else _host_bound(issue, wall, seconds),
-                    )
+                run = _run_one(
+                    be,
+                    monitor,
+                    schedule,
+                    strategy,
+                    counts,
+                    args,
+                    compute=compute,
+                    peak=peak,
+                    on_progress=on_progress,
                 )
+                runs.append(run)
     except KeyboardInterrupt:
         be.abort_run()
-        raise ReplayInterrupted(partial(True)) from None
+        raise ReplayInterrupted(assemble(True)) from None
     finally:
         if monitor is not None:
             monitor.close()  # a window left open by an error: its polling thread ends here
         be.release()
-    return partial(False)
+    return assemble(False)

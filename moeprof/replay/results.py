@@ -15,6 +15,7 @@ import numpy as np
 
 from moeprof.analyze import AnalysisResult
 from moeprof.nvml import PcieMeasurement
+from moeprof.strategies import BASELINE
 
 AGREEMENT_TOLERANCE = 0.10  # measured cost ratio within 10% of the counted one
 
@@ -49,10 +50,10 @@ class StrategyRun:
     batch_size: int
     n_batches: int
     copies: int  # host->device copies issued
-    counted_copies: int  # what the counted analysis predicts (requests / unique / LRU misses)
-    counted_basis: str  # "analyze requests", "analyze unique", "LRU simulation"
+    counted_copies: int  # what the counting predicts (Strategy.counted_copies)
+    counted_basis: str  # where that count comes from (Strategy.counted_basis)
     layer_copies: tuple[int, ...]
-    hits: int  # LRU: expert uses served from the device cache
+    hits: int  # expert uses served from experts kept on the device (a cache's hits)
     bytes_copied: int  # payload actually moved (replayed block size)
     bytes_copied_full_size: int  # the same copies at the trace's expert size
     seconds: float  # device time from the first copy to the last operation
@@ -124,7 +125,8 @@ class StrategyRun:
 
 
 def compare_with_naive(run: StrategyRun, naive: StrategyRun | None) -> dict[str, Any]:
-    """Savings against naive, counted (payload) and measured (NVML RX bytes, else seconds).
+    """Savings against the baseline strategy (naive), counted (payload) and measured (NVML RX
+    bytes, else seconds).
 
     They agree when the measured cost ratio strategy/naive is within 10% of the counted one.
     """
@@ -136,14 +138,14 @@ def compare_with_naive(run: StrategyRun, naive: StrategyRun | None) -> dict[str,
         "agrees_within_10pct": None,
         "reason": None,
     }
-    if run.strategy == "naive":
+    if run.strategy == BASELINE:
         out["reason"] = "baseline"
         return out
     if naive is None:
-        out["reason"] = "naive was not replayed at this batch size"
+        out["reason"] = f"{BASELINE} was not replayed at this batch size"
         return out
     if naive.bytes_copied == 0:
-        out["reason"] = "naive copied nothing"
+        out["reason"] = f"{BASELINE} copied nothing"
         return out
     counted_cost = run.bytes_copied / naive.bytes_copied
     out["counted_savings"] = 1.0 - counted_cost
@@ -184,7 +186,7 @@ class ReplayResult:
         for row in doc["results"]:
             b = int(row["batch_size"])
             runs = self.runs_for(b)
-            naive = next((r for r in runs if r.strategy == "naive"), None)
+            naive = next((r for r in runs if r.strategy == BASELINE), None)
             strategies = []
             for r in runs:
                 entry = r.to_dict()

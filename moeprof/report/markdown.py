@@ -1,12 +1,23 @@
-"""The markdown report: the same rows as the terminal view, as text."""
+"""All markdown: the analysis report and its replay section, as text.
+
+Rows come from :mod:`moeprof.report.rows`, the same the terminal view shows.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from typing import Any
 
-from moeprof.formatting import human_bytes, pct
-from moeprof.report.model import ReportModel, build_report
+from moeprof.report.rows import (
+    batch_table_rows,
+    build_report,
+    has_replay,
+    latency_rows,
+    layer_table_rows,
+    replay_notes,
+    replay_rows,
+    summary_items,
+)
 
 
 def md_table(header: Sequence[str], rows: Sequence[Sequence[str]], align: str = "") -> str:
@@ -18,77 +29,35 @@ def md_table(header: Sequence[str], rows: Sequence[Sequence[str]], align: str = 
     return "\n".join(lines)
 
 
-def batch_table_rows(model: ReportModel) -> tuple[list[str], list[list[str]]]:
-    header = [
-        "Batch Size",
-        "Batches",
-        "Avg Memory Savings",
-        "Avg Bandwidth Savings",
-        "Max Reuse Factor",
-        "Bytes Saved",
-        "Uniform Expectation",
-    ]
-    rows = [
-        [
-            r.size_text,
-            f"{r.n_batches:,}",
-            pct(r.memory_savings),
-            pct(r.bandwidth_savings),
-            f"{r.max_reuse_factor:.3f} (L{r.max_reuse_layer})",
-            human_bytes(r.bytes_saved) if model.summary.expert_bytes_known else "—",
-            pct(r.uniform_memory_savings),
+def _replay_align(header: Sequence[str]) -> str:
+    return "ll" + "r" * (len(header) - 2)  # batch and strategy left, numbers right
+
+
+def replay_markdown(doc: dict[str, Any]) -> str:
+    """The "## Replay (measured)" section of a markdown report ("" without replay data)."""
+    if not has_replay(doc):
+        return ""
+    header, rows = replay_rows(doc)
+    parts = ["## Replay (measured)", ""]
+    parts += [f"- {n}" for n in replay_notes(doc)]
+    parts += ["", md_table(header, rows, align=_replay_align(header)), ""]
+    lat_header, lat_rows = latency_rows(doc)
+    if lat_rows:
+        parts += [
+            "### Per-batch latency (copies overlapped with expert FFN compute)",
+            "",
+            md_table(lat_header, lat_rows, align=_replay_align(lat_header)),
+            "",
         ]
-        for r in model.batch_rows
-    ]
-    return header, rows
-
-
-def summary_items(model: ReportModel) -> list[tuple[str, str]]:
-    s = model.summary
-    bm, bb = s.best_memory, s.best_bandwidth
-    return [
-        ("Maximum memory savings", f"{pct(bm.memory_savings)} at {bm.label}"),
-        (
-            "Maximum bandwidth savings",
-            f"{pct(bb.bandwidth_savings)} at {bb.label}"
-            + (f" ({human_bytes(bb.bytes_saved)} saved)" if s.expert_bytes_known else ""),
-        ),
-        (
-            "Average reuse factor",
-            f"{s.average_reuse_factor:.3f} (mean over routed layers and batch sizes)",
-        ),
-        (
-            "Expert traffic without dedup",
-            f"{bm.requests:,} expert loads"
-            + (f", {human_bytes(bm.bytes_requested)}" if s.expert_bytes_known else ""),
-        ),
-        ("Batching policy", s.policy),
-        ("Model", s.model + (f" ({s.architecture})" if s.architecture != "—" else "")),
-        ("Source", s.source),
-        ("Tokens / requests", f"{s.tokens:,} / {s.requests:,}"),
-        ("MoE layers × experts, top-k", f"{s.moe_layers} × {s.experts}, top-{s.top_k}"),
-        ("Routed expert size", s.expert_bytes),
-        ("Trace created", s.created),
-    ]
-
-
-def layer_table_rows(model: ReportModel) -> tuple[list[str], list[list[str]]]:
-    header = ["Layer"] + [
-        "recorded" if r.recorded else f"B={r.batch_size}" for r in model.batch_rows
-    ]
-    # "—": the layer routed no token (every slot empty), so it has no savings.
-    rows = [
-        [label] + ["—" if v is None else pct(v) for v in vals] for label, vals in model.layer_rows
-    ]
-    return header, rows
+    return "\n".join(parts)
 
 
 def render_markdown(doc: dict[str, Any], title: str = "moeprof report") -> str:
     """The whole report for one results dict (the results JSON)."""
-    model = build_report(doc)
+    report = build_report(doc)
     parts = [f"# {title}", "", "## Executive Summary", ""]
-    parts += [f"- **{k}:** {v}" for k, v in summary_items(model)]
-    header, rows = batch_table_rows(model)
+    parts += [f"- **{k}:** {v}" for k, v in summary_items(report)]
+    header, rows = batch_table_rows(report)
     parts += ["", "## Savings by Batch Size", "", md_table(header, rows), ""]
     parts += [
         "Memory savings count expert loads avoided; bandwidth savings weigh them by each layer's "
@@ -99,15 +68,13 @@ def render_markdown(doc: dict[str, Any], title: str = "moeprof report") -> str:
         "## Savings per Layer",
         "",
     ]
-    header, rows = layer_table_rows(model)
+    header, rows = layer_table_rows(report)
     parts += [md_table(header, rows), ""]
-    from moeprof.report.replay import replay_markdown  # imports md_table from here
-
     replay_section = replay_markdown(doc)
     if replay_section:
         parts += [replay_section.rstrip("\n"), ""]
     parts += ["## Recommendations", ""]
-    parts += [f"{i}. {text}" for i, text in enumerate(model.recommendations, 1)]
+    parts += [f"{i}. {text}" for i, text in enumerate(report.recommendations, 1)]
     parts += ["", "## Technical Analysis", ""]
-    parts += [f"- {line}" for line in model.technical]
+    parts += [f"- {line}" for line in report.technical]
     return "\n".join(parts) + "\n"

@@ -1,49 +1,269 @@
-"""The terminal view: rich tables built from the same rows as the markdown report."""
+"""All rich output: the analysis and replay views of a results dict, trace and record summaries,
+doctor's findings. Renderers return rich renderables and never print.
+
+Every table comes from one of the helpers below, so all commands' tables look alike. Rows come
+from :mod:`moeprof.report.rows`, the same the markdown report shows.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from rich import box
 from rich.console import Group
 from rich.table import Table
 
-from moeprof.report.markdown import batch_table_rows, layer_table_rows, summary_items
-from moeprof.report.model import ReportModel, build_report
-from moeprof.report.replay import replay_renderables
+from moeprof.report.rows import (
+    ReportRows,
+    batch_table_rows,
+    build_report,
+    has_replay,
+    latency_rows,
+    layer_table_rows,
+    replay_notes,
+    replay_rows,
+    summary_items,
+)
 
+# Same columns as the markdown table, with headers short enough for an 80-column terminal.
 TERMINAL_HEADER = ["Batch", "Batches", "Memory", "Bandwidth", "Max reuse", "Saved", "Uniform"]
+# The markdown replay table is too wide for a terminal: it is split in two with the same cells.
+TERMINAL_COPY_COLUMNS = [
+    "Batch",
+    "Strategy",
+    "Copies",
+    "Bytes copied",
+    "Seconds",
+    "GB/s",
+    "Share of peak",
+]
+TERMINAL_SAVINGS_COLUMNS = [
+    "Batch",
+    "Strategy",
+    "NVML RX",
+    "RX / counted",
+    "Counted savings",
+    "Measured savings",
+    "Agree (±10%)",
+]
 
 
-def _table(title: str, header: list[str], rows: list[list[str]]) -> Table:
+# ---------------------------------------------------------------------- table helpers
+
+
+def kv_table(title: str, rows: Iterable[tuple[str, str]]) -> Table:
+    """Key/value pairs without a header, keys in bold (cells may hold rich markup)."""
+    table = Table(title=title, title_justify="left", show_header=False)
+    table.add_column(style="bold")
+    table.add_column()
+    for key, value in rows:
+        table.add_row(key, value)
+    return table
+
+
+def list_table(title: str, items: Iterable[str]) -> Table:
+    """One boxed column without a header (cells may hold rich markup)."""
+    table = Table(title=title, title_justify="left", show_header=False)
+    table.add_column()
+    for item in items:
+        table.add_row(item)
+    return table
+
+
+def grid_table(
+    title: str,
+    header: Sequence[str],
+    rows: Iterable[Sequence[str]],
+    justify: str,
+    *,
+    no_wrap: bool = False,
+) -> Table:
+    """A table with a bold header; `justify` holds one of 'l'/'r' per column."""
     table = Table(title=title, title_justify="left", header_style="bold", box=box.SIMPLE_HEAD)
-    for i, name in enumerate(header):
-        table.add_column(name, justify="left" if i == 0 else "right", no_wrap=True)
+    for name, side in zip(header, justify, strict=True):
+        table.add_column(name, justify="left" if side == "l" else "right", no_wrap=no_wrap)
     for row in rows:
         table.add_row(*row)
     return table
 
 
-def summary_table(model: ReportModel) -> Table:
-    table = Table(title="Executive Summary", title_justify="left", show_header=False)
-    table.add_column(style="bold")
-    table.add_column()
-    for key, value in summary_items(model):
-        table.add_row(key, value)
-    return table
+def _first_left(header: Sequence[str], n_left: int = 1) -> str:
+    return "l" * n_left + "r" * (len(header) - n_left)
+
+
+# ---------------------------------------------------------------------- results
+
+
+def summary_table(report: ReportRows) -> Table:
+    return kv_table("Executive Summary", summary_items(report))
+
+
+def replay_renderables(doc: dict[str, Any]) -> list[Any]:
+    """The replay part of a results dict ([] without replay data)."""
+    if not has_replay(doc):
+        return []
+    from rich.markdown import Markdown
+
+    header, rows = replay_rows(doc)
+    out: list[Any] = []
+    for title, columns in (
+        ("Replay (measured): copies and link", TERMINAL_COPY_COLUMNS),
+        ("Replay (measured): PCIe bytes and savings vs naive", TERMINAL_SAVINGS_COLUMNS),
+    ):
+        idx = [header.index(c) for c in columns]
+        out.append(
+            grid_table(
+                title,
+                [header[i] for i in idx],
+                [[r[i] for i in idx] for r in rows],
+                _first_left(columns, 2),
+            )
+        )
+    lat_header, lat_rows = latency_rows(doc)
+    if lat_rows:
+        out.append(
+            grid_table(
+                "Per-batch latency (copies overlapped with compute)",
+                lat_header,
+                lat_rows,
+                _first_left(lat_header, 2),
+            )
+        )
+    out.append(Markdown("\n".join(f"- {n}" for n in replay_notes(doc))))
+    return out
 
 
 def render_terminal(doc: dict[str, Any], *, layers: bool = False) -> Group:
-    """Summary and savings-by-batch-size tables (and per-layer savings when `layers`)."""
-    model = build_report(doc)
-    _, rows = batch_table_rows(model)
-    # Same columns as the markdown table, with headers short enough for an 80-column terminal.
+    """Summary and savings-by-batch-size tables (and per-layer savings when `layers`), then the
+    replay tables when the document has replay data."""
+    report = build_report(doc)
+    _, rows = batch_table_rows(report)
     parts: list[Any] = [
-        summary_table(model),
-        _table("Savings by Batch Size", TERMINAL_HEADER, rows),
+        summary_table(report),
+        grid_table(
+            "Savings by Batch Size",
+            TERMINAL_HEADER,
+            rows,
+            _first_left(TERMINAL_HEADER),
+            no_wrap=True,
+        ),
     ]
     if layers:
-        header, rows = layer_table_rows(model)
-        parts.append(_table("Savings per Layer", header, rows))
+        header, rows = layer_table_rows(report)
+        parts.append(
+            grid_table("Savings per Layer", header, rows, _first_left(header), no_wrap=True)
+        )
     parts += replay_renderables(doc)
     return Group(*parts)
+
+
+# ---------------------------------------------------------------------- doctor
+
+
+def _value(field: Any) -> str:
+    if isinstance(field, dict) and "not_available" in field:
+        return f"[dim]N/A ({field['not_available']})[/dim]"
+    if field is None:
+        return "[dim]—[/dim]"
+    return str(field)
+
+
+def _support(field: Any) -> str:
+    """A capability that may be missing: 'not supported' says so first, else as _value."""
+    if isinstance(field, dict) and field.get("kind") == "not_supported":
+        return f"not supported [dim]({field['not_available']})[/dim]"
+    return _value(field)
+
+
+def _cuda_device_table(d: dict[str, Any]) -> Table:
+    from moeprof.formatting import human_bytes
+
+    peak = d.get("h2d_peak_gbps")
+    return kv_table(
+        f"cuda:{d['index']} {d['name']}",
+        [
+            ("memory", human_bytes(d["total_memory_bytes"])),
+            ("compute capability", d["capability"]),
+            ("PCI bus id", _value(d["pci_bus_id"])),
+            (
+                "pinned host->device peak",
+                f"{peak:.2f} GB/s (one copy of {human_bytes(d['h2d_bytes'])})"
+                if peak
+                else _value(d.get("h2d_reason")),
+            ),
+        ],
+    )
+
+
+def _nvml_device_table(d: dict[str, Any]) -> Table:
+    from moeprof.nvml import pcie_link_gbps
+
+    rows = [
+        ("PCI bus id", _value(d["pci_bus_id"])),
+        (
+            "PCIe generation (current / max / GPU max)",
+            f"{_value(d['pcie_gen_current'])} / {_value(d['pcie_gen_max'])} / "
+            f"{_value(d['pcie_gen_gpu_max'])}",
+        ),
+        (
+            "PCIe width (current / max)",
+            f"x{_value(d['pcie_width_current'])} / x{_value(d['pcie_width_max'])}",
+        ),
+    ]
+    gen, width = d["pcie_gen_max"], d["pcie_width_max"]
+    if isinstance(gen, int) and isinstance(width, int):
+        link = pcie_link_gbps(gen, width)
+        if link:
+            rows.append(("link max (theoretical, one direction)", f"{link:.1f} GB/s"))
+    counters = d["pcie_counters"]
+    rows.append(
+        (
+            "PCIe byte counters (RX/TX)",
+            f"supported ({counters['counter_bits']}-bit)"
+            if isinstance(counters, dict) and counters.get("supported")
+            else _support(counters),
+        )
+    )
+    thr = d["pcie_throughput_kib_s"]
+    rows.append(
+        ("PCIe throughput sampling", "supported" if isinstance(thr, list) else _support(thr))
+    )
+    return kv_table(f"NVML GPU {d['index']}: {_value(d['name'])}", rows)
+
+
+def render_doctor(doc: dict[str, Any]) -> list[Any]:
+    """Doctor's findings (a DoctorReport dict): environment, devices, what is missing, verdict."""
+    nv = doc["nvml"]
+    out: list[Any] = [
+        kv_table(
+            "Environment",
+            [
+                (
+                    "torch",
+                    f"{doc['torch_version'] or 'not installed'}"
+                    + (
+                        f" (CUDA {doc['torch_cuda']})"
+                        if doc.get("torch_cuda")
+                        else " (CPU-only build)"
+                    ),
+                ),
+                ("CUDA available", "yes" if doc["cuda_available"] else "no"),
+                ("NVML", "yes" if nv["nvml"] is True else _value(nv["nvml"])),
+                ("driver", _value(nv["driver_version"])),
+                ("CUDA (driver)", _value(nv["cuda_driver_version"])),
+            ],
+        )
+    ]
+    out += [_cuda_device_table(d) for d in doc["cuda_devices"]]
+    if isinstance(nv["devices"], list):
+        out += [_nvml_device_table(d) for d in nv["devices"]]
+    if doc["missing"]:
+        out.append(list_table("Missing", [f"[yellow]•[/yellow] {m}" for m in doc["missing"]]))
+    out.append(
+        "[green]ready[/green]: `moeprof replay TRACE --device cuda` can run here"
+        if doc["ready_for_cuda_replay"]
+        else "[yellow]no GPU replay here[/yellow]: `moeprof replay TRACE --device cpu` still runs "
+        "(CPU backend)"
+    )
+    return out

@@ -1,0 +1,122 @@
+"""The results JSON (the contract between stages): read it and check the shape renderers rely on.
+
+Pure checks on a dict; :func:`load_results` is the one place that reads a results file.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from moeprof.errors import MoeprofError
+
+_INT_LIMIT = 2**63  # counts and bytes beyond int64 are not something analyze writes
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and -_INT_LIMIT < x < _INT_LIMIT
+
+
+def _is_number(x: Any) -> bool:
+    if isinstance(x, bool) or not isinstance(x, (int, float)):
+        return False
+    return _is_int(x) if isinstance(x, int) else math.isfinite(x)
+
+
+def _int_list(x: Any) -> bool:
+    return isinstance(x, list) and all(_is_int(v) for v in x)
+
+
+# What the renderers read, and the type each must have. Optional keys are checked when present.
+_ROW_TYPES: dict[str, Callable[[Any], bool]] = {
+    "batch_size": _is_int,
+    "policy": lambda x: isinstance(x, str),
+    "requests": _is_int,
+    "unique": _is_int,
+    "memory_savings": _is_number,
+    "bandwidth_savings": _is_number,
+    "bytes_requested": _is_int,
+    "bytes_unique": _is_int,
+    "layers": lambda x: isinstance(x, list),
+}
+_ROW_OPTIONAL: dict[str, Callable[[Any], bool]] = {
+    "n_batches": _is_int,
+    "tokens": _is_int,
+    "max_reuse_factor": _is_number,
+    "max_reuse_layer": _is_int,
+    "uniform_unique": _is_number,
+    "uniform_memory_savings": _is_number,
+}
+_LAYER_TYPES: dict[str, Callable[[Any], bool]] = {"layer": _is_int, "memory_savings": _is_number}
+_LAYER_OPTIONAL: dict[str, Callable[[Any], bool]] = {"model_layer": _is_int, "requests": _is_int}
+_TRACE_OPTIONAL: dict[str, Callable[[Any], bool]] = {
+    "n_experts": _int_list,
+    "expert_bytes": _int_list,
+    "top_k": _is_int,
+    "n_tokens": _is_int,
+    "n_requests": _is_int,
+    "n_layers": _is_int,
+    "model": lambda x: x is None or isinstance(x, dict),
+    "source": lambda x: x is None or isinstance(x, dict),
+}
+
+
+def _check_fields(
+    obj: dict[str, Any],
+    required: dict[str, Callable[[Any], bool]],
+    optional: dict[str, Callable[[Any], bool]],
+    where: str,
+) -> None:
+    missing = [k for k in required if k not in obj]
+    if missing:
+        raise MoeprofError(f"{where} lacks {', '.join(missing)}")
+    for key, ok in (*required.items(), *optional.items()):
+        if key in obj and not ok(obj[key]):
+            raise MoeprofError(f"{where}.{key} has the wrong type ({obj[key]!r:.40})")
+
+
+def validate_results(doc: Any, source: str = "results") -> dict[str, Any]:
+    """Check that `doc` has the results-JSON shape and types the renderers read; return it."""
+    if not isinstance(doc, dict) or not isinstance(doc.get("results"), list):
+        raise MoeprofError(f"{source}: not a moeprof results file (no 'results' list)")
+    if not doc["results"]:
+        raise MoeprofError(f"{source}: the results list is empty")
+    if not isinstance(doc.get("trace"), dict):
+        raise MoeprofError(f"{source}: not a moeprof results file (no 'trace' object)")
+    _check_fields(doc["trace"], {}, _TRACE_OPTIONAL, f"{source}: trace")
+    for i, row in enumerate(doc["results"]):
+        if not isinstance(row, dict):
+            raise MoeprofError(f"{source}: results[{i}] is not an object")
+        _check_fields(row, _ROW_TYPES, _ROW_OPTIONAL, f"{source}: results[{i}]")
+        seen: set[int] = set()
+        for j, layer in enumerate(row["layers"]):
+            if not isinstance(layer, dict):
+                raise MoeprofError(f"{source}: results[{i}].layers[{j}] is not an object")
+            _check_fields(
+                layer, _LAYER_TYPES, _LAYER_OPTIONAL, f"{source}: results[{i}].layers[{j}]"
+            )
+            if layer["layer"] in seen:
+                raise MoeprofError(f"{source}: results[{i}] lists layer {layer['layer']} twice")
+            seen.add(layer["layer"])
+    policies = {row["policy"] for row in doc["results"]}
+    if len(policies) > 1:
+        raise MoeprofError(f"{source}: rows mix batching policies ({', '.join(sorted(policies))})")
+    return doc
+
+
+def load_results(path: str | os.PathLike[str]) -> dict[str, Any]:
+    p = Path(path)
+    if not p.exists():
+        raise MoeprofError(f"results file {p} not found")
+    try:
+        doc = json.loads(p.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        # ValueError covers JSONDecodeError and integers too long to parse.
+        raise MoeprofError(f"{p}: not valid JSON ({exc.__class__.__name__})") from None
+    except OSError as exc:
+        raise MoeprofError(f"cannot read {p}: {exc.strerror}") from None
+    return validate_results(doc, str(p))

@@ -1,0 +1,737 @@
+"""The rows a report shows, derived from a results dict: format-neutral strings and numbers.
+
+Markdown (:mod:`moeprof.report.markdown`), terminal (:mod:`moeprof.report.terminal`) and plot
+(:mod:`moeprof.report.plot`) renderers all draw from here, so they never disagree. Pure: a
+results dict (or a trace) in, dataclasses and lists of strings out. Formulas: docs/method.md;
+what the recommendations say: docs/user-guide.md.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from moeprof.formatting import human_bytes, pct
+from moeprof.report.results import validate_results
+
+if TYPE_CHECKING:
+    from moeprof.trace import Trace
+
+HALF = 0.5
+CLOSE_TO_UNIFORM_PP = 1.0  # percentage points within which routing counts as uniform-like
+LAYER_SPREAD_PP = 10.0
+DIMINISHING_PP = 5.0
+_DASH = "—"
+
+
+@dataclass(frozen=True)
+class BatchRow:
+    policy: str
+    batch_size: int  # for policy 'recorded': the largest recorded batch
+    n_batches: int
+    requests: int
+    memory_savings: float
+    bandwidth_savings: float
+    max_reuse_factor: float
+    max_reuse_layer: int
+    bytes_requested: int
+    bytes_saved: int
+    uniform_memory_savings: float
+    uniform_unique: float | None
+
+    @property
+    def locality_gain_pp(self) -> float:
+        return 100.0 * (self.memory_savings - self.uniform_memory_savings)
+
+    @property
+    def recorded(self) -> bool:
+        return self.policy == "recorded"
+
+    @property
+    def label(self) -> str:
+        """How the text names this row's batching: 'batch size 8' or the recorded batches."""
+        return "the recorded batches" if self.recorded else f"batch size {self.batch_size}"
+
+    @property
+    def size_text(self) -> str:
+        """The table's Batch Size cell."""
+        return f"≤ {self.batch_size}" if self.recorded else str(self.batch_size)
+
+
+@dataclass(frozen=True)
+class Summary:
+    model: str
+    architecture: str
+    source: str
+    created: str
+    tokens: int
+    requests: int
+    moe_layers: int
+    experts: str
+    top_k: int
+    expert_bytes: str
+    expert_bytes_known: bool
+    policy: str
+    best_memory: BatchRow
+    best_bandwidth: BatchRow
+    average_reuse_factor: float
+
+
+@dataclass(frozen=True)
+class ReportRows:
+    """Everything the analysis part of a report shows."""
+
+    summary: Summary
+    batch_rows: tuple[BatchRow, ...]
+    # (layer label, savings per batch size); None where the layer routed no token.
+    layer_rows: tuple[tuple[str, tuple[float | None, ...]], ...]
+    recommendations: tuple[str, ...]
+    technical: tuple[str, ...]
+
+
+def _row(r: dict[str, Any]) -> BatchRow:
+    layers = r["layers"]
+    savings = [float(layer["memory_savings"]) for layer in layers]
+    best = max(range(len(savings)), key=savings.__getitem__) if savings else 0
+    uniform_unique = r.get("uniform_unique")
+    return BatchRow(
+        policy=str(r["policy"]),
+        batch_size=int(r["batch_size"]),
+        n_batches=int(r.get("n_batches", 0)),
+        requests=int(r["requests"]),
+        memory_savings=float(r["memory_savings"]),
+        bandwidth_savings=float(r["bandwidth_savings"]),
+        max_reuse_factor=float(r.get("max_reuse_factor", savings[best] if savings else 0.0)),
+        max_reuse_layer=int(r.get("max_reuse_layer", best)),
+        bytes_requested=int(r["bytes_requested"]),
+        bytes_saved=int(r["bytes_requested"]) - int(r["bytes_unique"]),
+        uniform_memory_savings=float(r.get("uniform_memory_savings", 0.0)),
+        uniform_unique=None if uniform_unique is None else float(uniform_unique),
+    )
+
+
+def _experts_text(n_experts: list[int]) -> str:
+    if not n_experts:
+        return "?"
+    lo, hi = min(n_experts), max(n_experts)
+    return str(lo) if lo == hi else f"{lo}–{hi}"
+
+
+def _expert_bytes_text(expert_bytes: list[int]) -> tuple[str, bool]:
+    """The size line and whether every layer's size is known (needed for byte figures)."""
+    if not expert_bytes or max(expert_bytes) <= 0:
+        return "unknown", False
+    unknown = sum(1 for b in expert_bytes if b <= 0)
+    if unknown:
+        return f"unknown for {unknown} of {len(expert_bytes)} MoE layers", False
+    lo, hi = min(expert_bytes), max(expert_bytes)
+    if lo == hi:
+        return f"{human_bytes(lo)} ({lo:,} B)", True
+    return f"{human_bytes(lo)}–{human_bytes(hi)}", True
+
+
+def _source_text(source: dict[str, Any], max_settings: int = 10) -> str:
+    """'synth (seed=0, zipf=0.8, ...)': how the trace was made, scalar settings only."""
+    kind = str(source.get("kind") or "unknown")
+    settings = [
+        f"{k}={v}"
+        for k, v in source.items()
+        if k != "kind" and v is not None and isinstance(v, (str, int, float, bool))
+    ]
+    if not settings:
+        return kind
+    more = ", …" if len(settings) > max_settings else ""
+    return f"{kind} ({', '.join(settings[:max_settings])}{more})"
+
+
+def _layer_label(layer: dict[str, Any]) -> str:
+    idx, model_layer = int(layer["layer"]), int(layer.get("model_layer", layer["layer"]))
+    return f"{idx}" if idx == model_layer else f"{idx} (model layer {model_layer})"
+
+
+def _recommendations(
+    rows: list[BatchRow],
+    layer_rows: list[tuple[str, tuple[float | None, ...]]],
+    expert_bytes_known: bool,
+    tokens: int,
+) -> list[str]:
+    out: list[str] = []
+    top = rows[-1]
+    if top.recorded:
+        verdict = "reaches" if top.memory_savings >= HALF else "does not reach"
+        out.append(
+            f"Deduplication over {top.label} ({top.n_batches:,} batches of up to "
+            f"{top.batch_size:,} tokens) saves {pct(top.memory_savings)} of expert loads: "
+            f"the serving run as recorded {verdict} 50% memory savings. Analyse with policy "
+            f"'tokens' or 'decode' to see how other batch sizes would do."
+        )
+    else:
+        reaching = [r for r in rows if r.memory_savings >= HALF]
+        if reaching:
+            r = reaching[0]
+            out.append(
+                f"Batch size {r.batch_size} is the smallest analysed batch size that reaches 50% "
+                f"memory savings ({pct(r.memory_savings)}): batch at least {r.batch_size} tokens "
+                f"per expert load to halve expert traffic."
+            )
+        else:
+            out.append(
+                f"No analysed batch size reaches 50% memory savings; the largest, "
+                f"{top.batch_size}, saves {pct(top.memory_savings)}. Larger batches, caching or "
+                f"locality-aware batching are needed to halve expert traffic."
+            )
+    # Batches of one token cannot share experts; the recorded batches are compared as they are.
+    compared = [r for r in rows if r.batch_size > 1 or r.recorded]
+    if compared:
+        gains = [r.locality_gain_pp for r in compared]
+        best = max(compared, key=lambda r: r.locality_gain_pp)
+        if all(abs(g) <= CLOSE_TO_UNIFORM_PP for g in gains):
+            where = "for the recorded batches" if top.recorded else "at every batch size"
+            out.append(
+                f"Routing shows about as much reuse as uniform random routing would (within "
+                f"{CLOSE_TO_UNIFORM_PP:.0f} percentage point {where}): the savings come from "
+                f"batching alone, not from locality in this workload."
+            )
+        elif best.locality_gain_pp > CLOSE_TO_UNIFORM_PP:
+            out.append(
+                f"Routing shows more reuse than uniform random routing would: at {best.label}, "
+                f"{pct(best.memory_savings)} vs {pct(best.uniform_memory_savings)} "
+                f"(+{best.locality_gain_pp:.1f} percentage points). Skewed or local routing pays "
+                f"off; an expert cache or locality-aware batching can add to it."
+            )
+        else:
+            worst = min(compared, key=lambda r: r.locality_gain_pp)
+            out.append(
+                f"Routing shows less reuse than uniform random routing would: at {worst.label}, "
+                f"{pct(worst.memory_savings)} vs {pct(worst.uniform_memory_savings)} "
+                f"({worst.locality_gain_pp:.1f} percentage points): tokens batched together tend "
+                f"to pick different experts."
+            )
+    # Layers that route no token have no savings to compare.
+    routed = [(label, vals[-1]) for label, vals in layer_rows if vals[-1] is not None]
+    if len(routed) > 1:
+        hi_label, hi = max(routed, key=lambda item: item[1] or 0.0)
+        lo_label, lo = min(routed, key=lambda item: item[1] or 0.0)
+        assert hi is not None and lo is not None
+        spread = 100.0 * (hi - lo)
+        if spread >= LAYER_SPREAD_PP:
+            out.append(
+                f"Layers differ: at {top.label}, layer {hi_label} saves {pct(hi)} and layer "
+                f"{lo_label} {pct(lo)} ({spread:.1f} points apart); give per-layer cache budgets "
+                f"to the layers that reuse least."
+            )
+        else:
+            out.append(
+                f"Layers behave alike: at {top.label} their savings lie within {spread:.1f} "
+                f"percentage points of each other."
+            )
+    if len(rows) >= 2:
+        a, b = rows[-2], rows[-1]
+        step_pp = 100.0 * (b.memory_savings - a.memory_savings)
+        if step_pp < DIMINISHING_PP:
+            out.append(
+                f"Diminishing returns: going from batch size {a.batch_size} to {b.batch_size} adds "
+                f"only {step_pp:.1f} percentage points of savings."
+            )
+    best_bw = max(rows, key=lambda r: r.bandwidth_savings)
+    if expert_bytes_known and tokens:
+        out.append(
+            f"At {best_bw.label}, deduplication avoids {human_bytes(best_bw.bytes_saved)} of "
+            f"host-to-device expert traffic over this trace "
+            f"({human_bytes(best_bw.bytes_saved / tokens)} per token)."
+        )
+    return out
+
+
+def _technical(doc: dict[str, Any], rows: list[BatchRow]) -> list[str]:
+    trace = doc["trace"]
+    n_experts = [int(x) for x in trace.get("n_experts", [])]
+    top_k = int(trace.get("top_k", 0))
+    expert_bytes = [int(x) for x in trace.get("expert_bytes", [])]
+    lines = [
+        "For each batch b and MoE layer l: requests(b,l) = (token, expert) pairs, "
+        "unique(b,l) = distinct experts.",
+        "Memory savings = (Σ requests − Σ unique) / Σ requests; the reuse factor of one layer is "
+        "1 − unique/requests.",
+        "Bandwidth savings = (bytes_requested − bytes_unique) / bytes_requested, with "
+        "bytes = Σ_l count(l) · expert_bytes(l).",
+    ]
+    _, known = _expert_bytes_text(expert_bytes)
+    if known:
+        if min(expert_bytes) == max(expert_bytes):
+            lines.append(
+                f"This trace: every routed expert is {expert_bytes[0]:,} bytes "
+                f"({human_bytes(expert_bytes[0])}), so bandwidth savings equal memory savings."
+            )
+        else:
+            lines.append(
+                f"This trace: routed experts are {min(expert_bytes):,}–{max(expert_bytes):,} bytes "
+                f"depending on the layer, so bandwidth and memory savings can differ."
+            )
+    elif expert_bytes and max(expert_bytes) > 0:
+        unknown = [str(i) for i, b in enumerate(expert_bytes) if b <= 0]
+        lines.append(
+            f"This trace lacks the expert size of MoE layer(s) {', '.join(unknown)}: byte totals "
+            "would cover only some layers, so they are reported as 0 and bandwidth savings are "
+            "taken equal to memory savings."
+        )
+    else:
+        lines.append(
+            "This trace does not record expert sizes: byte counts are 0 and bandwidth "
+            "savings are taken equal to memory savings."
+        )
+    top = rows[-1]
+    if top_k and n_experts:
+        e_text = (
+            f"E = {n_experts[0]}"
+            if min(n_experts) == max(n_experts)
+            else f"E = {min(n_experts)}–{max(n_experts)} (per layer)"
+        )
+        line = (
+            f"Uniform expectation: a batch whose tokens each pick k_t of {e_text} experts at "
+            f"random (k_t ≤ {top_k}: slots without an expert do not count) touches "
+            f"E·(1 − Π_t (1 − k_t/E)) distinct experts, E·(1 − (1 − k/E)^B) for B tokens of k."
+        )
+        if top.uniform_unique is not None:
+            line += (
+                f" Over {top.label} that is {top.uniform_unique:,.1f} distinct experts for "
+                f"{top.requests:,} requests: {pct(top.uniform_memory_savings)} savings, against "
+                f"{pct(top.memory_savings)} measured in this trace."
+            )
+        lines.append(line)
+    worked = doc["results"][-1]
+    if known:
+        lines.append(
+            f"Worked example, {top.label}: {worked['requests']:,} requests "
+            f"→ {int(worked['bytes_requested']):,} bytes; {worked['unique']:,} unique → "
+            f"{int(worked['bytes_unique']):,} bytes; savings {pct(worked['bandwidth_savings'])}."
+        )
+    else:
+        lines.append(
+            f"Worked example, {top.label}: {worked['requests']:,} requests, "
+            f"{worked['unique']:,} unique; savings {pct(worked['memory_savings'])}."
+        )
+    return lines
+
+
+def build_report(doc: dict[str, Any]) -> ReportRows:
+    """All report rows from a validated results dict."""
+    validate_results(doc)
+    results = sorted(doc["results"], key=lambda r: int(r["batch_size"]))
+    rows = [_row(r) for r in results]
+    trace = doc["trace"]
+    model = trace.get("model") or {}
+    source = trace.get("source") or {}
+    n_experts = [int(x) for x in trace.get("n_experts", [])]
+    eb_text, eb_known = _expert_bytes_text([int(x) for x in trace.get("expert_bytes", [])])
+
+    def routed(layer: dict[str, Any]) -> bool:
+        # Older results lack per-layer requests: then every layer counts.
+        return int(layer.get("requests", 1)) > 0
+
+    all_layer_savings = [
+        float(layer["memory_savings"]) for r in results for layer in r["layers"] if routed(layer)
+    ]
+    summary = Summary(
+        model=str(model.get("id") or "unknown"),
+        architecture=str(model.get("architecture") or "—"),
+        source=_source_text(source),
+        created=str(trace.get("created") or "—"),
+        tokens=int(trace.get("n_tokens", results[0].get("tokens", 0))),
+        requests=int(trace.get("n_requests", 0)),
+        moe_layers=int(trace.get("n_layers", len(results[0]["layers"]))),
+        experts=_experts_text(n_experts),
+        top_k=int(trace.get("top_k", 0)),
+        expert_bytes=eb_text,
+        expert_bytes_known=eb_known,
+        policy=str(results[0]["policy"]),
+        best_memory=max(rows, key=lambda r: r.memory_savings),
+        best_bandwidth=max(rows, key=lambda r: r.bandwidth_savings),
+        average_reuse_factor=(
+            sum(all_layer_savings) / len(all_layer_savings) if all_layer_savings else 0.0
+        ),
+    )
+    by_layer: dict[int, tuple[str, list[float | None]]] = {}
+    for i, r in enumerate(results):
+        for layer in r["layers"]:
+            entry = by_layer.setdefault(int(layer["layer"]), (_layer_label(layer), []))
+            entry[1].extend([None] * (i - len(entry[1])))  # a layer missing from earlier rows
+            entry[1].append(float(layer["memory_savings"]) if routed(layer) else None)
+    layer_rows = tuple(
+        (label, tuple(vals + [None] * (len(results) - len(vals))))
+        for _, (label, vals) in sorted(by_layer.items())
+    )
+    return ReportRows(
+        summary=summary,
+        batch_rows=tuple(rows),
+        layer_rows=layer_rows,
+        recommendations=tuple(_recommendations(rows, list(layer_rows), eb_known, summary.tokens)),
+        technical=tuple(_technical({**doc, "results": results}, rows)),
+    )
+
+
+# ---------------------------------------------------------------------- analysis tables
+
+
+def summary_items(report: ReportRows) -> list[tuple[str, str]]:
+    """The executive summary as (label, text) pairs."""
+    s = report.summary
+    bm, bb = s.best_memory, s.best_bandwidth
+    return [
+        ("Maximum memory savings", f"{pct(bm.memory_savings)} at {bm.label}"),
+        (
+            "Maximum bandwidth savings",
+            f"{pct(bb.bandwidth_savings)} at {bb.label}"
+            + (f" ({human_bytes(bb.bytes_saved)} saved)" if s.expert_bytes_known else ""),
+        ),
+        (
+            "Average reuse factor",
+            f"{s.average_reuse_factor:.3f} (mean over routed layers and batch sizes)",
+        ),
+        (
+            "Expert traffic without dedup",
+            f"{bm.requests:,} expert loads"
+            + (f", {human_bytes(bm.bytes_requested)}" if s.expert_bytes_known else ""),
+        ),
+        ("Batching policy", s.policy),
+        ("Model", s.model + (f" ({s.architecture})" if s.architecture != _DASH else "")),
+        ("Source", s.source),
+        ("Tokens / requests", f"{s.tokens:,} / {s.requests:,}"),
+        ("MoE layers × experts, top-k", f"{s.moe_layers} × {s.experts}, top-{s.top_k}"),
+        ("Routed expert size", s.expert_bytes),
+        ("Trace created", s.created),
+    ]
+
+
+BATCH_HEADER = [
+    "Batch Size",
+    "Batches",
+    "Avg Memory Savings",
+    "Avg Bandwidth Savings",
+    "Max Reuse Factor",
+    "Bytes Saved",
+    "Uniform Expectation",
+]
+
+
+def batch_table_rows(report: ReportRows) -> tuple[list[str], list[list[str]]]:
+    """Savings by batch size: (header, one row per batch size)."""
+    rows = [
+        [
+            r.size_text,
+            f"{r.n_batches:,}",
+            pct(r.memory_savings),
+            pct(r.bandwidth_savings),
+            f"{r.max_reuse_factor:.3f} (L{r.max_reuse_layer})",
+            human_bytes(r.bytes_saved) if report.summary.expert_bytes_known else _DASH,
+            pct(r.uniform_memory_savings),
+        ]
+        for r in report.batch_rows
+    ]
+    return list(BATCH_HEADER), rows
+
+
+def layer_table_rows(report: ReportRows) -> tuple[list[str], list[list[str]]]:
+    """Savings per layer: (header, one row per MoE layer, one column per batch size)."""
+    header = ["Layer"] + [
+        "recorded" if r.recorded else f"B={r.batch_size}" for r in report.batch_rows
+    ]
+    # "—": the layer routed no token (every slot empty), so it has no savings.
+    rows = [
+        [label] + [_DASH if v is None else pct(v) for v in vals]
+        for label, vals in report.layer_rows
+    ]
+    return header, rows
+
+
+# ---------------------------------------------------------------------- trace tables
+
+
+def ranges_text(values: Sequence[int]) -> str:
+    """[0,1,2,3,5] -> '0-3, 5'."""
+    out: list[str] = []
+    start = prev = None
+    for v in values:
+        if start is None:
+            start = prev = v
+        elif prev is not None and v == prev + 1:
+            prev = v
+        else:
+            out.append(f"{start}-{prev}" if start != prev else str(start))
+            start = prev = v
+    if start is not None:
+        out.append(f"{start}-{prev}" if start != prev else str(start))
+    return ", ".join(out)
+
+
+def _model_text(model: dict[str, Any]) -> str:
+    return f"{model.get('id') or 'unknown'} ({model.get('architecture') or _DASH})"
+
+
+def _experts_per_layer_text(n_experts: list[int]) -> str:
+    return str(n_experts[0]) if len(set(n_experts)) == 1 else str(n_experts)
+
+
+def trace_info_items(trace: Trace, info: dict[str, Any]) -> list[tuple[str, str]]:
+    """What `moeprof info` shows: `info` is the trace summary plus ``file_bytes``."""
+    model = info.get("model") or {}
+    source = info.get("source") or {}
+    ebytes = trace.expert_bytes.tolist()
+    return [
+        ("format", f"moeprof-trace v{info['format_version']}"),
+        ("model", _model_text(model)),
+        ("source", str(source.get("kind") or "unknown")),
+        ("tokens", f"{trace.n_tokens:,}"),
+        ("requests", f"{trace.n_requests:,}"),
+        ("MoE layers", f"{trace.n_layers} (model layers {trace.moe_layer_indices})"),
+        ("experts per layer", _experts_per_layer_text(trace.n_experts.tolist())),
+        ("top-k", str(trace.top_k)),
+        (
+            "routed expert size",
+            "unknown"
+            if min(ebytes) <= 0
+            else (human_bytes(ebytes[0]) if len(set(ebytes)) == 1 else str(ebytes)),
+        ),
+        ("shared-expert bytes", f"{int(info.get('shared_expert_bytes') or 0):,}"),
+        (
+            "arrays",
+            ", ".join(f"{k} {tuple(v.shape)} {v.dtype}" for k, v in trace.arrays().items()),
+        ),
+        ("steps recorded", "yes" if trace.steps is not None else "no"),
+        ("created", str(info.get("created", _DASH))),
+        ("file size", human_bytes(info["file_bytes"])),
+    ]
+
+
+def recorded_items(
+    trace: Trace, seconds: float, path: str, file_bytes: int
+) -> list[tuple[str, str]]:
+    """What `moeprof record` shows after a run of `seconds` wrote `trace` to `path`."""
+    meta = trace.meta
+    source = meta.get("source") or {}
+    ebytes = trace.expert_bytes.tolist()
+    decode = int((trace.phase == 1).sum()) if trace.phase is not None else 0
+    if len(set(ebytes)) == 1:
+        expert_size = human_bytes(ebytes[0]) if ebytes[0] > 0 else "unknown"
+    else:
+        expert_size = ", ".join(human_bytes(b) for b in ebytes)
+    dtype = source.get("expert_dtype")
+    rate = trace.n_tokens / seconds if seconds > 0 else 0.0
+    return [
+        ("model", _model_text(meta.get("model") or {})),
+        ("MoE layers", f"{trace.n_layers} (model layers {ranges_text(trace.moe_layer_indices)})"),
+        ("experts per layer", _experts_per_layer_text(trace.n_experts.tolist())),
+        ("top-k", str(trace.top_k)),
+        ("tokens", f"{trace.n_tokens:,} (prefill {trace.n_tokens - decode:,}, decode {decode:,})"),
+        ("requests", f"{trace.n_requests:,}"),
+        ("forward passes", f"{int(source.get('forward_passes', 0)):,}"),
+        ("routed expert size", expert_size + (f" ({dtype})" if dtype else "")),
+        ("shared experts / layer", human_bytes(int(meta.get("shared_expert_bytes") or 0))),
+        ("time", f"{seconds:.1f} s ({rate:,.0f} tokens/s)"),
+        ("trace file", f"{path} ({human_bytes(file_bytes)})"),
+    ]
+
+
+# ---------------------------------------------------------------------- replay rows
+
+REPLAY_HEADER = [
+    "Batch",
+    "Strategy",
+    "Copies",
+    "Bytes copied",
+    "Seconds",
+    "GB/s",
+    "Share of peak",
+    "NVML RX",
+    "NVML TX",
+    "RX / counted",
+    "Counted savings",
+    "Measured savings",
+    "Agree (±10%)",
+]
+LATENCY_HEADER = ["Batch", "Strategy", "Batches", "Mean ms", "p50 ms", "p90 ms", "Max ms"]
+
+
+def has_replay(doc: dict[str, Any]) -> bool:
+    """Whether the results document carries replay measurements (a replay section to show)."""
+    return isinstance(doc.get("replay"), dict) and any(
+        isinstance(r.get("replay"), dict) for r in doc.get("results", [])
+    )
+
+
+def _opt_bytes(value: Any) -> str:
+    return _DASH if value is None else human_bytes(value)
+
+
+def _opt_pct(value: Any) -> str:
+    return _DASH if value is None else pct(value)
+
+
+def _savings_cell(cmp: dict[str, Any]) -> tuple[str, str, str]:
+    counted = _opt_pct(cmp.get("counted_savings"))
+    basis = cmp.get("basis")
+    if basis == "nvml_rx_bytes":
+        measured = f"{pct(cmp['measured_savings_nvml'])} NVML"
+    elif basis == "seconds":
+        measured = f"{pct(cmp['measured_savings_seconds'])} time"
+    else:
+        measured = _DASH
+    agree = cmp.get("agrees_within_10pct")
+    agree_text = _DASH if agree is None else ("yes" if agree else "no")
+    return counted, measured, agree_text
+
+
+def replay_rows(doc: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """One row per batch size and strategy."""
+    rows: list[list[str]] = []
+    for result in doc.get("results", []):
+        rep = result.get("replay")
+        if not isinstance(rep, dict):
+            continue
+        for s in rep.get("strategies", []):
+            counted, measured, agree = _savings_cell(s.get("vs_naive") or {})
+            ratio = s.get("measured_to_counted")
+            copies = f"{s['copies']:,}"
+            if not s.get("copies_match_counted", True):
+                copies += f" (counted {s['counted_copies']:,})"
+            rows.append(
+                [
+                    str(result["batch_size"]),
+                    s["strategy"],
+                    copies,
+                    human_bytes(s["bytes_copied"]),
+                    f"{s['seconds']:.4f}",
+                    f"{s['gbps']:.2f}",
+                    _opt_pct(s.get("share_of_peak")),
+                    _opt_bytes(s.get("nvml_rx_bytes")),
+                    _opt_bytes(s.get("nvml_tx_bytes")),
+                    _DASH if ratio is None else f"{ratio:.3f}x",
+                    counted,
+                    measured,
+                    agree,
+                ]
+            )
+    return REPLAY_HEADER, rows
+
+
+def latency_rows(doc: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    rows: list[list[str]] = []
+    for result in doc.get("results", []):
+        for s in (result.get("replay") or {}).get("strategies", []):
+            lat = s.get("batch_latency")
+            if not lat:
+                continue
+            rows.append(
+                [
+                    str(result["batch_size"]),
+                    s["strategy"],
+                    f"{lat['batches']:,}",
+                    f"{lat['mean_ms']:.3f}",
+                    f"{lat['p50_ms']:.3f}",
+                    f"{lat['p90_ms']:.3f}",
+                    f"{lat['max_ms']:.3f}",
+                ]
+            )
+    return LATENCY_HEADER, rows
+
+
+def replay_notes(doc: dict[str, Any]) -> list[str]:
+    """What was replayed, where, and how it was measured: one sentence each."""
+    info = doc.get("replay") or {}
+    notes: list[str] = []
+    if info.get("ran_on_cpu"):
+        notes.append(
+            "**Ran on the CPU** (no GPU): host-to-host copies stand in for PCIe transfers. Copies "
+            "and bytes are exact; seconds and GB/s describe this machine's memory, not a GPU link."
+        )
+    else:
+        name = info.get("device_name") or info.get("device", "?")
+        link = info.get("link") or {}
+        link_text = ""
+        if link.get("pcie_gen_max") and link.get("pcie_width_max"):
+            link_text = f", PCIe Gen{link['pcie_gen_max']} x{link['pcie_width_max']} (max)"
+        notes.append(
+            f"Device: {name} ({info.get('device', '?')}{link_text}), {info.get('host_memory', '')}."
+        )
+    peak = info.get("peak_h2d_gbps")
+    if peak:
+        cal = info.get("calibration") or {}
+        notes.append(
+            f"Calibrated peak: {peak:.2f} GB/s ({cal.get('method', 'one large copy')} of "
+            f"{human_bytes(cal.get('bytes', 0))}, best of {cal.get('repeats', '?')}); "
+            "GB/s here means 10^9 bytes per second."
+        )
+    method = info.get("measurement_method")
+    reason = info.get("measurement_reason")
+    check = info.get("counter_check") or {}
+    check_text = ""
+    if check.get("rx_to_copied") is not None and check.get("bytes_copied"):
+        check_text = (
+            f" Check: the calibration's {human_bytes(check['bytes_copied'])} showed as "
+            f"{human_bytes(check.get('nvml_rx_bytes') or 0)} RX ({check['rx_to_copied']:.3f}x)."
+        )
+    if method == "nvml_counters":
+        notes.append(
+            "PCIe bytes: NVML cumulative RX/TX byte counters read around each run with the streams "
+            "synchronised. They include protocol overhead and every process's traffic, so RX / "
+            "counted slightly above 1.00x is expected." + check_text
+        )
+    elif method == "nvml_throughput":
+        notes.append(
+            "PCIe bytes: **estimated** from nvmlDeviceGetPcieThroughput (KiB/s over ~20 ms "
+            "windows) sampled and integrated; the byte counters were not available"
+            + (
+                f" ({'; '.join(info.get('measurement_notes') or [])})."
+                if info.get("measurement_notes")
+                else "."
+            )
+        )
+    elif method:
+        notes.append(f"PCIe bytes: not measured ({reason}); counted payload only.")
+    if info.get("scaled_blocks"):
+        rep = sorted(set(info.get("expert_bytes_replayed") or []))
+        full = sorted(set(info.get("expert_bytes_full") or []))
+        notes.append(
+            f"Blocks were scaled down: each expert was replayed as {', '.join(human_bytes(b) for b in rep)} "
+            f"instead of {', '.join(human_bytes(b) for b in full)}; `bytes_copied_full_size` and "
+            "`projected_seconds_full_size` in the JSON project the full size at the measured rate."
+        )
+    layers = info.get("layers")
+    if layers is not None:
+        notes.append(
+            f"Replayed MoE layers: {', '.join(str(x) for x in layers)}; policy {info.get('policy')}"
+            + (
+                f", first {info['max_batches']} batches per batch size"
+                if info.get("max_batches")
+                else ""
+            )
+            + (
+                f", LRU cache of {info.get('cache_experts')} experts per layer"
+                # strategy-specific: read from the registry
+                if "lru" in (info.get("strategies") or [])
+                else ""
+            )
+            + "."
+        )
+    notes.append(
+        "Savings are against naive at the same batch size. Counted savings compare payload bytes; "
+        "measured savings compare NVML RX bytes when measured (NVML), else device time (time). They agree when "
+        "the measured cost ratio (strategy / naive) is within 10% of the counted one."
+    )
+    bound = [
+        f"{s.get('strategy')} B={row.get('batch_size')}"
+        for row in doc.get("results") or []
+        if isinstance(row.get("replay"), dict)
+        for s in (row["replay"].get("strategies") or [])
+        if s.get("host_bound") is True
+    ]
+    if bound:
+        notes.append(
+            f"**Host-bound runs** ({', '.join(bound)}): Python took at least 90% of the device "
+            "time to queue their copies, so the GPU may have waited for it; their seconds and "
+            "GB/s then describe the host, not the link. Larger blocks (--expert-bytes) help."
+        )
+    if info.get("interrupted"):
+        notes.append("**Interrupted**: only the runs that finished are shown.")
+    return notes

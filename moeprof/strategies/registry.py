@@ -1,0 +1,59 @@
+"""The residency strategies by name, in run order: adding one is a class in its own module
+plus a line here."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from moeprof.errors import MoeprofError
+from moeprof.strategies.base import Strategy
+from moeprof.strategies.dedup import DedupStrategy
+from moeprof.strategies.lru import LruStrategy
+from moeprof.strategies.naive import NaiveStrategy
+
+# Run order: the baseline first, the one the others are compared with.
+REGISTRY: dict[str, Strategy] = {
+    s.name: s
+    for s in (
+        NaiveStrategy(),
+        DedupStrategy(),
+        LruStrategy(),
+    )
+}
+STRATEGIES = tuple(REGISTRY)
+BASELINE = NaiveStrategy.name  # savings are measured against it (results' "vs_naive")
+
+
+def get_strategy(name: str) -> Strategy:
+    strategy = REGISTRY.get(name)
+    if strategy is None:
+        raise MoeprofError(f"unknown strategy {name!r}; choose from {', '.join(REGISTRY)}")
+    return strategy
+
+
+def check_strategies(names: Sequence[str]) -> tuple[str, ...]:
+    """Known, distinct strategy names in run order; a MoeprofError names the first unknown."""
+    if isinstance(names, str):
+        raise MoeprofError(f"strategies must be a list of names, not the text {names!r}")
+    chosen = [s for s in names if s]
+    if not chosen:
+        raise MoeprofError("no strategies given; choose from " + ", ".join(REGISTRY))
+    for name in chosen:
+        get_strategy(name)
+    return tuple(s for s in REGISTRY if s in chosen)
+
+
+def check_cache_experts(cache_experts: Any) -> int:
+    whole = isinstance(cache_experts, (int, np.integer)) and not isinstance(cache_experts, bool)
+    if not whole or cache_experts < 0:
+        raise MoeprofError(f"cache_experts must be 0 or more, got {cache_experts!r}")
+    return int(cache_experts)
+
+
+def strategy_help() -> str:
+    """`--strategies` help: every registered strategy with its few words, in run order."""
+    listed = ", ".join(f"{s.name} ({s.help})" for s in REGISTRY.values())
+    return f"Comma-separated, run in this order: {listed}."

@@ -1,0 +1,116 @@
+"""What a strategy loads, batch by batch and layer by layer: pure numpy, no device.
+
+A schedule lists, per replayed MoE layer, the *items* of every batch in issue order: an item is
+one expert the batch uses at that layer, read from a device slot, copied host->device first when
+``copy`` is set, and (when replay computes) run on ``tokens`` tokens. Batches come from a
+:class:`moeprof.batching.BatchPlan`, the plans `analyze` counts with (docs/replay.md, "What is
+replayed").
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from moeprof.batching import BatchPlan
+from moeprof.trace import Trace
+
+
+@dataclass(frozen=True)
+class LayerSchedule:
+    """One strategy at one MoE layer; batch b's items are ``[ptr[b], ptr[b + 1])``."""
+
+    layer: int  # MoE layer index in the trace
+    ptr: np.ndarray  # int64 [n_batches + 1]
+    expert: np.ndarray  # int64 [n_items]
+    slot: np.ndarray  # int64 [n_items]: slot index within this layer's slot space
+    copy: np.ndarray  # bool [n_items]
+    tokens: np.ndarray  # int64 [n_items]: tokens routed to the expert in this batch
+    n_slots: int  # slots this layer needs (in its own space, or in the shared one)
+
+    @property
+    def copies(self) -> int:
+        return int(np.count_nonzero(self.copy))
+
+
+@dataclass(frozen=True)
+class Schedule:
+    strategy: str
+    plan: BatchPlan
+    layers: tuple[LayerSchedule, ...]
+    shared_slots: bool  # True: all layers use one slot space of max(n_slots); False: one each
+    cache_experts: int = 0
+
+    @property
+    def n_batches(self) -> int:
+        return self.plan.n_batches
+
+    @property
+    def copies(self) -> int:
+        return sum(ls.copies for ls in self.layers)
+
+    def total_slots(self) -> int:
+        return total_slots([ls.n_slots for ls in self.layers], self.shared_slots)
+
+    def slot_bases(self) -> list[int]:
+        """First global slot of each layer's slot space."""
+        if self.shared_slots:
+            return [0] * len(self.layers)
+        return [
+            int(x)
+            for x in np.concatenate(([0], np.cumsum([ls.n_slots for ls in self.layers])))[:-1]
+        ]
+
+
+def total_slots(per_layer: list[int], shared: bool) -> int:
+    """Device slots for layers needing `per_layer` slots: the largest when the layers share one
+    slot space, else their sum."""
+    if not per_layer:
+        return 0
+    return max(per_layer) if shared else sum(per_layer)
+
+
+def requests_in_order(trace: Trace, plan: BatchPlan, layer: int) -> tuple[np.ndarray, np.ndarray]:
+    """(batch, expert) of every (token, expert) request at `layer`, in issue order (the plan's
+    row order, then top-k slot), sentinels dropped."""
+    rows = plan.order[: plan.n_rows]
+    ids = np.asarray(trace.expert_ids[rows, layer, :], dtype=np.int64).reshape(-1)
+    batch = np.repeat(np.arange(plan.n_batches, dtype=np.int64), plan.batch_tokens * trace.top_k)
+    valid = ids != int(trace.n_experts[layer])
+    return batch[valid], ids[valid]
+
+
+def batch_ptr(batch_of_item: np.ndarray, n_batches: int) -> np.ndarray:
+    """Item offsets of each batch, int64 [n_batches + 1], from items sorted by batch."""
+    return np.searchsorted(batch_of_item, np.arange(n_batches + 1)).astype(np.int64)
+
+
+@dataclass(frozen=True)
+class Distinct:
+    """Distinct experts per batch at one layer, sorted by (batch, expert)."""
+
+    ptr: np.ndarray
+    expert: np.ndarray
+    tokens: np.ndarray  # requests of that expert in the batch
+    last_use: np.ndarray  # issue position of its last request (recency inside the batch)
+
+    @property
+    def widest(self) -> int:
+        """Most distinct experts in one batch (at least 1: a slot space is never empty)."""
+        return max(int(np.diff(self.ptr).max(initial=0)), 1)
+
+
+def distinct_per_batch(trace: Trace, plan: BatchPlan, layer: int) -> Distinct:
+    batch, expert = requests_in_order(trace, plan, layer)
+    n_exp = int(trace.n_experts[layer])
+    keys = batch * n_exp + expert
+    uniq, inverse, counts = np.unique(keys, return_inverse=True, return_counts=True)
+    last = np.full(uniq.shape[0], -1, dtype=np.int64)
+    np.maximum.at(last, inverse, np.arange(keys.shape[0], dtype=np.int64))
+    return Distinct(
+        ptr=batch_ptr(uniq // n_exp, plan.n_batches),
+        expert=uniq % n_exp,
+        tokens=counts.astype(np.int64),
+        last_use=last,
+    )
