@@ -5,8 +5,7 @@ Library first: every ``moeprof <verb>`` is one of these functions plus a rendere
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
-
+from moeprof._version import __version__
 from moeprof.analyze import AnalysisResult, BatchSizeResult, LayerResult, analyze
 from moeprof.batching import POLICIES, BatchPlan, plan_batches
 from moeprof.errors import MoeprofError

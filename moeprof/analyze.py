@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from moeprof._version import __version__
 from moeprof.batching import BatchPlan, check_batch_sizes, get_policy
 from moeprof.errors import MoeprofError
 from moeprof.trace import Trace, out_of_range_id
@@ -280,7 +281,6 @@ class AnalysisResult:
     results: tuple[BatchSizeResult, ...]
 
     def to_dict(self) -> dict[str, Any]:
-        from moeprof import __version__
 
         return {
             "moeprof_version": __version__,

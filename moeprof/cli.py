@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import typer
 from typer.exceptions import TyperException
 
-from moeprof import __version__
+from moeprof._version import __version__
 from moeprof.commands import _common
 
 app = typer.Typer(

@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from moeprof import _io
+from moeprof._version import __version__
 from moeprof.errors import MoeprofError
 
 FORMAT_NAME = "moeprof-trace"
@@ -152,8 +153,6 @@ def duplicate_expert(ids: np.ndarray, n_experts: np.ndarray) -> tuple[int, int, 
 
 def library_versions() -> dict[str, str]:
     """Versions of what produced a trace, for provenance."""
-    from moeprof import __version__
-
     versions = {
         "moeprof": __version__,
         "numpy": np.__version__,

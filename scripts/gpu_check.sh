@@ -132,7 +132,7 @@ if ! has cuda; then
 fi
 
 if has pytest; then
-  GPU_TESTS=(tests/test_replay.py tests/test_doctor.py tests/test_nvml.py tests/test_record.py)
+  GPU_TESTS=(tests/test_replay_engine.py tests/test_replay_backends.py tests/test_cudart.py tests/test_doctor.py tests/test_nvml.py tests/test_record.py)
   # The record CLI tests run moeprof.cli (typer, rich); both record files skip without
   # transformers.
   if has typer && has rich; then GPU_TESTS+=(tests/test_record_cli.py); fi

@@ -78,3 +78,13 @@ def test_no_warnings_on_clean_import() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         import_trace(DATA / "long_csv", "long-csv")
+
+
+def test_every_registered_format_is_in_the_import_help(run_cli) -> None:
+    from moeprof.importers.registry import REGISTRY
+
+    res = run_cli("import", "--help")
+    assert res.exit_code == 0
+    for name, reader in REGISTRY.items():
+        assert name in res.stdout, name
+        assert all(s.startswith(".") for s in reader.suffixes), name

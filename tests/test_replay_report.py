@@ -152,3 +152,18 @@ def test_markdown_of_nvml_measured_runs() -> None:
     runs = (_run("naive", 1000_00, 2.0, 106_000), _run("dedup", 250_00, 0.52, 26_500, True))
     text = replay_markdown(ReplayResult(analysis, runs, info).to_dict())
     assert "**Host-bound runs** (dedup B=8)" in text
+
+
+@pytest.mark.parametrize(
+    ("strategies", "note"),
+    [
+        (["naive", "dedup", "lru"], ", LRU cache of 3 experts per layer."),
+        (["naive", "dedup"], "policy tokens."),  # no strategy keeps experts: no cache named
+    ],
+)
+def test_replay_notes_name_the_caches_the_registry_knows(strategies: list[str], note: str) -> None:
+    from moeprof.report.rows import replay_notes
+
+    info = {"layers": [0, 1], "policy": "tokens", "strategies": strategies, "cache_experts": 3}
+    line = next(n for n in replay_notes({"replay": info}) if n.startswith("Replayed MoE layers"))
+    assert line.endswith(note), line

@@ -16,17 +16,24 @@ dropped tokens are reported with :class:`MoeprofImportWarning`.
 from __future__ import annotations
 
 import os
-import warnings
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from moeprof.errors import MoeprofError
+from moeprof.importers.common import (
+    PHASES,
+    MoeprofImportWarning,
+    PathLike,
+    Progress,
+    TokenRouting,
+    warn,
+)
 from moeprof.importers.model_config import ModelExperts, load_model_config
-from moeprof.trace import PHASE_DECODE, PHASE_PREFILL, Trace
+from moeprof.importers.registry import FORMATS, SUFFIXES, get_format
+from moeprof.trace import Trace
 
 __all__ = [
     "FORMATS",
@@ -38,47 +45,7 @@ __all__ = [
     "list_sources",
 ]
 
-FORMATS = ("long-csv", "long-jsonl", "vllm", "sglang")
-# File name endings each format reads when given a folder (and uses to guess the format).
-SUFFIXES: dict[str, tuple[str, ...]] = {
-    "long-csv": (".csv",),
-    "long-jsonl": (".jsonl", ".ndjson"),
-    "vllm": (".npy", ".npz"),
-    "sglang": (".pt", ".pth"),
-}
 _LONG_OPTIONS = ("request_col", "position_col", "layer_col", "experts_col", "weights_col")
-PHASES = {"prefill": PHASE_PREFILL, "decode": PHASE_DECODE}
-
-PathLike = str | os.PathLike[str]
-Progress = Callable[[int, int], None]  # (files done, files in all)
-
-
-class MoeprofImportWarning(UserWarning):
-    """Something was left out of an import (tokens missing a layer, unaligned token ids)."""
-
-
-def warn(message: str) -> None:
-    warnings.warn(message, MoeprofImportWarning, stacklevel=3)
-
-
-@dataclass
-class TokenRouting:
-    """Routing read from a source, token-major, before expert counts and sizes are settled."""
-
-    expert_ids: np.ndarray  # int64 [T, L, K]; -1 = no expert in that slot
-    request_ids: np.ndarray  # int64 [T], dense from 0 in order of first appearance
-    positions: np.ndarray  # int64 [T]
-    request_labels: list[str]  # one per request: where it came from
-    layer_numbers: list[int] | None = (
-        None  # model layer index of each MoE layer, if the source says
-    )
-    gate_weights: np.ndarray | None = None  # float [T, L, K]
-    steps: np.ndarray | None = None
-    phase: np.ndarray | None = None
-    token_ids: np.ndarray | None = None
-    n_experts_hint: int | None = None  # expert count the source itself states (e.g. a map's size)
-    locate: Callable[[int, int], str] | None = None  # (token, layer) -> "file:line" for errors
-    details: dict[str, Any] = field(default_factory=dict)  # format-specific provenance
 
 
 def detect_format(paths: Sequence[Path]) -> str:
@@ -248,13 +215,12 @@ def import_trace(
     """
     given = [src] if isinstance(src, (str, os.PathLike)) else list(src)
     fmt = format if format is not None else detect_format([Path(p) for p in given])
-    if fmt not in FORMATS:
-        raise MoeprofError(f"unknown import format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    reader = get_format(fmt)
     unknown = sorted(set(options) - set(_LONG_OPTIONS))
     if unknown:
         raise MoeprofError(f"unknown import option(s): {', '.join(unknown)}")
     col_options = {k: v for k, v in options.items() if v is not None}
-    if col_options and not fmt.startswith("long-"):
+    if col_options and not reader.column_options:
         flags = ", ".join("--" + k.replace("_", "-") for k in sorted(col_options))
         raise MoeprofError(f"{flags} apply to long-csv and long-jsonl only, not {fmt}")
     if experts is not None and not 1 <= int(experts) <= 65535:
@@ -273,19 +239,7 @@ def import_trace(
     n_experts = experts if experts is not None else (model.n_experts if model is not None else None)
     files = list_sources(given, fmt)
 
-    routing: TokenRouting
-    if fmt.startswith("long-"):
-        from moeprof.importers.long_table import read_long_table
-
-        routing = read_long_table(files, fmt, n_experts=n_experts, progress=progress, **col_options)
-    elif fmt == "vllm":
-        from moeprof.importers.vllm import read_vllm
-
-        routing = read_vllm(files, progress=progress)
-    else:
-        from moeprof.importers.sglang import read_sglang
-
-        routing = read_sglang(files, progress=progress)
+    routing = reader.read(files, n_experts=n_experts, progress=progress, **col_options)
     return build_trace(
         routing,
         fmt=fmt,

@@ -28,7 +28,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from moeprof.errors import MoeprofError
-from moeprof.importers import PHASES, Progress, TokenRouting, warn
+from moeprof.importers.common import PHASES, ImportFormat, Progress, TokenRouting, warn
 from moeprof.trace import duplicate_expert
 
 # Usual column names, compared after normalising (lower case, runs of other characters -> "_").
@@ -900,3 +900,29 @@ def read_long_table(
             "columns": {k: v for k, v in asdict(parts[0].columns).items() if v not in (None, [])},
         },
     )
+
+
+class _LongTableFormat(ImportFormat):
+    column_options = True
+
+    def read(
+        self,
+        files: Sequence[Path],
+        *,
+        n_experts: int | None,
+        progress: Progress | None,
+        **columns: Any,
+    ) -> TokenRouting:
+        return read_long_table(files, self.name, n_experts=n_experts, progress=progress, **columns)
+
+
+class LongCsvFormat(_LongTableFormat):
+    name = "long-csv"
+    suffixes = (".csv",)
+    help = "one row per (request, token, layer)"
+
+
+class LongJsonlFormat(_LongTableFormat):
+    name = "long-jsonl"
+    suffixes = (".jsonl", ".ndjson")
+    help = "one JSON object per (request, token, layer)"

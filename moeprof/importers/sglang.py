@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 
 from moeprof.errors import MoeprofError
-from moeprof.importers import Progress, TokenRouting
+from moeprof.importers.common import ImportFormat, Progress, TokenRouting
 from moeprof.trace import PHASE_DECODE, PHASE_PREFILL
 
 MODE_EXTEND, MODE_DECODE, MODE_MIXED, MODE_IDLE, MODE_TARGET_VERIFY = 1, 2, 3, 4, 5
@@ -392,3 +392,19 @@ def read_sglang(files: Sequence[Path], *, progress: Progress | None = None) -> T
             "model_layers_in_dump": n_layers,
         },
     )
+
+
+class SglangFormat(ImportFormat):
+    name = "sglang"
+    suffixes = (".pt", ".pth")
+    help = "expert-distribution recorder dumps (per_token)"
+
+    def read(
+        self,
+        files: Sequence[Path],
+        *,
+        n_experts: int | None,
+        progress: Progress | None,
+        **columns: Any,
+    ) -> TokenRouting:
+        return read_sglang(files, progress=progress)

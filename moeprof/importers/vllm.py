@@ -22,12 +22,12 @@ import zipfile
 import zlib
 from collections.abc import Sequence
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 import numpy as np
 
 from moeprof.errors import MoeprofError
-from moeprof.importers import Progress, TokenRouting, warn
+from moeprof.importers.common import ImportFormat, Progress, TokenRouting, warn
 from moeprof.trace import PHASE_DECODE, PHASE_PREFILL
 
 PROMPT_KEY = "prompt_routed_experts"
@@ -288,3 +288,19 @@ def read_vllm(files: Sequence[Path], *, progress: Progress | None = None) -> Tok
         token_ids=token_ids,
         details={"empty_files": empty},
     )
+
+
+class VllmFormat(ImportFormat):
+    name = "vllm"
+    suffixes = (".npy", ".npz")
+    help = "routed_experts arrays, one request per file"
+
+    def read(
+        self,
+        files: Sequence[Path],
+        *,
+        n_experts: int | None,
+        progress: Progress | None,
+        **columns: Any,
+    ) -> TokenRouting:
+        return read_vllm(files, progress=progress)

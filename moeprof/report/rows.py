@@ -12,8 +12,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from moeprof.batching import REGISTRY as POLICY_REGISTRY
 from moeprof.formatting import human_bytes, pct
 from moeprof.report.results import validate_results
+from moeprof.strategies import REGISTRY
 
 if TYPE_CHECKING:
     from moeprof.trace import Trace
@@ -46,7 +48,9 @@ class BatchRow:
 
     @property
     def recorded(self) -> bool:
-        return self.policy == "recorded"
+        # A policy without a batch size runs the batches the trace recorded.
+        policy = POLICY_REGISTRY.get(self.policy)
+        return policy is not None and not policy.takes_batch_size
 
     @property
     def label(self) -> str:
@@ -698,6 +702,12 @@ def replay_notes(doc: dict[str, Any]) -> list[str]:
             "`projected_seconds_full_size` in the JSON project the full size at the measured rate."
         )
     layers = info.get("layers")
+    # Strategies that keep experts across batches, named as the registry names their cache.
+    caches = [
+        REGISTRY[name].cache_label
+        for name in info.get("strategies") or []
+        if name in REGISTRY and REGISTRY[name].uses_cache
+    ]
     if layers is not None:
         notes.append(
             f"Replayed MoE layers: {', '.join(str(x) for x in layers)}; policy {info.get('policy')}"
@@ -707,9 +717,8 @@ def replay_notes(doc: dict[str, Any]) -> list[str]:
                 else ""
             )
             + (
-                f", LRU cache of {info.get('cache_experts')} experts per layer"
-                # strategy-specific: read from the registry
-                if "lru" in (info.get("strategies") or [])
+                f", {' and '.join(caches)} cache of {info.get('cache_experts')} experts per layer"
+                if caches
                 else ""
             )
             + "."

@@ -34,6 +34,7 @@ class Strategy:
     name: ClassVar[str]  # the registry key, `--strategies` value and the results' "strategy"
     help: ClassVar[str]  # a few words for `--strategies` help
     uses_cache: ClassVar[bool] = False  # keeps `cache_experts` experts per layer across batches
+    cache_label: ClassVar[str] = ""  # how reports name its cache ("LRU"), where uses_cache
     shared_slots: ClassVar[bool] = True  # all layers use one slot space (else one each)
     counted_basis: ClassVar[str]  # where counted_copies comes from, in the results JSON
 

@@ -22,6 +22,7 @@ class LruStrategy(Strategy):
     name = "lru"
     help = "dedup, keeping each layer's most recently used experts on the device"
     uses_cache = True
+    cache_label = "LRU"
     shared_slots = False
     counted_basis = "LRU simulation"
 

@@ -1,0 +1,69 @@
+"""What every import format shares: the token-major routing a reader returns, the reader
+interface, and the warning for what an import leaves out. Importers depend on this module, never
+on the package front (`moeprof.importers`), which depends on them."""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+
+from moeprof.trace import PHASE_DECODE, PHASE_PREFILL
+
+PHASES = {"prefill": PHASE_PREFILL, "decode": PHASE_DECODE}
+
+PathLike = str | os.PathLike[str]
+Progress = Callable[[int, int], None]  # (files done, files in all)
+
+
+class MoeprofImportWarning(UserWarning):
+    """Something was left out of an import (tokens missing a layer, unaligned token ids)."""
+
+
+def warn(message: str) -> None:
+    warnings.warn(message, MoeprofImportWarning, stacklevel=3)
+
+
+@dataclass
+class TokenRouting:
+    """Routing read from a source, token-major, before expert counts and sizes are settled."""
+
+    expert_ids: np.ndarray  # int64 [T, L, K]; -1 = no expert in that slot
+    request_ids: np.ndarray  # int64 [T], dense from 0 in order of first appearance
+    positions: np.ndarray  # int64 [T]
+    request_labels: list[str]  # one per request: where it came from
+    layer_numbers: list[int] | None = (
+        None  # model layer index of each MoE layer, if the source says
+    )
+    gate_weights: np.ndarray | None = None  # float [T, L, K]
+    steps: np.ndarray | None = None
+    phase: np.ndarray | None = None
+    token_ids: np.ndarray | None = None
+    n_experts_hint: int | None = None  # expert count the source itself states (e.g. a map's size)
+    locate: Callable[[int, int], str] | None = None  # (token, layer) -> "file:line" for errors
+    details: dict[str, Any] = field(default_factory=dict)  # format-specific provenance
+
+
+class ImportFormat:
+    """One source format: the file endings it reads and how it reads them into routing."""
+
+    name: ClassVar[str]  # the `--format` value
+    suffixes: ClassVar[tuple[str, ...]]  # file endings read from a folder and used to guess
+    help: ClassVar[str]  # a few words for `--format` help
+    column_options: ClassVar[bool] = False  # takes request_col, position_col, ... options
+
+    def read(
+        self,
+        files: Sequence[Path],
+        *,
+        n_experts: int | None,
+        progress: Progress | None,
+        **columns: Any,
+    ) -> TokenRouting:
+        """The routing in `files`, read in the order given."""
+        raise NotImplementedError
