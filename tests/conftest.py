@@ -132,14 +132,29 @@ def reference_loads(
     distinct expert once, ascending, with its request count; lru: dedup's experts, those cached
     at the batch's start first (hits, not copied), then the rest (misses), each group ascending;
     the cache follows each expert's last request in row then top-k order and drops its least
-    recent experts down to `capacity` once the batch is done.
+    recent experts down to `capacity` once the batch is done; lfu, static, belady: the same
+    hits-then-misses order, keeping after each batch the `capacity` experts used in the most
+    batches (ties: the later last request), the most requested over the whole trace (ties: lower
+    id; each once first used), or the soonest used again (ties: lower id; never: dropped).
     """
     from collections import Counter, OrderedDict
 
     ids = trace.expert_ids[:, layer, :].tolist()
     sentinel = int(trace.n_experts[layer])
     cache: OrderedDict[int, None] = OrderedDict()
-    out = []
+    out: list[list[tuple[int, bool, int]]] = []
+    retained: set[int] = set()
+    batches_used: dict[int, int] = {}
+    last_request: dict[int, int] = {}
+    clock = 0
+
+    def ids_of(b: int) -> list[int]:
+        return [e for row in batches[b] for e in ids[int(row)] if e != sentinel]
+
+    # static: the `capacity` most requested experts over the whole trace at the layer, ties to
+    # the lower id.
+    everywhere = Counter(e for row in ids for e in row if e != sentinel)
+    static_set = set(sorted(everywhere, key=lambda e: (-everywhere[e], e))[:capacity])
     for rows in batches:
         requests = [e for row in rows for e in ids[int(row)] if e != sentinel]
         counts = Counter(requests)
@@ -154,6 +169,26 @@ def reference_loads(
                 cache.move_to_end(e)
             while len(cache) > capacity:
                 cache.popitem(last=False)
+            hits = [(e, False, counts[e]) for e in sorted(counts) if e in at_start]
+            misses = [(e, True, counts[e]) for e in sorted(counts) if e not in at_start]
+            out.append(hits + misses)
+        elif strategy in ("lfu", "static", "belady"):
+            at_start = set(retained)
+            for e in counts:
+                batches_used[e] = batches_used.get(e, 0) + 1
+            for rank, e in enumerate(requests):
+                last_request[e] = clock + rank
+            clock += len(requests)
+            pool = retained | set(counts)
+            later = [set(ids_of(b)) for b in range(len(out) + 1, len(batches))]
+            if strategy == "lfu":
+                ranked = sorted(pool, key=lambda e: (-batches_used[e], -last_request[e]))
+            elif strategy == "static":
+                ranked = sorted(e for e in pool if e in static_set)
+            else:
+                nxt = {e: next((i for i, s in enumerate(later) if e in s), None) for e in pool}
+                ranked = sorted((e for e in pool if nxt[e] is not None), key=lambda e: (nxt[e], e))
+            retained = set(ranked[:capacity])
             hits = [(e, False, counts[e]) for e in sorted(counts) if e in at_start]
             misses = [(e, True, counts[e]) for e in sorted(counts) if e not in at_start]
             out.append(hits + misses)

@@ -158,7 +158,11 @@ def test_markdown_of_nvml_measured_runs() -> None:
     ("strategies", "note"),
     [
         (["naive", "dedup", "lru"], ", LRU cache of 3 experts per layer."),
-        (["naive", "dedup"], "policy tokens."),  # no strategy keeps experts: no cache named
+        (["naive", "dedup"], "policy tokens."),
+        (
+            ["lru", "lfu", "belady"],
+            ", LRU, LFU and Belady caches of 3 experts per layer.",
+        ),  # no strategy keeps experts: no cache named
     ],
 )
 def test_replay_notes_name_the_caches_the_registry_knows(strategies: list[str], note: str) -> None:

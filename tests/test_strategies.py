@@ -149,8 +149,10 @@ def test_slots_needed_from_counts_match_schedules_and_reference(seed: int) -> No
         want = {
             "naive": [min(4, max(r, 1)) for r in requests],
             "dedup": widest,
-            "lru": [w + 2 for w in widest],
+            # Every strategy that keeps experts: the kept ones plus one batch's widest set.
+            **{n: [w + 2 for w in widest] for n in ("lru", "lfu", "static", "belady")},
         }
+        assert set(want) == set(STRATEGIES)
         for name in STRATEGIES:
             strat = get_strategy(name)
             sched = strat.schedule(trace, plan, layers, cache_experts=2)
@@ -185,12 +187,12 @@ def test_counted_copies_come_from_the_counts() -> None:
 
 
 def test_registry_names_in_run_order() -> None:
-    assert STRATEGIES == tuple(REGISTRY) == ("naive", "dedup", "lru")
+    assert STRATEGIES == tuple(REGISTRY) == ("naive", "dedup", "lru", "lfu", "static", "belady")
     assert BASELINE == STRATEGIES[0] == "naive"
     for name, strat in REGISTRY.items():
         assert strat.name == name and strat.help and strat.counted_basis
-    assert [s.uses_cache for s in REGISTRY.values()] == [False, False, True]
-    assert [s.shared_slots for s in REGISTRY.values()] == [True, True, False]
+    assert [s.uses_cache for s in REGISTRY.values()] == [False, False, True, True, True, True]
+    assert [s.shared_slots for s in REGISTRY.values()] == [True, True] + [False] * 4
 
 
 def test_check_strategies() -> None:
@@ -255,7 +257,9 @@ def test_a_registered_strategy_is_validated_helped_and_replayed(
     monkeypatch.setitem(REGISTRY, "twice", CopyTwice())
     assert check_strategies(["twice", "naive"]) == ("naive", "twice")
     assert "twice (every distinct expert copied twice)" in strategy_help()
-    with pytest.raises(MoeprofError, match="choose from naive, dedup, lru, twice"):
+    with pytest.raises(
+        MoeprofError, match="choose from naive, dedup, lru, lfu, static, belady, twice"
+    ):
         get_strategy("thrice")
     trace = moeprof.synthesize(n_layers=2, n_requests=3, tokens_per_request=10, seed=2)
     doc = cpu_replay(trace, strategies=["dedup", "twice"], batch_sizes=[4]).to_dict()

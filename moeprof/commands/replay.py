@@ -18,7 +18,7 @@ from moeprof.commands._common import (
     write_outputs,
 )
 from moeprof.commands.analyze import parse_batch_sizes, parse_whole_numbers
-from moeprof.strategies import REGISTRY, STRATEGIES, strategy_help
+from moeprof.strategies import DEFAULT_STRATEGIES, REGISTRY, strategy_help
 
 # replay() words its errors with its parameter names; on the command line they are options.
 _OPTION_OF = {
@@ -62,7 +62,7 @@ def register(app: typer.Typer) -> None:
             "CPU backend (host copies, no NVML).",
         ),
         strategies: str = typer.Option(
-            ",".join(STRATEGIES), "--strategies", "-s", help=strategy_help()
+            ",".join(DEFAULT_STRATEGIES), "--strategies", "-s", help=strategy_help()
         ),
         batch_sizes: str = typer.Option(
             "8,64", "--batch-sizes", "-b", help="Comma-separated batch sizes."

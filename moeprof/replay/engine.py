@@ -41,7 +41,7 @@ from moeprof.replay.backends import (
 )
 from moeprof.replay.results import LatencyStats, ReplayResult, StrategyRun
 from moeprof.strategies import (
-    STRATEGIES,
+    DEFAULT_STRATEGIES,
     CountedLoads,
     Schedule,
     Strategy,
@@ -519,7 +519,7 @@ def replay(
     trace: Trace,
     *,
     device: str = "cpu",
-    strategies: Sequence[str] = STRATEGIES,
+    strategies: Sequence[str] = DEFAULT_STRATEGIES,
     batch_sizes: Sequence[int] = (8, 64),
     policy: str = "tokens",
     cache_experts: int = 0,

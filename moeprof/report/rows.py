@@ -640,6 +640,11 @@ def latency_rows(doc: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     return LATENCY_HEADER, rows
 
 
+def _and(names: Sequence[str]) -> str:
+    """'a', 'a and b', 'a, b and c'."""
+    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
+
+
 def replay_notes(doc: dict[str, Any]) -> list[str]:
     """What was replayed, where, and how it was measured: one sentence each."""
     info = doc.get("replay") or {}
@@ -717,7 +722,8 @@ def replay_notes(doc: dict[str, Any]) -> list[str]:
                 else ""
             )
             + (
-                f", {' and '.join(caches)} cache of {info.get('cache_experts')} experts per layer"
+                f", {_and(caches)} cache{'s' if len(caches) > 1 else ''} of "
+                f"{info.get('cache_experts')} experts per layer"
                 if caches
                 else ""
             )

@@ -1,7 +1,8 @@
 """Expert residency strategies: what each copies host->device per batch and layer, and the
 device slots it needs. Shared by replay and its reports.
 
-One class per strategy (``naive``, ``dedup``, ``lru``, one module each) in a registry
+One class per strategy (``naive``, ``dedup``, ``lru``, ``lfu``, ``static``, ``belady``, one module
+each; the caching ones share :mod:`moeprof.strategies.retaining`) in a registry
 (:mod:`moeprof.strategies.registry`), in run order. Definitions: docs/replay.md, "What is
 replayed".
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 from moeprof.strategies.base import CountedLoads, Strategy
 from moeprof.strategies.registry import (
     BASELINE,
+    DEFAULT_STRATEGIES,
     REGISTRY,
     STRATEGIES,
     check_cache_experts,
@@ -22,6 +24,7 @@ from moeprof.strategies.schedule import LayerSchedule, Schedule
 
 __all__ = [
     "BASELINE",
+    "DEFAULT_STRATEGIES",
     "REGISTRY",
     "STRATEGIES",
     "CountedLoads",

@@ -10,9 +10,12 @@ import numpy as np
 
 from moeprof.errors import MoeprofError
 from moeprof.strategies.base import Strategy
+from moeprof.strategies.belady import BeladyStrategy
 from moeprof.strategies.dedup import DedupStrategy
+from moeprof.strategies.lfu import LfuStrategy
 from moeprof.strategies.lru import LruStrategy
 from moeprof.strategies.naive import NaiveStrategy
+from moeprof.strategies.static import StaticStrategy
 
 # Run order: the baseline first, the one the others are compared with.
 REGISTRY: dict[str, Strategy] = {
@@ -21,9 +24,14 @@ REGISTRY: dict[str, Strategy] = {
         NaiveStrategy(),
         DedupStrategy(),
         LruStrategy(),
+        LfuStrategy(),
+        StaticStrategy(),
+        BeladyStrategy(),
     )
 }
 STRATEGIES = tuple(REGISTRY)
+# What replay runs unless told: the baseline, per-batch dedup, and the classic cache.
+DEFAULT_STRATEGIES = ("naive", "dedup", "lru")
 BASELINE = NaiveStrategy.name  # savings are measured against it (results' "vs_naive")
 
 
