@@ -11,6 +11,7 @@ import importlib
 import pkgutil
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 import typer
 from typer.exceptions import TyperException
@@ -60,6 +61,21 @@ def _register_commands() -> None:
 _register_commands()
 
 
+def _options_of(group: Any, args: list[str]) -> dict[str, str]:
+    """The invoked verb's parameters: Python name -> its long option (`expert_bytes` ->
+    `--expert-bytes`), for wording library errors as command-line options."""
+    sub = next((a for a in args if not a.startswith("-")), None)
+    found = getattr(group, "commands", {}).get(sub) if sub is not None else None
+    if found is None:
+        return {}
+    options: dict[str, str] = {}
+    for param in found.params:
+        longs = [o for o in getattr(param, "opts", []) if o.startswith("--")]
+        if param.name and longs:
+            options[param.name] = longs[0]
+    return options
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """Console entry point: one line on stderr and exit 2 for bad input; 130 on Ctrl-C."""
     command = typer.main.get_command(app)
@@ -67,7 +83,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     try:
         rv = command.main(args=args, prog_name="moeprof", standalone_mode=False)
     except _common.MoeprofError as exc:
-        _common.fail(exc.message, exc.exit_code)
+        _common.fail(_common.as_options(exc.message, _options_of(command, args)), exc.exit_code)
     except TyperException as exc:  # typer's (vendored click) usage errors
         ctx = getattr(exc, "ctx", None)
         if type(exc).__name__ == "NoArgsIsHelpError" and ctx is not None:

@@ -41,7 +41,7 @@ def test_bad_sources_and_options(tmp_path: Path) -> None:
         import_trace(DATA / "routing.jsonl", "parquet")
     with pytest.raises(MoeprofError, match="cannot tell the format"):
         import_trace(DATA / "configs" / "README.md")
-    with pytest.raises(MoeprofError, match="--request-col apply to long-csv and long-jsonl only"):
+    with pytest.raises(MoeprofError, match="request_col apply to long-csv and long-jsonl only"):
         import_trace(DATA / "routing.jsonl", "vllm", request_col="x")
     with pytest.raises(MoeprofError, match="not both"):
         import_trace(
@@ -88,3 +88,17 @@ def test_every_registered_format_is_in_the_import_help(run_cli) -> None:
     for name, reader in REGISTRY.items():
         assert name in res.stdout, name
         assert all(s.startswith(".") for s in reader.suffixes), name
+
+
+def test_library_refusals_name_the_options_on_the_command_line(run_cli, tmp_path) -> None:
+    """import_trace names its parameters (request_col); the CLI words them as options."""
+    src = DATA / "import" / "routing.jsonl"
+    res = run_cli("import", src, "--format", "vllm", "--request-col", "a", "-o", tmp_path / "x.moe")
+    assert res.exit_code == 2
+    assert "--request-col apply to long-csv and long-jsonl only" in res.stderr
+    config = DATA / "import" / "configs" / "mixtral-8x7b.json"
+    res = run_cli(
+        "import", src, "--expert-bytes", "5", "--model-config", config, "-o", tmp_path / "x.moe"
+    )
+    assert res.exit_code == 2 and "give --expert-bytes or --model-config, not both" in res.stderr
+    assert not (tmp_path / "x.moe").exists()

@@ -149,8 +149,8 @@ def test_malformed_rows_name_file_and_line(name: str, message: str) -> None:
             {},
             r"t\.csv:2: layer 'x' in column 'layer' is not an integer",
         ),
-        ('layer,experts\n0,"1 2"\n', {"layer_col": "blk"}, r"no column 'blk' \(--layer-col\)"),
-        ('layer,experts\n0,"1 2"\n', {"experts": 0}, r"--experts must be between 1 and 65535"),
+        ('layer,experts\n0,"1 2"\n', {"layer_col": "blk"}, r"no column 'blk' \(layer_col\)"),
+        ('layer,experts\n0,"1 2"\n', {"experts": 0}, r"experts must be between 1 and 65535"),
         (
             'layer,experts,weights\n0,"1 2","0.5"\n',
             {},

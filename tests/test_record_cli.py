@@ -159,12 +159,12 @@ def test_record_interrupt_saves_what_was_recorded(
     ("args", "message"),
     [
         (["--prompts", "missing.txt"], "prompts file missing.txt not found"),
-        (["--dtype", "int8"], "--dtype int8"),
+        (["--dtype", "int8"], "dtype int8: use one of auto"),
         (["--batch-size", "0"], "--batch-size must be at least 1"),
         (["--max-new-tokens", "-1"], "--max-new-tokens"),
         (["--device-map", "balanced"], "only 'auto'"),
         (["./no/such/model"], "model folder ./no/such/model not found"),
-        (["--device", "tpu"], "--device tpu"),
+        (["--device", "tpu"], "device tpu: use cpu, cuda"),
     ],
 )
 def test_record_errors_are_one_line(

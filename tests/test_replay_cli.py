@@ -90,7 +90,7 @@ def test_cli_refuses_overwrite_and_cuda(run_cli: Any, trace_file: Path, tmp_path
     torch = pytest.importorskip("torch")
     if not torch.cuda.is_available():
         res = run_cli("replay", trace_file, "--device", "cuda", "--json", tmp_path / "c.json")
-        assert res.exit_code == 2 and "--device cuda" in res.stderr
+        assert res.exit_code == 2 and "device cuda: " in res.stderr
         assert not (tmp_path / "c.json").exists()
 
 
@@ -122,15 +122,27 @@ def test_cli_names_the_option_for_a_trace_without_expert_sizes(
 
 
 def test_as_options_touches_only_parameter_names() -> None:
-    from moeprof.commands.replay import as_options
+    from moeprof.commands._common import as_options
 
-    assert as_options("expert_bytes must be at least 1; max_batches, cache_experts") == (
+    options = {
+        "expert_bytes": "--expert-bytes",
+        "max_batches": "--max-batches",
+        "cache_experts": "--cache-experts",
+        "hidden_size": "--hidden-size",
+        "device": "--device",
+    }
+    assert as_options("expert_bytes must be at least 1; max_batches, cache_experts", options) == (
         "--expert-bytes must be at least 1; --max-batches, --cache-experts"
     )
-    assert as_options("hidden size -1; pass hidden_size") == "hidden size -1; pass --hidden-size"
-    assert as_options("replay fewer layers; my_expert_bytes_x") == (
+    assert as_options("hidden size -1; pass hidden_size", options) == (
+        "hidden size -1; pass --hidden-size"
+    )
+    # Neither a longer identifier nor a one-word name (plain English) is rewritten.
+    assert as_options("replay fewer layers; my_expert_bytes_x", options) == (
         "replay fewer layers; my_expert_bytes_x"
     )
+    assert as_options("device cuda: no CUDA device", options) == "device cuda: no CUDA device"
+    assert as_options("expert_bytes", {}) == "expert_bytes"
 
 
 def test_help_is_built_from_the_registries(run_cli: Any, monkeypatch: pytest.MonkeyPatch) -> None:

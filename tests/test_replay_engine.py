@@ -493,7 +493,7 @@ def test_cuda_without_cuda_is_refused() -> None:
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
     trace = moeprof.synthesize(n_layers=1, n_requests=1, tokens_per_request=4, seed=0)
-    with pytest.raises(MoeprofError, match="--device cuda"):
+    with pytest.raises(MoeprofError, match="device cuda: "):
         replay(trace, device="cuda", expert_bytes=1024)
 
 

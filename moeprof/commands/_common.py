@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import re
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -37,6 +38,17 @@ plot_option = typer.Option(
     None, "--plot", help="Write a PNG plot of savings against batch size here."
 )
 layers_option = typer.Option(False, "--layers", help="Also show per-layer savings.")
+
+
+def as_options(message: str, options: dict[str, str]) -> str:
+    """A library error worded for the command line: every parameter name that is an identifier
+    of two or more words (`expert_bytes`) becomes its option (`--expert-bytes`). Library
+    messages name parameters; one-word names (`device`) read the same either way."""
+    names = [n for n in options if "_" in n]
+    if not names:
+        return message
+    pattern = re.compile(r"\b(" + "|".join(map(re.escape, names)) + r")\b")
+    return pattern.sub(lambda m: options[m.group(1)], message)
 
 
 def fail(message: str, exit_code: int = 2) -> NoReturn:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Any
 
@@ -10,7 +9,6 @@ import typer
 
 from moeprof.batching import policy_help
 from moeprof.commands._common import (
-    MoeprofError,
     console,
     force_option,
     info,
@@ -19,20 +17,6 @@ from moeprof.commands._common import (
 )
 from moeprof.commands.analyze import parse_batch_sizes, parse_whole_numbers
 from moeprof.strategies import DEFAULT_STRATEGIES, REGISTRY, strategy_help
-
-# replay() words its errors with its parameter names; on the command line they are options.
-_OPTION_OF = {
-    "expert_bytes": "--expert-bytes",
-    "cache_experts": "--cache-experts",
-    "max_batches": "--max-batches",
-    "hidden_size": "--hidden-size",
-}
-_PARAMETER = re.compile(r"\b(" + "|".join(_OPTION_OF) + r")\b")
-
-
-def as_options(message: str) -> str:
-    """A replay() error message with each parameter name as its command-line option."""
-    return _PARAMETER.sub(lambda m: _OPTION_OF[m.group(1)], message)
 
 
 def parse_names(text: str) -> list[str]:
@@ -139,8 +123,6 @@ def register(app: typer.Typer) -> None:
                     hidden_size=hidden_size,
                     on_progress=lambda label, done, total: update(done, total, label),
                 )
-        except MoeprofError as exc:
-            raise MoeprofError(as_options(str(exc))) from None
         except ReplayInterrupted as exc:
             if exc.partial is not None and exc.partial.runs:
                 info("[yellow]interrupted[/yellow]: writing the runs that finished")

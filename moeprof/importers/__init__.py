@@ -61,10 +61,10 @@ def detect_format(paths: Sequence[Path]) -> str:
         return found.pop()
     if not found:
         raise MoeprofError(
-            f"cannot tell the format from the file names; pass --format ({', '.join(FORMATS)})"
+            f"cannot tell the format from the file names; name it (one of {', '.join(FORMATS)})"
         )
     raise MoeprofError(
-        f"the sources mix formats ({', '.join(sorted(found))}); pass --format to choose one"
+        f"the sources mix formats ({', '.join(sorted(found))}); name the format to read"
     )
 
 
@@ -221,16 +221,16 @@ def import_trace(
         raise MoeprofError(f"unknown import option(s): {', '.join(unknown)}")
     col_options = {k: v for k, v in options.items() if v is not None}
     if col_options and not reader.column_options:
-        flags = ", ".join("--" + k.replace("_", "-") for k in sorted(col_options))
+        flags = ", ".join(sorted(col_options))
         raise MoeprofError(f"{flags} apply to long-csv and long-jsonl only, not {fmt}")
     if experts is not None and not 1 <= int(experts) <= 65535:
-        raise MoeprofError("--experts must be between 1 and 65535")
+        raise MoeprofError("experts must be between 1 and 65535")
     if expert_bytes is not None and model_config is not None:
-        raise MoeprofError("give --expert-bytes or --model-config, not both")
+        raise MoeprofError("give expert_bytes or model_config, not both")
     if expert_bytes is not None and int(expert_bytes) < 0:
-        raise MoeprofError("--expert-bytes must not be negative")
+        raise MoeprofError("expert_bytes must not be negative")
     if phase is not None and phase not in PHASES:
-        raise MoeprofError(f"--phase must be prefill or decode, got {phase!r}")
+        raise MoeprofError(f"phase must be prefill or decode, got {phase!r}")
     model = (
         load_model_config(model_config)
         if isinstance(model_config, (str, os.PathLike))

@@ -4,7 +4,7 @@ Files are parsed by pyarrow (C++, multithreaded) and every column is converted w
 Arrow / numpy kernels; a Python pass over the file runs only to name the line of a bad row, or to
 read a JSONL file that pyarrow refuses (a column whose type changes between rows).
 
-Columns are found by name (``--request-col`` etc., else the usual names in :data:`COLUMN_NAMES`).
+Columns are found by name (``request_col`` etc., else the usual names in :data:`COLUMN_NAMES`).
 The experts of a row are one list column (``"[1, 5]"``, ``"1 5"`` or ``"1,5"`` in CSV, a JSON list
 in JSONL) or one column per slot (``expert_0``, ``expert_1``, ...; empty = no expert). Without a
 request column each file is one request; without a position column a token's position is its
@@ -284,13 +284,13 @@ class _Columns:
     token_id: str | None
 
 
-def _find(names: Sequence[str], wanted: str, path: Path, flag: str) -> str:
+def _find(names: Sequence[str], wanted: str, path: Path, option: str) -> str:
     if wanted in names:
         return wanted
     by_norm = {_norm(n): n for n in names}
     if _norm(wanted) in by_norm:
         return by_norm[_norm(wanted)]
-    raise MoeprofError(f"{path}: no column {wanted!r} ({flag}); columns are: {', '.join(names)}")
+    raise MoeprofError(f"{path}: no column {wanted!r} ({option}); columns are: {', '.join(names)}")
 
 
 def _auto(names: Sequence[str], role: str) -> str | None:
@@ -328,32 +328,32 @@ def resolve_columns(
 ) -> _Columns:
     """Which columns hold what: the names given, else the usual names."""
     if request_col is not None:
-        request = [_find(names, c, path, "--request-col") for c in _split(request_col)]
+        request = [_find(names, c, path, "request_col") for c in _split(request_col)]
     else:
         req = _auto(names, "request")
         scope = _auto(names, "request_scope")
         request = [c for c in (scope, req) if c is not None] if req is not None else []
     position = (
-        _find(names, position_col, path, "--position-col")
+        _find(names, position_col, path, "position_col")
         if position_col
         else _auto(names, "position")
     )
-    layer = _find(names, layer_col, path, "--layer-col") if layer_col else _auto(names, "layer")
+    layer = _find(names, layer_col, path, "layer_col") if layer_col else _auto(names, "layer")
     if layer is None:
         raise MoeprofError(
-            f"{path}: no layer column found among {', '.join(names)}; name it with --layer-col"
+            f"{path}: no layer column found among {', '.join(names)}; name it with layer_col"
         )
     if experts_col is not None:
-        experts = [_find(names, c, path, "--experts-col") for c in _split(experts_col)]
+        experts = [_find(names, c, path, "experts_col") for c in _split(experts_col)]
     else:
         one = _auto(names, "experts")
         experts = [one] if one is not None else _slots(names, _SLOT_EXPERT)
     if not experts:
         raise MoeprofError(
-            f"{path}: no experts column found among {', '.join(names)}; name it with --experts-col"
+            f"{path}: no experts column found among {', '.join(names)}; name it with experts_col"
         )
     if weights_col is not None:
-        weights = [_find(names, c, path, "--weights-col") for c in _split(weights_col)]
+        weights = [_find(names, c, path, "weights_col") for c in _split(weights_col)]
     else:
         one_w = _auto(names, "weights")
         weights = [one_w] if one_w is not None else _slots(names, _SLOT_WEIGHT)

@@ -97,7 +97,7 @@ class ModelExperts:
 
 def _need(cfg: dict[str, Any], key: str, where: str) -> Any:
     if cfg.get(key) is None:
-        raise MoeprofError(f"{where}: field {key!r} is missing; pass --expert-bytes instead")
+        raise MoeprofError(f"{where}: field {key!r} is missing; give expert_bytes instead")
     return cfg[key]
 
 
@@ -161,12 +161,10 @@ def _int_list(cfg: dict[str, Any], key: str, where: str) -> list[int] | None:
 def _weight_format(cfg: dict[str, Any], where: str) -> WeightFormat:
     dtype = cfg.get("torch_dtype") or cfg.get("dtype")
     if dtype is None:
-        raise MoeprofError(
-            f"{where}: no 'torch_dtype' or 'dtype' field; pass --expert-bytes instead"
-        )
+        raise MoeprofError(f"{where}: no 'torch_dtype' or 'dtype' field; give expert_bytes instead")
     dtype = str(dtype).removeprefix("torch.")
     if dtype not in _DTYPE_BYTES:
-        raise MoeprofError(f"{where}: dtype {dtype!r} is not known; pass --expert-bytes instead")
+        raise MoeprofError(f"{where}: dtype {dtype!r} is not known; give expert_bytes instead")
     dtype_bytes = _DTYPE_BYTES[dtype]
     quant = cfg.get("quantization_config")
     if quant is not None and not isinstance(quant, dict):
@@ -199,7 +197,7 @@ def _weight_format(cfg: dict[str, Any], where: str) -> WeightFormat:
         # OCP MX: 4-bit E2M1 values, one E8M0 (1 byte) scale per 32 values along the input dim.
         return WeightFormat("mxfp4", 4, dtype_bytes, None, 1, 32)
     raise MoeprofError(
-        f"{where}: quantization {method or quant!r} is not supported; pass --expert-bytes instead"
+        f"{where}: quantization {method or quant!r} is not supported; give expert_bytes instead"
     )
 
 
@@ -418,7 +416,7 @@ def model_experts(
     if layout_fn is None:
         raise MoeprofError(
             f"{where}: model_type {model_type!r} is not one moeprof knows "
-            f"({', '.join(SUPPORTED_MODEL_TYPES)}); pass --expert-bytes instead"
+            f"({', '.join(SUPPORTED_MODEL_TYPES)}); give expert_bytes instead"
         )
     fmt = _weight_format(body, where)
     lay = layout_fn(body, where, fmt)

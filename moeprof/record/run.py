@@ -95,19 +95,19 @@ def resolve_device(device: str) -> torch.device:
     if name.startswith("cuda"):
         if not torch.cuda.is_available():
             raise MoeprofError(
-                f"--device {device}: no CUDA device is available (torch {torch.__version__})"
+                f"device {device}: no CUDA device is available (torch {torch.__version__})"
             )
         try:
             return torch.device(name)
         except RuntimeError:
-            raise MoeprofError(f"--device {device}: not a CUDA device name") from None
-    raise MoeprofError(f"--device {device}: use cpu, cuda, cuda:N or auto")
+            raise MoeprofError(f"device {device}: not a CUDA device name") from None
+    raise MoeprofError(f"device {device}: use cpu, cuda, cuda:N or auto")
 
 
 def resolve_dtype(name: str) -> torch.dtype | str:
     key = name.strip().lower()
     if key not in DTYPES:
-        raise MoeprofError(f"--dtype {name}: use one of auto, float32, bfloat16, float16")
+        raise MoeprofError(f"dtype {name}: use one of auto, float32, bfloat16, float16")
     return DTYPES[key]
 
 
@@ -143,7 +143,7 @@ def load_model(
 
         if importlib.util.find_spec("accelerate") is None:
             raise MoeprofError(
-                f"--device-map {device_map} needs the accelerate package (pip install accelerate)"
+                f"device_map {device_map} needs the accelerate package (pip install accelerate)"
             )
         target = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     else:
@@ -265,9 +265,9 @@ def record_prompts(
     recorded so far; the returned run says so and its trace is valid.
     """
     if batch_size < 1:
-        raise MoeprofError("--batch-size must be at least 1")
+        raise MoeprofError("batch_size must be at least 1")
     if max_new_tokens < 0:
-        raise MoeprofError("--max-new-tokens must be 0 (prefill only) or more")
+        raise MoeprofError("max_new_tokens must be 0 (prefill only) or more")
     if not prompts:
         raise MoeprofError("no prompts to record")
     model, tokenizer = loaded.model, loaded.tokenizer

@@ -526,12 +526,12 @@ def clear_register_error(rc: int, call: str = "cudaHostRegister") -> None:
 def _no_cuda_reason(torch: Any) -> str:
     if getattr(torch.version, "cuda", None) is None:
         return (
-            f"--device cuda: this torch ({torch.__version__}) is a CPU-only build; install a CUDA "
-            "build of torch, or use --device cpu"
+            f"device cuda: this torch ({torch.__version__}) is a CPU-only build; install a CUDA "
+            "build of torch, or use the CPU backend (device cpu)"
         )
     return (
-        "--device cuda: no CUDA device is visible (torch.cuda.is_available() is False: no GPU, "
-        "no driver, or CUDA_VISIBLE_DEVICES hides it); use --device cpu"
+        "device cuda: no CUDA device is visible (torch.cuda.is_available() is False: no GPU, "
+        "no driver, or CUDA_VISIBLE_DEVICES hides it); use the CPU backend (device cpu)"
     )
 
 
