@@ -9,28 +9,30 @@ import typer
 from moeprof.commands._common import MoeprofError, force_option, note_written, progress_bar
 
 
+def export_cmd(
+    trace_path: Path = typer.Argument(..., metavar="TRACE", help="Trace file (.moe)."),
+    output: Path = typer.Option(..., "--output", "-o", help="Table to write."),
+    fmt: str = typer.Option("parquet", "--format", "-F", help="parquet or csv."),
+    force: bool = force_option,
+) -> None:
+    """Write one row per token x MoE layer: request, position, step, phase, layer, experts.
+
+    Example: moeprof export traces/demo.moe --format parquet -o demo.parquet
+    """
+    from moeprof import _io
+    from moeprof.export import EXPORT_FORMATS, export_trace
+    from moeprof.trace import load_trace
+
+    if fmt not in EXPORT_FORMATS:
+        raise MoeprofError(
+            f"unknown export format {fmt!r}; choose one of {', '.join(EXPORT_FORMATS)}"
+        )
+    _io.check_outputs([output], force=force)
+    trace = load_trace(trace_path)
+    with progress_bar("exporting") as progress:
+        rows = export_trace(trace, output, fmt, progress=progress)
+    note_written(output, f"{fmt} table ({rows:,} rows)")
+
+
 def register(app: typer.Typer) -> None:
-    @app.command("export")
-    def export_cmd(
-        trace_path: Path = typer.Argument(..., metavar="TRACE", help="Trace file (.moe)."),
-        output: Path = typer.Option(..., "--output", "-o", help="Table to write."),
-        fmt: str = typer.Option("parquet", "--format", "-F", help="parquet or csv."),
-        force: bool = force_option,
-    ) -> None:
-        """Write one row per token x MoE layer: request, position, step, phase, layer, experts.
-
-        Example: moeprof export traces/demo.moe --format parquet -o demo.parquet
-        """
-        from moeprof import _io
-        from moeprof.export import EXPORT_FORMATS, export_trace
-        from moeprof.trace import load_trace
-
-        if fmt not in EXPORT_FORMATS:
-            raise MoeprofError(
-                f"unknown export format {fmt!r}; choose one of {', '.join(EXPORT_FORMATS)}"
-            )
-        _io.check_outputs([output], force=force)
-        trace = load_trace(trace_path)
-        with progress_bar("exporting") as progress:
-            rows = export_trace(trace, output, fmt, progress=progress)
-        note_written(output, f"{fmt} table ({rows:,} rows)")
+    app.command("export")(export_cmd)

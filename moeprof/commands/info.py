@@ -10,23 +10,25 @@ import typer
 from moeprof.commands._common import console
 
 
+def info_cmd(
+    trace_path: Path = typer.Argument(..., metavar="TRACE", help="Trace file."),
+    as_json: bool = typer.Option(False, "--json", help="Print the metadata as JSON."),
+) -> None:
+    """Show a trace's shape, model, source and metadata."""
+    from moeprof.analyze import trace_summary
+    from moeprof.trace import load_trace
+
+    trace = load_trace(trace_path)
+    doc = trace_summary(trace)
+    doc["file_bytes"] = trace_path.stat().st_size
+    if as_json:
+        console.print_json(json.dumps(doc))
+        return
+    from moeprof.report.rows import trace_info_items
+    from moeprof.report.terminal import kv_table
+
+    console.print(kv_table(str(trace_path), trace_info_items(trace, doc)))
+
+
 def register(app: typer.Typer) -> None:
-    @app.command("info")
-    def info_cmd(
-        trace_path: Path = typer.Argument(..., metavar="TRACE", help="Trace file."),
-        as_json: bool = typer.Option(False, "--json", help="Print the metadata as JSON."),
-    ) -> None:
-        """Show a trace's shape, model, source and metadata."""
-        from moeprof.analyze import trace_summary
-        from moeprof.trace import load_trace
-
-        trace = load_trace(trace_path)
-        doc = trace_summary(trace)
-        doc["file_bytes"] = trace_path.stat().st_size
-        if as_json:
-            console.print_json(json.dumps(doc))
-            return
-        from moeprof.report.rows import trace_info_items
-        from moeprof.report.terminal import kv_table
-
-        console.print(kv_table(str(trace_path), trace_info_items(trace, doc)))
+    app.command("info")(info_cmd)

@@ -140,76 +140,76 @@ def _save_and_summarise(run: RecordRun, output: Path, n_prompts: int) -> None:
         raise typer.Exit(130)
 
 
-def register(app: typer.Typer) -> None:
-    @app.command("record")
-    def record_cmd(
-        model: str | None = typer.Argument(
-            None,
-            metavar="MODEL",
-            help="Hub id (e.g. Qwen/Qwen3-30B-A3B) or local folder; default: the built-in demo model.",
-        ),
-        prompts: Path | None = typer.Option(
-            None,
-            "--prompts",
-            "-p",
-            help='Prompts: a text file (one per line) or .jsonl with a "prompt" field; '
-            "default: the demo prompt set.",
-        ),
-        batch_size: int = typer.Option(8, "--batch-size", "-b", help="Prompts per batch."),
-        max_new_tokens: int = typer.Option(
-            32,
-            "--max-new-tokens",
-            "-n",
-            help="Tokens generated per prompt (greedy); 0 = prefill only.",
-        ),
-        device: str = typer.Option("auto", "--device", help="cpu, cuda, cuda:N or auto."),
-        dtype: str = typer.Option(
-            "auto", "--dtype", help="auto (the checkpoint's), float32, bfloat16 or float16."
-        ),
-        device_map: str | None = typer.Option(
-            None,
-            "--device-map",
-            help="'auto': let accelerate place a model larger than one GPU (needs accelerate).",
-        ),
-        revision: str | None = typer.Option(
-            None, "--revision", help="Hub revision (branch, tag, commit)."
-        ),
-        limit: int | None = typer.Option(None, "--limit", help="Record only the first N prompts."),
-        trust_remote_code: bool = typer.Option(
-            False, "--trust-remote-code", help="Allow the model's own Python code from the hub."
-        ),
-        output: Path = typer.Option(
-            Path("trace.moe"), "--output", "-o", help="Trace file to write."
-        ),
-        force: bool = force_option,
-    ) -> None:
-        """Record which experts every token is routed to, per MoE layer, into a trace file.
+def record_cmd(
+    model: str | None = typer.Argument(
+        None,
+        metavar="MODEL",
+        help="Hub id (e.g. Qwen/Qwen3-30B-A3B) or local folder; default: the built-in demo model.",
+    ),
+    prompts: Path | None = typer.Option(
+        None,
+        "--prompts",
+        "-p",
+        help='Prompts: a text file (one per line) or .jsonl with a "prompt" field; '
+        "default: the demo prompt set.",
+    ),
+    batch_size: int = typer.Option(8, "--batch-size", "-b", help="Prompts per batch."),
+    max_new_tokens: int = typer.Option(
+        32,
+        "--max-new-tokens",
+        "-n",
+        help="Tokens generated per prompt (greedy); 0 = prefill only.",
+    ),
+    device: str = typer.Option("auto", "--device", help="cpu, cuda, cuda:N or auto."),
+    dtype: str = typer.Option(
+        "auto", "--dtype", help="auto (the checkpoint's), float32, bfloat16 or float16."
+    ),
+    device_map: str | None = typer.Option(
+        None,
+        "--device-map",
+        help="'auto': let accelerate place a model larger than one GPU (needs accelerate).",
+    ),
+    revision: str | None = typer.Option(
+        None, "--revision", help="Hub revision (branch, tag, commit)."
+    ),
+    limit: int | None = typer.Option(None, "--limit", help="Record only the first N prompts."),
+    trust_remote_code: bool = typer.Option(
+        False, "--trust-remote-code", help="Allow the model's own Python code from the hub."
+    ),
+    output: Path = typer.Option(Path("trace.moe"), "--output", "-o", help="Trace file to write."),
+    force: bool = force_option,
+) -> None:
+    """Record which experts every token is routed to, per MoE layer, into a trace file.
 
-        Example: moeprof record --max-new-tokens 32 -o demo.moe   (the built-in demo model)
-        """
-        _check_arguments(
-            output=output,
-            force=force,
-            batch_size=batch_size,
-            max_new_tokens=max_new_tokens,
-            limit=limit,
-            device_map=device_map,
-            dtype=dtype,
-        )
-        prompt_list, prompts_name = _load_prompts(prompts, limit)
-        loaded = _load_model(
-            model,
-            device=device,
-            dtype=dtype,
-            device_map=device_map,
-            revision=revision,
-            trust_remote_code=trust_remote_code,
-        )
-        run = _record_with_progress(
-            loaded,
-            prompt_list,
-            batch_size=batch_size,
-            max_new_tokens=max_new_tokens,
-            prompts_name=prompts_name,
-        )
-        _save_and_summarise(run, output, len(prompt_list))
+    Example: moeprof record --max-new-tokens 32 -o demo.moe   (the built-in demo model)
+    """
+    _check_arguments(
+        output=output,
+        force=force,
+        batch_size=batch_size,
+        max_new_tokens=max_new_tokens,
+        limit=limit,
+        device_map=device_map,
+        dtype=dtype,
+    )
+    prompt_list, prompts_name = _load_prompts(prompts, limit)
+    loaded = _load_model(
+        model,
+        device=device,
+        dtype=dtype,
+        device_map=device_map,
+        revision=revision,
+        trust_remote_code=trust_remote_code,
+    )
+    run = _record_with_progress(
+        loaded,
+        prompt_list,
+        batch_size=batch_size,
+        max_new_tokens=max_new_tokens,
+        prompts_name=prompts_name,
+    )
+    _save_and_summarise(run, output, len(prompt_list))
+
+
+def register(app: typer.Typer) -> None:
+    app.command("record")(record_cmd)

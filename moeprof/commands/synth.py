@@ -43,73 +43,74 @@ def read_popularity(path: Path) -> list[list[float]]:
     return [[float(v) for v in row] for row in counts]
 
 
-def register(app: typer.Typer) -> None:
-    @app.command("synth")
-    def synth_cmd(
-        output: Path = typer.Option(..., "--output", "-o", help="Trace file to write."),
-        experts: int | None = typer.Option(
-            None, "--experts", "-E", help="Routed experts per MoE layer [default: 8]."
-        ),
-        top_k: int = typer.Option(2, "--top-k", "-k", help="Experts chosen per token."),
-        layers: int | None = typer.Option(None, "--layers", "-L", help="MoE layers [default: 4]."),
-        requests: int = typer.Option(16, "--requests", "-R", help="Requests (sequences)."),
-        tokens: int = typer.Option(64, "--tokens", "-T", help="Tokens per request."),
-        length_spread: float = typer.Option(
-            0.0, "--length-spread", help="Request lengths vary uniformly by ± this fraction."
-        ),
-        zipf: float = typer.Option(
-            0.0, "--zipf", help="Popularity skew: Zipf exponent over experts (0 = uniform)."
-        ),
-        locality: float = typer.Option(
-            0.0,
-            "--locality",
-            help="Probability that a token keeps the previous token's expert in a slot.",
-        ),
-        expert_bytes: int = typer.Option(
-            DEFAULT_EXPERT_BYTES,
-            "--expert-bytes",
-            help="Bytes of one routed expert, 0 to 2**40 (default: one Mixtral-8x7B expert in "
-            "bf16).",
-        ),
-        popularity: Path | None = typer.Option(
-            None,
-            "--popularity",
-            help="JSON of per-layer expert counts [layers][experts] (e.g. the Fiddler Mixtral "
-            "files); layers and experts come from it and each layer draws in proportion.",
-        ),
-        seed: int = typer.Option(
-            0, "--seed", help="Random seed (>= 0); the same seed gives the same trace."
-        ),
-        force: bool = force_option,
-    ) -> None:
-        """Write a synthetic routing trace (deterministic for a seed)."""
-        from moeprof import _io
-        from moeprof.synth import synthesize
+def synth_cmd(
+    output: Path = typer.Option(..., "--output", "-o", help="Trace file to write."),
+    experts: int | None = typer.Option(
+        None, "--experts", "-E", help="Routed experts per MoE layer [default: 8]."
+    ),
+    top_k: int = typer.Option(2, "--top-k", "-k", help="Experts chosen per token."),
+    layers: int | None = typer.Option(None, "--layers", "-L", help="MoE layers [default: 4]."),
+    requests: int = typer.Option(16, "--requests", "-R", help="Requests (sequences)."),
+    tokens: int = typer.Option(64, "--tokens", "-T", help="Tokens per request."),
+    length_spread: float = typer.Option(
+        0.0, "--length-spread", help="Request lengths vary uniformly by ± this fraction."
+    ),
+    zipf: float = typer.Option(
+        0.0, "--zipf", help="Popularity skew: Zipf exponent over experts (0 = uniform)."
+    ),
+    locality: float = typer.Option(
+        0.0,
+        "--locality",
+        help="Probability that a token keeps the previous token's expert in a slot.",
+    ),
+    expert_bytes: int = typer.Option(
+        DEFAULT_EXPERT_BYTES,
+        "--expert-bytes",
+        help="Bytes of one routed expert, 0 to 2**40 (default: one Mixtral-8x7B expert in bf16).",
+    ),
+    popularity: Path | None = typer.Option(
+        None,
+        "--popularity",
+        help="JSON of per-layer expert counts [layers][experts] (e.g. the Fiddler Mixtral "
+        "files); layers and experts come from it and each layer draws in proportion.",
+    ),
+    seed: int = typer.Option(
+        0, "--seed", help="Random seed (>= 0); the same seed gives the same trace."
+    ),
+    force: bool = force_option,
+) -> None:
+    """Write a synthetic routing trace (deterministic for a seed)."""
+    from moeprof import _io
+    from moeprof.synth import synthesize
 
-        _io.check_outputs([output], force=force)
-        counts = None
-        if popularity is not None:
-            counts = read_popularity(popularity)
-            for flag, given, found in (
-                ("--layers", layers, len(counts)),
-                ("--experts", experts, len(counts[0])),
-            ):
-                if given is not None and given != found:
-                    raise MoeprofError(f"{flag} {given} disagrees with {popularity} ({found})")
-            layers, experts = len(counts), len(counts[0])
-        trace = synthesize(
-            n_experts=8 if experts is None else experts,
-            top_k=top_k,
-            n_layers=4 if layers is None else layers,
-            n_requests=requests,
-            tokens_per_request=tokens,
-            length_spread=length_spread,
-            zipf=zipf,
-            locality=locality,
-            expert_bytes=expert_bytes,
-            popularity=counts,
-            seed=seed,
-            meta={"popularity_file": str(popularity)} if popularity is not None else None,
-        )
-        trace.save(output)
-        note_written(output, f"synthetic trace ({trace.n_tokens:,} tokens)")
+    _io.check_outputs([output], force=force)
+    counts = None
+    if popularity is not None:
+        counts = read_popularity(popularity)
+        for flag, given, found in (
+            ("--layers", layers, len(counts)),
+            ("--experts", experts, len(counts[0])),
+        ):
+            if given is not None and given != found:
+                raise MoeprofError(f"{flag} {given} disagrees with {popularity} ({found})")
+        layers, experts = len(counts), len(counts[0])
+    trace = synthesize(
+        n_experts=8 if experts is None else experts,
+        top_k=top_k,
+        n_layers=4 if layers is None else layers,
+        n_requests=requests,
+        tokens_per_request=tokens,
+        length_spread=length_spread,
+        zipf=zipf,
+        locality=locality,
+        expert_bytes=expert_bytes,
+        popularity=counts,
+        seed=seed,
+        meta={"popularity_file": str(popularity)} if popularity is not None else None,
+    )
+    trace.save(output)
+    note_written(output, f"synthetic trace ({trace.n_tokens:,} tokens)")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("synth")(synth_cmd)
