@@ -425,29 +425,6 @@ def test_failed_host_register_that_cannot_be_cleared_is_refused(
         be._host_tensor(4096)
 
 
-def test_loaded_cudart_is_found_in_the_process_maps() -> None:
-    from moeprof.replay import cudart
-
-    maps = (
-        "7f00-7f10 r-xp 00000000 08:01 1 /usr/lib/libc.so.6\n"
-        "7f10-7f20 r-xp 00000000 08:01 2 /venv/nvidia/cuda_runtime/lib/libcudart.so.12\n"
-        "7f20-7f30 r--p 00100000 08:01 2 /venv/nvidia/cuda_runtime/lib/libcudart.so.12\n"
-        "7f30-7f40 rw-p 00000000 00:00 0 \n"
-        "7f40-7f50 r-xp 00000000 08:01 3 /opt/lib/libcudart_static_helper.so\n"
-        "7f50-7f60 r-xp 00000000 08:01 4 /venv/torch/lib/libtorch_cuda.so\n"
-        "7f60-7f70 r-xp 00000000 08:01 5 /venv/torch/lib/libcudart-d0da41ae.so.11.0\n"
-    )
-    assert cudart.loaded_cudart_paths(maps) == [
-        "/venv/nvidia/cuda_runtime/lib/libcudart.so.12",
-        "/venv/torch/lib/libcudart-d0da41ae.so.11.0",  # a wheel's renamed copy
-        "/venv/torch/lib/libtorch_cuda.so",  # last: a statically linked runtime
-    ]
-    torch = pytest.importorskip("torch")
-    if torch.version.cuda is None:  # a CPU-only torch never loads libcudart: nothing to clear
-        assert cudart.find_loaded_cudart() is None
-        assert cudart.cuda_clear_last_error() is None
-
-
 def test_cpu_batch_latencies_tile_the_run() -> None:
     class Recording(Backend):
         runs: list[tuple[list[float], float]] = []
