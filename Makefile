@@ -18,12 +18,22 @@ $(VENV)/.installed: pyproject.toml
 install: $(VENV)/.installed
 
 # The main job on built-in defaults: record routing from the built-in demo MoE model (a small
-# Qwen3-MoE trained on Python's own sources), analyse it, print and write the report.
+# Qwen3-MoE trained on Python's own sources), analyse it, simulate expert caches on it, and replay
+# a few strategies' copies (on CUDA when the venv's torch sees a GPU, else the CPU backend).
+DEMO_DEVICE = $(shell $(PY) -c "import torch; print('cuda' if torch.cuda.is_available() else 'cpu')" 2>/dev/null || echo cpu)
+
 demo: install
 	mkdir -p demo-out
 	$(VENV)/bin/moeprof record -o demo-out/demo.moe --force
 	$(VENV)/bin/moeprof analyze demo-out/demo.moe --batch-sizes 1,2,4,8,16,32,64 \
 	  --json demo-out/results.json --markdown demo-out/report.md --plot demo-out/savings.png --force
+	$(VENV)/bin/moeprof cache demo-out/demo.moe --strategies lru,lfu,static,belady \
+	  --cache-experts 0,1k,2k,4k --batch-sizes 1,8 --policy decode --json demo-out/cache.json \
+	  --markdown demo-out/cache.md --plot demo-out/cache.png --force
+	$(VENV)/bin/moeprof replay demo-out/demo.moe --device $(DEMO_DEVICE) \
+	  --strategies naive,dedup,lru,belady --cache-experts 4 --batch-sizes 8 --policy decode \
+	  --expert-bytes 1048576 --max-batches 50 --json demo-out/replay.json \
+	  --markdown demo-out/replay.md --force
 
 lint: install
 	$(VENV)/bin/ruff check moeprof tests benchmarks scripts

@@ -8,6 +8,7 @@ from __future__ import annotations
 from moeprof._version import __version__
 from moeprof.analyze import AnalysisResult, BatchSizeResult, LayerResult, analyze
 from moeprof.batching import POLICIES, BatchPlan, plan_batches
+from moeprof.cache import CacheResult, simulate_cache
 from moeprof.errors import MoeprofError
 from moeprof.synth import synthesize
 from moeprof.trace import FORMAT_VERSION, Trace, load_trace
@@ -18,6 +19,7 @@ __all__ = [
     "AnalysisResult",
     "BatchPlan",
     "BatchSizeResult",
+    "CacheResult",
     "LayerResult",
     "MoeprofError",
     "Trace",
@@ -25,6 +27,7 @@ __all__ = [
     "analyze",
     "load_trace",
     "plan_batches",
+    "simulate_cache",
     "synthesize",
 ]
 

@@ -11,9 +11,19 @@ from typing import Any
 from moeprof.report.rows import (
     batch_table_rows,
     build_report,
+    cache_batch_sizes,
+    cache_gap_rows,
+    cache_notes,
+    cache_recommendations,
+    cache_summary_items,
+    cache_table_rows,
+    cache_working_set_rows,
     has_replay,
+    is_cache,
     latency_rows,
     layer_table_rows,
+    prefetch_notes,
+    prefetch_rows,
     replay_notes,
     replay_rows,
     summary_items,
@@ -30,7 +40,7 @@ def md_table(header: Sequence[str], rows: Sequence[Sequence[str]], align: str = 
 
 
 def _replay_align(header: Sequence[str]) -> str:
-    return "ll" + "r" * (len(header) - 2)  # batch and strategy left, numbers right
+    return "ll" + "r" * (len(header) - 2)  # batch (or capacity) and strategy left, numbers right
 
 
 def replay_markdown(doc: dict[str, Any]) -> str:
@@ -52,8 +62,43 @@ def replay_markdown(doc: dict[str, Any]) -> str:
     return "\n".join(parts)
 
 
+def cache_markdown(doc: dict[str, Any], title: str) -> str:
+    """The report of a `moeprof cache` document (kind "cache")."""
+    parts = [f"# {title}", "", "## Summary", ""]
+    parts += [f"- **{k}:** {v}" for k, v in cache_summary_items(doc)]
+    for b in cache_batch_sizes(doc):
+        header, rows = cache_table_rows(doc, b)
+        parts += ["", f"## Batch size {b}", "", md_table(header, rows, align=_replay_align(header))]
+        gap_header, gap_rows = cache_gap_rows(doc, b)
+        if gap_rows:
+            parts += [
+                "",
+                f"### Belady − LRU gap, batch size {b}",
+                "",
+                md_table(gap_header, gap_rows, align="rrrrrl"),
+            ]
+    ws_header, ws_rows = cache_working_set_rows(doc)
+    if ws_rows:
+        parts += [
+            "",
+            "## Working set per batch (distinct experts: mean / p95 / max)",
+            "",
+            md_table(ws_header, ws_rows),
+        ]
+    pf_header, pf_rows = prefetch_rows(doc)
+    if pf_rows:
+        parts += ["", "## Prefetch", "", md_table(pf_header, pf_rows, align="lllrrrr")]
+    parts += ["", "## Recommendations", ""]
+    parts += [f"{i}. {text}" for i, text in enumerate(cache_recommendations(doc), 1)]
+    parts += ["", "## Definitions", ""]
+    parts += [f"- {line}" for line in cache_notes(doc) + prefetch_notes(doc)]
+    return "\n".join(parts) + "\n"
+
+
 def render_markdown(doc: dict[str, Any], title: str = "moeprof report") -> str:
     """The whole report for one results dict (the results JSON)."""
+    if is_cache(doc):
+        return cache_markdown(doc, title)
     report = build_report(doc)
     parts = [f"# {title}", "", "## Executive Summary", ""]
     parts += [f"- **{k}:** {v}" for k, v in summary_items(report)]

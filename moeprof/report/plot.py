@@ -5,7 +5,62 @@ from __future__ import annotations
 import io
 from typing import Any
 
-from moeprof.report.rows import build_report
+from moeprof.report.rows import build_report, cache_batch_sizes, is_cache
+
+
+def render_cache_plot(doc: dict[str, Any]) -> bytes:
+    """Hit rate against capacity per strategy (left) and bytes per token (right, when the
+    expert sizes are known); one line style per batch size."""
+    from matplotlib.figure import Figure
+
+    rows = [r for r in doc["results"] if r["strategy"] not in ("naive", "dedup")]
+    with_bytes = any(r.get("bytes_per_token") is not None for r in rows)
+    fig = Figure(figsize=(11 if with_bytes else 7, 4.2), dpi=120)
+    axes = fig.subplots(1, 2 if with_bytes else 1, squeeze=False)[0]
+    styles = ["o-", "s--", "^:", "d-.", "v-", "x--"]
+    names = list(dict.fromkeys(r["strategy"] for r in rows))
+    colours = {name: f"C{i % 10}" for i, name in enumerate(names)}
+    for j, b in enumerate(cache_batch_sizes(doc)):
+        for name in names:
+            mine = sorted(
+                (r for r in rows if r["strategy"] == name and int(r["batch_size"]) == b),
+                key=lambda r: int(r["cache_experts"]),
+            )
+            if not mine:
+                continue
+            caps = [int(r["cache_experts"]) for r in mine]
+            label = f"{name}, B={b}"
+            style = styles[j % len(styles)]
+            axes[0].plot(
+                caps,
+                [100 * float(r["hit_rate"]) for r in mine],
+                style,
+                color=colours[name],
+                label=label,
+            )
+            if with_bytes:
+                axes[1].plot(
+                    caps,
+                    [float(r["bytes_per_token"] or 0) / 1e9 for r in mine],
+                    style,
+                    color=colours[name],
+                    label=label,
+                )
+    model = (doc["trace"].get("model") or {}).get("id") or "unknown"
+    axes[0].set_ylim(0, 100)
+    axes[0].set_xlabel("C: experts retained per layer")
+    axes[0].set_ylabel("hit rate (%)")
+    axes[0].set_title(f"Expert cache hit rate — {model}")
+    if with_bytes:
+        axes[1].set_xlabel("C: experts retained per layer")
+        axes[1].set_ylabel("GB loaded per token")
+        axes[1].set_title("Bytes per token")
+    for ax in axes:
+        ax.grid(True, alpha=0.3)
+    axes[0].legend(loc="lower right", fontsize="small")
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", bbox_inches="tight")
+    return buf.getvalue()
 
 
 def render_plot(doc: dict[str, Any]) -> bytes:
@@ -14,6 +69,8 @@ def render_plot(doc: dict[str, Any]) -> bytes:
     matplotlib.use("Agg")
     from matplotlib.figure import Figure
 
+    if is_cache(doc):
+        return render_cache_plot(doc)
     report = build_report(doc)
     sizes = [r.batch_size for r in report.batch_rows]
     fig = Figure(figsize=(7, 4.2), dpi=120)

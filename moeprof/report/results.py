@@ -79,8 +79,120 @@ def _check_fields(
             raise MoeprofError(f"{where}.{key} has the wrong type ({obj[key]!r:.40})")
 
 
+def _is_str(x: Any) -> bool:
+    return isinstance(x, str)
+
+
+def _int_or_none(x: Any) -> bool:
+    return x is None or _is_int(x)
+
+
+def _number_or_none(x: Any) -> bool:
+    return x is None or _is_number(x)
+
+
+# A `moeprof cache` document (kind "cache", docs/cache.md "Results JSON").
+_CACHE_ROW_TYPES: dict[str, Callable[[Any], bool]] = {
+    "strategy": _is_str,
+    "batch_size": _is_int,
+    "policy": _is_str,
+    "cache_experts": _is_int,
+    "budget": _is_str,
+    "requests": _is_int,
+    "unique": _is_int,
+    "loads": _is_int,
+    "bytes_loaded": _int_or_none,
+    "hit_rate": _is_number,
+    "bytes_per_token": _number_or_none,
+    "layers": lambda x: isinstance(x, list),
+}
+_CACHE_ROW_OPTIONAL: dict[str, Callable[[Any], bool]] = {
+    "cache_spelling": _is_str,
+    "savings_vs_naive": _is_number,
+    "savings_vs_dedup": _is_number,
+    "gap_captured": _number_or_none,
+    "link_tokens_per_second": _number_or_none,
+}
+_CACHE_LAYER_TYPES: dict[str, Callable[[Any], bool]] = {
+    "layer": _is_int,
+    "requests": _is_int,
+    "unique": _is_int,
+    "loads": _is_int,
+}
+_CACHE_GAP_TYPES: dict[str, Callable[[Any], bool]] = {
+    "batch_size": _is_int,
+    "cache_experts": _is_int,
+    "lru_loads": _is_int,
+    "belady_loads": _is_int,
+    "lru_hit_rate": _is_number,
+    "belady_hit_rate": _is_number,
+    "gap_loads": _is_int,
+    "gap_points": _is_number,
+}
+_PREFETCH_ROW_TYPES: dict[str, Callable[[Any], bool]] = {
+    "batch_size": _is_int,
+    "predictor": _is_str,
+    "strategy": lambda x: x is None or _is_str(x),
+    "cache_experts": _is_int,
+    "recall": _number_or_none,
+    "precision": _number_or_none,
+    "critical_loads": _is_int,
+    "wasted_bytes": _is_int,
+}
+_CACHE_WORKING_SET_TYPES: dict[str, Callable[[Any], bool]] = {
+    "batch_size": _is_int,
+    "layer": _is_int,
+    "mean": _is_number,
+    "p95": _is_int,
+    "max": _is_int,
+}
+
+
+def _check_list(
+    doc: dict[str, Any], key: str, types: dict[str, Callable[[Any], bool]], source: str
+) -> None:
+    items = doc.get(key, [])
+    if not isinstance(items, list):
+        raise MoeprofError(f"{source}: {key} is not a list")
+    for i, item in enumerate(items):
+        if not isinstance(item, dict):
+            raise MoeprofError(f"{source}: {key}[{i}] is not an object")
+        _check_fields(item, types, {}, f"{source}: {key}[{i}]")
+
+
+def validate_cache_results(doc: dict[str, Any], source: str = "results") -> dict[str, Any]:
+    """Check a `moeprof cache` document (kind "cache"); return it."""
+    if not isinstance(doc.get("results"), list) or not doc["results"]:
+        raise MoeprofError(f"{source}: a cache results file needs a non-empty 'results' list")
+    if not isinstance(doc.get("trace"), dict):
+        raise MoeprofError(f"{source}: not a moeprof results file (no 'trace' object)")
+    if not isinstance(doc.get("cache", {}), dict):
+        raise MoeprofError(f"{source}: cache is not an object")
+    _check_fields(doc["trace"], {}, _TRACE_OPTIONAL, f"{source}: trace")
+    for i, row in enumerate(doc["results"]):
+        if not isinstance(row, dict):
+            raise MoeprofError(f"{source}: results[{i}] is not an object")
+        _check_fields(row, _CACHE_ROW_TYPES, _CACHE_ROW_OPTIONAL, f"{source}: results[{i}]")
+        for j, layer in enumerate(row["layers"]):
+            if not isinstance(layer, dict):
+                raise MoeprofError(f"{source}: results[{i}].layers[{j}] is not an object")
+            _check_fields(layer, _CACHE_LAYER_TYPES, {}, f"{source}: results[{i}].layers[{j}]")
+    _check_list(doc, "gaps", _CACHE_GAP_TYPES, source)
+    _check_list(doc, "working_sets", _CACHE_WORKING_SET_TYPES, source)
+    if "prefetch" in doc:
+        if not isinstance(doc["prefetch"], dict):
+            raise MoeprofError(f"{source}: prefetch is not an object")
+        _check_list(doc["prefetch"], "rows", _PREFETCH_ROW_TYPES, f"{source}: prefetch")
+    policies = {row["policy"] for row in doc["results"]}
+    if len(policies) > 1:
+        raise MoeprofError(f"{source}: rows mix batching policies ({', '.join(sorted(policies))})")
+    return doc
+
+
 def validate_results(doc: Any, source: str = "results") -> dict[str, Any]:
     """Check that `doc` has the results-JSON shape and types the renderers read; return it."""
+    if isinstance(doc, dict) and doc.get("kind") == "cache":
+        return validate_cache_results(doc, source)
     if not isinstance(doc, dict) or not isinstance(doc.get("results"), list):
         raise MoeprofError(f"{source}: not a moeprof results file (no 'results' list)")
     if not doc["results"]:

@@ -750,3 +750,327 @@ def replay_notes(doc: dict[str, Any]) -> list[str]:
     if info.get("interrupted"):
         notes.append("**Interrupted**: only the runs that finished are shown.")
     return notes
+
+
+# ---------------------------------------------------------------------- cache rows
+
+# The reading of the Belady - LRU gap (docs/cache.md, "Reading the report"): at least this many
+# hit-rate points between them and the policy is the problem; fewer, with LRU below HALF, and the
+# cache is too small.
+LARGE_GAP_PP = 10.0
+CACHE_HEADER = [
+    "C",
+    "Strategy",
+    "Hit rate",
+    "Loads",
+    "Bytes / token",
+    "vs dedup",
+    "Gap captured",
+]
+GAP_HEADER = ["C", "LRU hit", "Belady hit", "Gap", "Loads gap", "Reading"]
+
+
+def is_cache(doc: Any) -> bool:
+    """Whether `doc` is a `moeprof cache` results document."""
+    return isinstance(doc, dict) and doc.get("kind") == "cache"
+
+
+def _capacity_text(row: dict[str, Any]) -> str:
+    if row["strategy"] in ("naive", "dedup"):
+        return _DASH
+    c, spelled = int(row["cache_experts"]), str(row.get("cache_spelling", row["cache_experts"]))
+    return str(c) if spelled == str(c) else f"{c} ({spelled})"
+
+
+def _per_token(value: Any) -> str:
+    return _DASH if value is None else human_bytes(float(value))
+
+
+def _share(value: Any) -> str:
+    return _DASH if value is None else pct(float(value))
+
+
+def cache_batch_sizes(doc: dict[str, Any]) -> list[int]:
+    return sorted({int(r["batch_size"]) for r in doc["results"]})
+
+
+def _cache_label(name: str) -> str:
+    strategy = REGISTRY.get(name)
+    return strategy.cache_label if strategy is not None and strategy.cache_label else name
+
+
+def cache_table_rows(
+    doc: dict[str, Any], batch_size: int, *, link: bool = True
+) -> tuple[list[str], list[list[str]]]:
+    """Capacity x strategy at one batch size: hit rate, loads, bytes per token, savings vs
+    dedup, share of the LRU → Belady gap captured (the references first); the link projection
+    when the document has one and `link`."""
+    link = link and bool((doc.get("cache") or {}).get("link_gbps"))
+    header = list(CACHE_HEADER) + (["Link tokens/s (projected)"] if link else [])
+    rows: list[list[str]] = []
+    chosen = [r for r in doc["results"] if int(r["batch_size"]) == batch_size]
+    refs = [r for r in chosen if r["strategy"] in ("naive", "dedup")]
+    cached = sorted(
+        (r for r in chosen if r["strategy"] not in ("naive", "dedup")),
+        key=lambda r: int(r["cache_experts"]),
+    )
+    for r in refs + cached:
+        cells = [
+            _capacity_text(r),
+            r["strategy"],
+            pct(float(r["hit_rate"])),
+            f"{int(r['loads']):,}",
+            _per_token(r.get("bytes_per_token")),
+            pct(float(r.get("savings_vs_dedup", 0.0))),
+            _share(r.get("gap_captured")),
+        ]
+        if link:
+            tps = r.get("link_tokens_per_second")
+            cells.append(_DASH if tps is None else f"{float(tps):,.1f}")
+        rows.append(cells)
+    return header, rows
+
+
+def gap_reading(gap: dict[str, Any]) -> str:
+    """What the Belady − LRU gap at one capacity says."""
+    if int(gap["cache_experts"]) == 0:
+        return "no cache: every policy loads the same"
+    if float(gap["gap_points"]) >= LARGE_GAP_PP:
+        return "large: the policy is the problem"
+    if float(gap["lru_hit_rate"]) < HALF:
+        return "small, with a low hit rate: the cache is too small"
+    return "small: LRU is near the bound"
+
+
+def cache_gap_rows(doc: dict[str, Any], batch_size: int) -> tuple[list[str], list[list[str]]]:
+    rows = [
+        [
+            str(g["cache_experts"]),
+            pct(float(g["lru_hit_rate"])),
+            pct(float(g["belady_hit_rate"])),
+            f"{float(g['gap_points']):.1f} pts",
+            f"{int(g['gap_loads']):,}",
+            gap_reading(g),
+        ]
+        for g in doc.get("gaps") or []
+        if int(g["batch_size"]) == batch_size
+    ]
+    return list(GAP_HEADER), rows
+
+
+def cache_working_set_rows(doc: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """Distinct experts per batch (mean / p95 / max), one row per layer, one column per B."""
+    sets = doc.get("working_sets") or []
+    sizes = sorted({int(w["batch_size"]) for w in sets})
+    by = {(int(w["batch_size"]), int(w["layer"])): w for w in sets}
+    layers = sorted({(int(w["layer"]), int(w.get("model_layer", w["layer"]))) for w in sets})
+    header = ["Layer"] + [f"B={b}" for b in sizes]
+    rows = [
+        [_layer_label({"layer": idx, "model_layer": ml})]
+        + [
+            f"{float(by[(b, idx)]['mean']):.1f} / {by[(b, idx)]['p95']} / {by[(b, idx)]['max']}"
+            if (b, idx) in by
+            else _DASH
+            for b in sizes
+        ]
+        for idx, ml in layers
+    ]
+    return header, rows
+
+
+def cache_summary_items(doc: dict[str, Any]) -> list[tuple[str, str]]:
+    trace = doc["trace"]
+    settings = doc.get("cache") or {}
+    model = trace.get("model") or {}
+    eb_text, _ = _expert_bytes_text([int(x) for x in trace.get("expert_bytes", [])])
+    phase = settings.get("phase", "all")
+    items = [
+        ("Model", str(model.get("id") or "unknown")),
+        (
+            "MoE layers × experts, top-k",
+            f"{trace.get('n_layers', '?')} × {_experts_text([int(x) for x in trace.get('n_experts', [])])}, "
+            f"top-{trace.get('top_k', '?')}",
+        ),
+        ("Routed expert size", eb_text),
+        (
+            "Tokens simulated",
+            f"{int(settings.get('tokens_simulated', trace.get('n_tokens', 0))):,}"
+            + (f" ({phase} rows)" if phase != "all" else " (all rows)"),
+        ),
+        ("Batching policy", str(doc["results"][0]["policy"])),
+        (
+            "Budget",
+            "per layer: each layer retains C experts between batches"
+            if settings.get("budget", "per-layer") == "per-layer"
+            else "global: one pool of C × layers experts' memory shared by all layers",
+        ),
+        (
+            "Counting",
+            "per access: every request of an expert not retained is a load"
+            if settings.get("count") == "access"
+            else "per batch: each distinct expert of a batch loads at most once",
+        ),
+        ("Start", "warm (first uses not counted)" if settings.get("warm") else "cold"),
+    ]
+    if settings.get("popularity_from"):
+        items.append(("static profile", str(settings["popularity_from"])))
+    fit = settings.get("gpu_memory")
+    if isinstance(fit, dict):
+        items.append(
+            (
+                "GPU memory",
+                f"{fit.get('spelling')} holds C = {fit['cache_experts']} per layer beside the "
+                f"widest batch's working set ({human_bytes(fit['working_set_bytes'])})"
+                + (": every expert fits" if fit.get("all_experts_fit") else ""),
+            )
+        )
+    if settings.get("link_gbps"):
+        items.append(
+            (
+                "Link (projection)",
+                f"{settings['link_gbps']:g} GB/s: tokens/s the link alone allows at each row's "
+                "bytes per token (a projection, not a measurement)",
+            )
+        )
+    return items
+
+
+def _reference_strategy(names: Sequence[str]) -> str | None:
+    """The policy recommendations read: lru, else the first runnable cache strategy."""
+    cached = [n for n in names if n not in ("naive", "dedup", "belady")]
+    return "lru" if "lru" in cached else (cached[0] if cached else None)
+
+
+def cache_recommendations(doc: dict[str, Any]) -> list[str]:
+    """Findings computed from the rows (docs/cache.md, "Reading the report")."""
+    out: list[str] = []
+    names = list(dict.fromkeys(r["strategy"] for r in doc["results"]))
+    ref = _reference_strategy(names)
+    for b in cache_batch_sizes(doc):
+        rows = sorted(
+            (r for r in doc["results"] if int(r["batch_size"]) == b and r["strategy"] == ref),
+            key=lambda r: int(r["cache_experts"]),
+        )
+        if not rows:
+            continue
+        label = _cache_label(str(ref))
+        reaching = [r for r in rows if float(r["hit_rate"]) >= HALF]
+        if reaching:
+            r = reaching[0]
+            out.append(
+                f"Batch size {b}: C = {r['cache_experts']} is the smallest simulated capacity "
+                f"whose {label} hit rate reaches 50% ({pct(float(r['hit_rate']))}, "
+                f"{_per_token(r.get('bytes_per_token'))} loaded per token)."
+            )
+        else:
+            top = rows[-1]
+            out.append(
+                f"Batch size {b}: no simulated capacity brings {label} to a 50% hit rate; "
+                f"the largest, C = {top['cache_experts']}, hits {pct(float(top['hit_rate']))}."
+            )
+        for lo, hi in zip(rows, rows[1:]):
+            step = 100.0 * (float(hi["hit_rate"]) - float(lo["hit_rate"]))
+            if step < DIMINISHING_PP:
+                out.append(
+                    f"Batch size {b}: extra memory stops paying beyond C = {lo['cache_experts']}: "
+                    f"going to C = {hi['cache_experts']} adds only {step:.1f} points of "
+                    f"{label} hit rate."
+                )
+                break
+        gaps = [g for g in doc.get("gaps") or [] if int(g["batch_size"]) == b]
+        if gaps:
+            g = max(gaps, key=lambda g: float(g["gap_points"]))
+            if int(g["cache_experts"]) > 0:
+                out.append(
+                    f"Batch size {b}: the widest LRU → Belady gap is at C = {g['cache_experts']}: "
+                    f"Belady hits {pct(float(g['belady_hit_rate']))}, LRU "
+                    f"{pct(float(g['lru_hit_rate']))} ({float(g['gap_points']):.1f} points, "
+                    f"{int(g['gap_loads']):,} loads): {gap_reading(g)}."
+                )
+                runnable = {
+                    k: v
+                    for k, v in (g.get("captured") or {}).items()
+                    if v is not None and k not in ("lru", "belady")
+                }
+                if runnable:
+                    best = max(runnable, key=lambda k: runnable[k])
+                    out.append(
+                        f"Batch size {b}, C = {g['cache_experts']}: of the other policies an "
+                        f"engine can run, {best} captures the most of that gap "
+                        f"({pct(runnable[best])})."
+                        if runnable[best] > 0
+                        else f"Batch size {b}, C = {g['cache_experts']}: none of the other "
+                        f"policies simulated does better than LRU there (best: {best}, "
+                        f"{pct(runnable[best])} of the gap)."
+                    )
+    sets = doc.get("working_sets") or []
+    for b in cache_batch_sizes(doc):
+        mine = [w for w in sets if int(w["batch_size"]) == b]
+        if mine:
+            mean = sum(float(w["mean"]) for w in mine) / len(mine)
+            widest = max(int(w["max"]) for w in mine)
+            out.append(
+                f"Batch size {b}: a batch uses {mean:.1f} distinct experts per layer on average "
+                f"(at most {widest}): the device holds them besides the cache, so capacities "
+                f"below that working set are where the hit rate falls off."
+            )
+    return out
+
+
+def cache_notes(doc: dict[str, Any]) -> list[str]:
+    """How the numbers are defined, one sentence each."""
+    settings = doc.get("cache") or {}
+    lookups = "requests" if settings.get("count") == "access" else "distinct experts per batch"
+    notes = [
+        "C = experts each layer retains between batches, on top of the running batch's own "
+        "experts; a load = an expert a batch uses that was not retained (docs/cache.md).",
+        f"Hit rate = 1 − loads / lookups, lookups = {lookups}; naive looks up every request. "
+        "vs dedup = loads saved against loading each batch's distinct experts with no cache.",
+        "Gap captured = (LRU loads − loads) / (LRU loads − Belady loads): 0% is LRU, 100% is "
+        "the bound; — where the two are equal.",
+    ]
+    if settings.get("belady_is_bound") is False:
+        notes.append(
+            "One pool in bytes over layers whose experts differ in size: Belady's rule is then a "
+            "heuristic, not a bound."
+        )
+    return notes
+
+
+def prefetch_rows(doc: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """The `prefetch` section of a cache document: one row per batch size, predictor and cache
+    (docs/prefetch.md): recall, precision, loads left on the critical path, bytes wasted."""
+    header = ["Batch", "Predictor", "Cache", "Recall", "Precision", "Critical loads", "Wasted"]
+    rows: list[list[str]] = []
+    for r in (doc.get("prefetch") or {}).get("rows", []):
+        cache = "none" if r.get("strategy") is None else f"{r['strategy']} C={r['cache_experts']}"
+        rows.append(
+            [
+                str(r["batch_size"]),
+                str(r["predictor"]),
+                cache,
+                "—" if r.get("recall") is None else pct(r["recall"]),
+                "—" if r.get("precision") is None else pct(r["precision"]),
+                f"{int(r['critical_loads']):,}",
+                human_bytes(int(r["wasted_bytes"])),
+            ]
+        )
+    return header, rows
+
+
+def prefetch_notes(doc: dict[str, Any]) -> list[str]:
+    """How the prefetch section was scored, one sentence each."""
+    info = doc.get("prefetch") or {}
+    if not info:
+        return []
+    trained = {
+        "train trace": "learned on the --train trace and scored on every batch",
+        "first half": "learned on the first half of the batches and scored on the second half",
+        "none": "nothing learned; scored on every batch",
+    }.get(str(info.get("trained_on")), str(info.get("trained_on")))
+    return [
+        f"Prefetch: each predictor proposes up to {info.get('prefetch_experts')} experts per "
+        f"batch and layer before its router runs; {trained} (docs/prefetch.md).",
+        "Critical loads = experts a batch needs that were neither retained nor prefetched; "
+        "wasted = bytes prefetched but not needed (and not retained).",
+    ]

@@ -18,9 +18,19 @@ from moeprof.report.rows import (
     ReportRows,
     batch_table_rows,
     build_report,
+    cache_batch_sizes,
+    cache_gap_rows,
+    cache_notes,
+    cache_recommendations,
+    cache_summary_items,
+    cache_table_rows,
+    cache_working_set_rows,
     has_replay,
+    is_cache,
     latency_rows,
     layer_table_rows,
+    prefetch_notes,
+    prefetch_rows,
     replay_notes,
     replay_rows,
     summary_items,
@@ -134,9 +144,44 @@ def replay_renderables(doc: dict[str, Any]) -> list[Any]:
     return out
 
 
+def cache_renderables(doc: dict[str, Any], *, layers: bool = False) -> list[Any]:
+    """A `moeprof cache` document: summary, one table per batch size (capacity x strategy), the
+    Belady − LRU gap, recommendations (and working sets per layer when `layers`)."""
+    from rich.markdown import Markdown
+
+    out: list[Any] = [kv_table("Expert cache simulation", cache_summary_items(doc))]
+    for b in cache_batch_sizes(doc):
+        # The link projection stays in the summary and the markdown: 80 columns hold 7.
+        header, rows = cache_table_rows(doc, b, link=False)
+        out.append(grid_table(f"Batch size {b}", header, rows, _first_left(header, 2)))
+        gap_header, gap_rows = cache_gap_rows(doc, b)
+        if gap_rows:
+            out.append(
+                grid_table(f"Belady − LRU gap, batch size {b}", gap_header, gap_rows, "rrrrrl")
+            )
+    if layers:
+        ws_header, ws_rows = cache_working_set_rows(doc)
+        out.append(
+            grid_table(
+                "Working set per batch (distinct experts: mean / p95 / max)",
+                ws_header,
+                ws_rows,
+                _first_left(ws_header),
+            )
+        )
+    pf_header, pf_rows = prefetch_rows(doc)
+    if pf_rows:
+        out.append(grid_table("Prefetch", pf_header, pf_rows, "lllrrrr"))
+    out.append(list_table("Recommendations", cache_recommendations(doc)))
+    out.append(Markdown("\n".join(f"- {n}" for n in cache_notes(doc) + prefetch_notes(doc))))
+    return out
+
+
 def render_terminal(doc: dict[str, Any], *, layers: bool = False) -> Group:
     """Summary and savings-by-batch-size tables (and per-layer savings when `layers`), then the
-    replay tables when the document has replay data."""
+    replay tables when the document has replay data; a cache document's own tables."""
+    if is_cache(doc):
+        return Group(*cache_renderables(doc, layers=layers))
     report = build_report(doc)
     _, rows = batch_table_rows(report)
     parts: list[Any] = [

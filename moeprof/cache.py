@@ -1,0 +1,629 @@
+"""What an expert cache would save on a trace: loads, bytes and hit rates of every cache strategy
+x capacity x batch size, against the two references (naive, dedup) and the Belady bound.
+
+Pure analysis: arrays in, dataclasses out. The retention model is the one
+:mod:`moeprof.strategies.retention` simulates (docs/cache.md, "Semantics"): batches run in the
+order the batching policy gives; all distinct experts of a batch are on the device while it runs;
+``cache_experts = C`` experts per layer are *retained* between batches on top of that working set;
+a *load* is a distinct expert of a batch that was not retained at the boundary before it. Every
+strategy is the registry's own object (:mod:`moeprof.strategies`), so `moeprof replay` copies
+exactly the loads counted here.
+
+Switches (docs/cache.md, "Switches"): ``budget`` (one retained set per layer, or one pool of
+(layer, expert) blocks for all layers holding the same memory as C per layer), ``count`` (loads
+per batch, or per access: every request of an expert not retained is a load), ``warm`` (first
+uses are not loads), ``phase`` (which rows are simulated) and ``popularity_from`` (static's
+profile from another trace).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+
+from moeprof._version import __version__
+from moeprof.analyze import expert_masks, trace_summary, unique_per_batch
+from moeprof.batching import check_batch_sizes, get_policy
+from moeprof.errors import MoeprofError
+from moeprof.strategies import REGISTRY, check_cache_experts, check_strategies
+from moeprof.strategies.retaining import RetainingStrategy
+from moeprof.strategies.retention import (
+    AccessSequence,
+    global_sequence,
+    layer_sequence,
+)
+from moeprof.strategies.schedule import Distinct, distinct_per_batch
+from moeprof.trace import PHASE_DECODE, PHASE_PREFILL, Trace
+
+BUDGETS = ("per-layer", "global")
+COUNTS = ("batch", "access")
+PHASES = ("all", "decode", "prefill")
+CAPACITY_UNITS = ("experts", "bytes")
+# The two references every row is compared with: no cache at all, per request or per batch.
+REFERENCES = ("naive", "dedup")
+# The strategies the gap is measured between: the classic policy and the bound.
+GAP_FROM, GAP_TO = "lru", "belady"
+DEFAULT_CACHE_STRATEGIES = ("lru", "lfu", "static", "belady")
+WORKING_SET_PERCENTILE = 95
+
+
+# ---------------------------------------------------------------------- results
+
+
+@dataclass(frozen=True)
+class CacheLayer:
+    layer: int
+    model_layer: int
+    requests: int  # (token, expert) requests at this layer
+    unique: int  # distinct experts summed over batches (dedup's loads, cold)
+    loads: int
+
+
+@dataclass(frozen=True)
+class CacheRow:
+    """One strategy at one batch size and capacity."""
+
+    strategy: str
+    batch_size: int
+    policy: str
+    cache_experts: int  # C: experts retained per layer (references: 0)
+    cache_spelling: str  # how C was asked for ("4", "2k", "25%", "24GiB")
+    budget: str
+    pool: int  # what the rule may retain: C (per layer), C*L blocks or C*sum(bytes) (global)
+    n_batches: int
+    tokens: int
+    requests: int
+    unique: int
+    loads: int
+    bytes_loaded: int | None  # None: some layer's expert size is unknown
+    hit_rate: float  # 1 - loads / lookups (lookups: unique, or requests when counting accesses)
+    bytes_per_token: float | None
+    savings_vs_naive: float
+    savings_vs_dedup: float
+    gap_captured: float | None  # (lru - loads) / (lru - belady); None when the gap is 0
+    link_seconds_per_token: float | None
+    link_tokens_per_second: float | None
+    layers: tuple[CacheLayer, ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["layers"] = [asdict(layer) for layer in self.layers]
+        for key in ("link_seconds_per_token", "link_tokens_per_second"):
+            if out[key] is None:
+                del out[key]
+        return out
+
+
+@dataclass(frozen=True)
+class WorkingSet:
+    """Distinct experts per batch at one layer: what the device holds besides the cache."""
+
+    batch_size: int
+    layer: int
+    model_layer: int
+    n_batches: int
+    mean: float
+    p95: int  # nearest rank: the smallest count at least 95% of batches stay within
+    max: int
+
+
+@dataclass(frozen=True)
+class GapRow:
+    """LRU against the Belady bound at one batch size and capacity."""
+
+    batch_size: int
+    cache_experts: int
+    lru_loads: int
+    belady_loads: int
+    lru_hit_rate: float
+    belady_hit_rate: float
+    gap_loads: int
+    gap_points: float  # 100 * (belady_hit_rate - lru_hit_rate)
+    captured: dict[str, float | None]  # strategy -> share of the gap it captures
+
+
+@dataclass(frozen=True)
+class CacheResult:
+    trace: dict[str, Any]
+    settings: dict[str, Any]
+    rows: tuple[CacheRow, ...]
+    working_sets: tuple[WorkingSet, ...]
+    gaps: tuple[GapRow, ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        """The ``kind: "cache"`` results document (docs/cache.md, "Results JSON")."""
+        return {
+            "kind": "cache",
+            "moeprof_version": __version__,
+            "trace": self.trace,
+            "cache": self.settings,
+            "results": [r.to_dict() for r in self.rows],
+            "working_sets": [asdict(w) for w in self.working_sets],
+            "gaps": [asdict(g) for g in self.gaps],
+        }
+
+
+# ---------------------------------------------------------------------- inputs
+
+
+def _choice(value: Any, allowed: Sequence[str], name: str) -> str:
+    if value not in allowed:
+        raise MoeprofError(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
+    return str(value)
+
+
+def select_phase(trace: Trace, phase: str) -> Trace:
+    """The rows of `trace` in `phase` ('all', 'decode', 'prefill'), in stored order. A trace
+    without phases is all decode."""
+    _choice(phase, PHASES, "phase")
+    if phase == "all":
+        return trace
+    if trace.phase is None:
+        if phase == "prefill":
+            raise MoeprofError(
+                "phase 'prefill': the trace records no phases, so all its rows count as decode"
+            )
+        return trace
+    keep = np.flatnonzero(trace.phase == (PHASE_DECODE if phase == "decode" else PHASE_PREFILL))
+    if keep.size == 0:
+        raise MoeprofError(f"phase {phase!r}: the trace has no {phase} rows")
+    if keep.size == trace.n_tokens:
+        return trace
+
+    def rows(arr: np.ndarray | None) -> np.ndarray | None:
+        return None if arr is None else np.ascontiguousarray(arr[keep])
+
+    # A subset of request-major rows stays request-major: no check needs repeating.
+    return Trace(
+        expert_ids=np.ascontiguousarray(trace.expert_ids[keep]),
+        request_ids=np.ascontiguousarray(trace.request_ids[keep]),
+        positions=np.ascontiguousarray(trace.positions[keep]),
+        n_experts=trace.n_experts,
+        expert_bytes=trace.expert_bytes,
+        gate_weights=rows(trace.gate_weights),
+        steps=rows(trace.steps),
+        phase=rows(trace.phase),
+        token_ids=rows(trace.token_ids),
+        meta=trace.meta,
+    )
+
+
+def requests_per_expert(trace: Trace) -> list[np.ndarray]:
+    """Requests of each expert over the whole trace, per layer (static's profile)."""
+    out = []
+    for layer in range(trace.n_layers):
+        n_exp = int(trace.n_experts[layer])
+        ids = np.asarray(trace.expert_ids[:, layer, :]).reshape(-1)
+        out.append(np.bincount(ids, minlength=n_exp + 1)[:n_exp].astype(np.int64))
+    return out
+
+
+def _check_profile(trace: Trace, profile: Trace) -> None:
+    same = profile.n_layers == trace.n_layers and np.array_equal(profile.n_experts, trace.n_experts)
+    if not same:
+        raise MoeprofError(
+            f"popularity_from has {profile.n_layers} MoE layers of "
+            f"{_experts_text(profile.n_experts)} experts; the trace has {trace.n_layers} of "
+            f"{_experts_text(trace.n_experts)}: a profile must have the same layer layout"
+        )
+
+
+def _experts_text(n_experts: np.ndarray) -> str:
+    values = sorted({int(x) for x in n_experts})
+    return str(values[0]) if len(values) == 1 else f"{values[0]}-{values[-1]}"
+
+
+def cache_strategies(names: Iterable[str]) -> tuple[str, ...]:
+    """Known strategy names, in run order: the registry's caching strategies and the two
+    references; a MoeprofError names the first that is neither."""
+    chosen = check_strategies(list(names))
+    for name in chosen:
+        if name not in REFERENCES and not REGISTRY[name].uses_cache:
+            raise MoeprofError(f"strategy {name!r} keeps no cache; choose from {_cache_names()}")
+    return chosen
+
+
+def _cache_names() -> str:
+    return ", ".join(n for n, s in REGISTRY.items() if s.uses_cache or n in REFERENCES)
+
+
+def _percentile_nearest_rank(values: np.ndarray, q: int) -> int:
+    if values.size == 0:
+        return 0
+    ordered = np.sort(values)
+    rank = -(-q * values.size // 100)  # ceil(q * n / 100), exact in integers
+    return int(ordered[max(rank, 1) - 1])
+
+
+def _ratio(part: float, whole: float) -> float:
+    return float(part) / float(whole) if whole else 0.0
+
+
+# ---------------------------------------------------------------------- memory
+
+
+def widest_working_sets(trace: Trace, batch_sizes: Sequence[int], policy: str) -> np.ndarray:
+    """Per layer, the most distinct experts one batch uses, over every batch size given
+    (int64 [L]): what the device holds for the running batch whatever the cache keeps."""
+    masks = expert_masks(trace)
+    widest = np.zeros(trace.n_layers, dtype=np.int64)
+    for plan in get_policy(policy).plans(trace, check_batch_sizes(batch_sizes)):
+        per_batch = unique_per_batch(masks, plan)
+        widest = np.maximum(widest, per_batch.max(axis=0, initial=0))
+    return widest
+
+
+@dataclass(frozen=True)
+class MemoryFit:
+    memory_bytes: int
+    cache_experts: int  # C per layer that fits (at most the widest layer's expert count)
+    all_experts_fit: bool  # the memory holds every expert of every layer
+    working_set_bytes: int  # sum_l widest_l * bytes_l
+    bytes_per_cached_expert: int  # sum_l bytes_l: one more retained expert in every layer
+    widest: tuple[int, ...]
+
+
+def capacity_for_memory(
+    trace: Trace, memory_bytes: int, batch_sizes: Sequence[int], policy: str, *, phase: str = "all"
+) -> MemoryFit:
+    """C per layer that `memory_bytes` of device memory holds under the per-layer budget: each
+    layer keeps C retained experts plus its widest batch's working set,
+    C = floor((memory - sum_l W_l * bytes_l) / sum_l bytes_l)."""
+    if not trace.expert_bytes_known:
+        raise MoeprofError(
+            "memory_bytes needs every layer's expert size, and the trace does not record them "
+            "(set them when importing or recording)"
+        )
+    if memory_bytes <= 0:
+        raise MoeprofError(f"memory_bytes must be positive, got {memory_bytes}")
+    sub = select_phase(trace, phase)
+    widest = widest_working_sets(sub, batch_sizes, policy)
+    sizes = [int(b) for b in trace.expert_bytes]
+    working = sum(int(w) * b for w, b in zip(widest.tolist(), sizes))
+    per_expert = sum(sizes)
+    if memory_bytes < working:
+        from moeprof.formatting import human_bytes
+
+        raise MoeprofError(
+            f"{human_bytes(memory_bytes)} cannot hold one batch's working set: the widest batch "
+            f"needs {human_bytes(working)} ({working:,} bytes) of experts across the "
+            f"{trace.n_layers} MoE layers before any expert is cached"
+        )
+    # Beyond every expert of the widest layer more room retains nothing more.
+    fits = (int(memory_bytes) - working) // per_expert
+    return MemoryFit(
+        memory_bytes=int(memory_bytes),
+        cache_experts=min(fits, int(trace.n_experts.max())),
+        all_experts_fit=fits >= int(trace.n_experts.max()),
+        working_set_bytes=working,
+        bytes_per_cached_expert=per_expert,
+        widest=tuple(int(w) for w in widest),
+    )
+
+
+# ---------------------------------------------------------------------- simulation
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """One batch size's sequences, built once and shared by every strategy and capacity."""
+
+    seqs: tuple[AccessSequence, ...]  # one per layer, or one global pool
+    layer_of_item: tuple[np.ndarray, ...]  # per sequence: the MoE layer of each item
+    popularity: tuple[np.ndarray, ...]  # per sequence: static's profile per block
+
+
+def _counts(
+    load: np.ndarray, seq: AccessSequence, layer_of_item: np.ndarray, n_layers: int, access: bool
+) -> np.ndarray:
+    """Loads per layer (int64 [L]) from one sequence's load flags."""
+    weights = seq.requests[load] if access else None
+    return np.bincount(layer_of_item[load], weights=weights, minlength=n_layers).astype(np.int64)
+
+
+@dataclass(frozen=True)
+class _Counts:
+    """One batch size's counts that every row of it shares."""
+
+    batch_size: int
+    policy: str
+    n_batches: int
+    tokens: int
+    requests: np.ndarray  # int64 [L]
+    unique: np.ndarray  # int64 [L]
+    naive: np.ndarray  # int64 [L]: the naive reference's loads
+    dedup: np.ndarray  # int64 [L]: the dedup reference's loads
+    lookups: np.ndarray  # int64 [L]: the hit rate's denominator
+    budget: str
+    capacity_unit: str
+    ebytes: tuple[int, ...]
+    bytes_known: bool
+    model_layers: tuple[int, ...]
+    spellings: Mapping[int, str]
+    link_gbps: float | None
+
+    def row(self, name: str, cap: int, per_layer: np.ndarray, gap: float | None) -> CacheRow:
+        n_layers = len(self.ebytes)
+        loads = int(per_layer.sum())
+        # Python ints: byte products cannot overflow.
+        bytes_loaded = (
+            sum(int(n) * b for n, b in zip(per_layer.tolist(), self.ebytes))
+            if self.bytes_known
+            else None
+        )
+        per_token = None if bytes_loaded is None else bytes_loaded / self.tokens
+        link_s = None
+        if self.link_gbps is not None and per_token is not None:
+            link_s = per_token / (float(self.link_gbps) * 1e9)
+        return CacheRow(
+            strategy=name,
+            batch_size=self.batch_size,
+            policy=self.policy,
+            cache_experts=cap,
+            cache_spelling=self.spellings.get(cap, str(cap)),
+            budget=self.budget,
+            pool=_pool(cap, self.budget, self.capacity_unit, n_layers, self.ebytes),
+            n_batches=self.n_batches,
+            tokens=self.tokens,
+            requests=int(self.requests.sum()),
+            unique=int(self.unique.sum()),
+            loads=loads,
+            bytes_loaded=bytes_loaded,
+            # naive looks up every request whatever the counting.
+            hit_rate=1.0
+            - _ratio(loads, int((self.requests if name == "naive" else self.lookups).sum())),
+            bytes_per_token=per_token,
+            savings_vs_naive=1.0 - _ratio(loads, int(self.naive.sum())),
+            savings_vs_dedup=1.0 - _ratio(loads, int(self.dedup.sum())),
+            gap_captured=gap,
+            link_seconds_per_token=link_s,
+            link_tokens_per_second=(1.0 / link_s) if link_s else None,
+            layers=tuple(
+                CacheLayer(
+                    layer=i,
+                    model_layer=self.model_layers[i],
+                    requests=int(self.requests[i]),
+                    unique=int(self.unique[i]),
+                    loads=int(per_layer[i]),
+                )
+                for i in range(n_layers)
+            ),
+        )
+
+
+def simulate_cache(
+    trace: Trace,
+    strategies: Sequence[str] = DEFAULT_CACHE_STRATEGIES,
+    capacities: Sequence[int] = (0, 1, 2, 4),
+    batch_sizes: Sequence[int] = (1, 8),
+    policy: str = "decode",
+    *,
+    budget: str = "per-layer",
+    count: str = "batch",
+    warm: bool = False,
+    phase: str = "all",
+    popularity_from: Trace | None = None,
+    capacity_unit: str = "experts",
+    capacity_spellings: Mapping[int, str] | None = None,
+    link_gbps: float | None = None,
+    on_progress: Callable[[int, int], None] | None = None,
+) -> CacheResult:
+    """Loads of each strategy x capacity x batch size on `trace` (docs/cache.md).
+
+    ``capacities``: C, experts each layer retains between batches. With ``budget="global"`` one
+    pool of (layer, expert) blocks serves every layer with the same memory: C*L blocks
+    (``capacity_unit="experts"``) or C*sum(expert bytes) bytes (``"bytes"``, blocks weighing their
+    layer's expert size; then Belady is a heuristic where layers' sizes differ).
+    ``capacity_spellings`` names how each C was asked for (the results say it).
+    ``link_gbps`` adds a projection of each row's link time per token. ``on_progress(done,
+    total)`` is called after each simulation.
+    """
+    get_policy(policy)
+    sizes = check_batch_sizes(batch_sizes)
+    budget = _choice(budget, BUDGETS, "budget")
+    count = _choice(count, COUNTS, "count")
+    capacity_unit = _choice(capacity_unit, CAPACITY_UNITS, "capacity_unit")
+    chosen = cache_strategies(strategies)
+    if isinstance(capacities, (str, bytes)):
+        raise MoeprofError(f"capacities must be whole numbers, not the text {capacities!r}")
+    caps = sorted({check_cache_experts(c) for c in capacities})
+    if not caps:
+        raise MoeprofError("no capacities given")
+    if link_gbps is not None and not (isinstance(link_gbps, (int, float)) and link_gbps > 0):
+        raise MoeprofError(f"link_gbps must be a positive number, got {link_gbps!r}")
+    if trace.n_tokens == 0:
+        raise MoeprofError("the trace is empty (no tokens)")
+    if budget == "global" and capacity_unit == "bytes" and not trace.expert_bytes_known:
+        raise MoeprofError("capacity_unit 'bytes' needs every layer's expert size")
+    sub = select_phase(trace, phase)
+    if popularity_from is not None:
+        _check_profile(trace, popularity_from)
+        profile = requests_per_expert(popularity_from)
+    else:
+        profile = requests_per_expert(sub)
+    spellings = {int(k): str(v) for k, v in (capacity_spellings or {}).items()}
+    simulated = [
+        n for n in REGISTRY if REGISTRY[n].uses_cache and (n in chosen or n in (GAP_FROM, GAP_TO))
+    ]
+    n_layers = sub.n_layers
+    ebytes = [int(b) for b in sub.expert_bytes]
+    bytes_known = sub.expert_bytes_known
+    weights_differ = len(set(ebytes)) > 1
+    model_layers = sub.moe_layer_indices
+    total = len(sizes) * len(simulated) * len(caps)
+    done = 0
+    rows: list[CacheRow] = []
+    working_sets: list[WorkingSet] = []
+    gaps: list[GapRow] = []
+    batching = get_policy(policy)
+
+    for plan in batching.plans(sub, sizes):
+        distinct = [distinct_per_batch(sub, plan, layer) for layer in range(n_layers)]
+        tokens = int(plan.batch_tokens.sum())
+        requests = np.array([int(d.tokens.sum()) for d in distinct], dtype=np.int64)
+        unique = np.array([d.expert.shape[0] for d in distinct], dtype=np.int64)
+        working_sets += _working_sets(distinct, plan.batch_size, model_layers)
+        first = [_first_use(d) for d in distinct]
+        # References: no cache. Warm: the device starts with what first uses need.
+        dedup = unique - (np.array([int(f.sum()) for f in first]) if warm else 0)
+        naive = requests - (
+            np.array([int(d.tokens[f].sum()) for d, f in zip(distinct, first)]) if warm else 0
+        )
+        lookups = requests if count == "access" else unique
+        built = _build(distinct, sub, budget, capacity_unit, profile)
+
+        ctx = _Counts(
+            batch_size=plan.batch_size,
+            policy=plan.policy,
+            n_batches=plan.n_batches,
+            tokens=tokens,
+            requests=requests,
+            unique=unique,
+            naive=naive,
+            dedup=dedup,
+            lookups=lookups,
+            budget=budget,
+            capacity_unit=capacity_unit,
+            ebytes=tuple(ebytes),
+            bytes_known=bytes_known,
+            model_layers=tuple(model_layers),
+            spellings=spellings,
+            link_gbps=link_gbps,
+        )
+        row = ctx.row
+        for name in REFERENCES:
+            if name in chosen:
+                rows.append(row(name, 0, naive if name == "naive" else dedup, None))
+        loads_of: dict[str, dict[int, np.ndarray]] = {}
+        for name in simulated:
+            strategy = REGISTRY[name]
+            assert isinstance(strategy, RetainingStrategy)
+            loads_of[name] = {}
+            for cap in caps:
+                per_layer = np.zeros(n_layers, dtype=np.int64)
+                pool = _pool(cap, budget, capacity_unit, n_layers, ebytes)
+                for seq, layer_of, pop in zip(built.seqs, built.layer_of_item, built.popularity):
+                    kept = strategy.retention(seq, pool, warm=warm, popularity=pop)
+                    per_layer += _counts(kept.load, seq, layer_of, n_layers, count == "access")
+                loads_of[name][cap] = per_layer
+                done += 1
+                if on_progress is not None:
+                    on_progress(done, total)
+        have_gap = GAP_FROM in loads_of and GAP_TO in loads_of
+        for cap in caps:
+            lru = int(loads_of[GAP_FROM][cap].sum()) if have_gap else 0
+            bel = int(loads_of[GAP_TO][cap].sum()) if have_gap else 0
+            captured: dict[str, float | None] = {}
+            for name in simulated:
+                if name not in chosen:
+                    continue
+                loads = int(loads_of[name][cap].sum())
+                share = (lru - loads) / (lru - bel) if have_gap and lru != bel else None
+                captured[name] = share
+                rows.append(row(name, cap, loads_of[name][cap], share))
+            if have_gap:
+                total_lookups = int(lookups.sum())
+                lru_hit = 1.0 - _ratio(lru, total_lookups)
+                bel_hit = 1.0 - _ratio(bel, total_lookups)
+                gaps.append(
+                    GapRow(
+                        batch_size=plan.batch_size,
+                        cache_experts=cap,
+                        lru_loads=lru,
+                        belady_loads=bel,
+                        lru_hit_rate=lru_hit,
+                        belady_hit_rate=bel_hit,
+                        gap_loads=lru - bel,
+                        gap_points=100.0 * (bel_hit - lru_hit),
+                        captured=captured,
+                    )
+                )
+        del distinct, built  # one batch size's sequences at a time
+
+    settings = {
+        "strategies": list(chosen),
+        "capacities": [{"cache_experts": c, "spelling": spellings.get(c, str(c))} for c in caps],
+        "batch_sizes": sizes,
+        "policy": policy,
+        "budget": budget,
+        "capacity_unit": capacity_unit,
+        "count": count,
+        "lookups": "requests" if count == "access" else "unique",
+        "warm": bool(warm),
+        "phase": phase,
+        "tokens_simulated": sub.n_tokens,
+        "popularity_from": None
+        if popularity_from is None
+        else str((popularity_from.meta.get("model") or {}).get("id") or "another trace"),
+        "belady_is_bound": not (budget == "global" and capacity_unit == "bytes" and weights_differ),
+        "link_gbps": None if link_gbps is None else float(link_gbps),
+    }
+    return CacheResult(
+        trace=trace_summary(trace),
+        settings=settings,
+        rows=tuple(rows),
+        working_sets=tuple(working_sets),
+        gaps=tuple(gaps),
+    )
+
+
+def _pool(cap: int, budget: str, unit: str, n_layers: int, ebytes: Sequence[int]) -> int:
+    """What a rule may retain for C: C per layer, or the global pool of the same memory."""
+    if budget == "per-layer":
+        return cap
+    return cap * sum(ebytes) if unit == "bytes" else cap * n_layers
+
+
+def _first_use(d: Distinct) -> np.ndarray:
+    """bool per item: the first batch that uses its expert at this layer."""
+    first = np.zeros(d.expert.shape[0], dtype=bool)
+    batch = np.repeat(np.arange(d.ptr.shape[0] - 1), np.diff(d.ptr))
+    order = np.lexsort((batch, d.expert))
+    starts = np.ones(order.shape[0], dtype=bool)
+    starts[1:] = d.expert[order[1:]] != d.expert[order[:-1]]
+    first[order[starts]] = True
+    return first
+
+
+def _working_sets(
+    distinct: Sequence[Distinct], batch_size: int, model_layers: Sequence[int]
+) -> list[WorkingSet]:
+    out = []
+    for layer, d in enumerate(distinct):
+        widths = np.diff(d.ptr)
+        out.append(
+            WorkingSet(
+                batch_size=batch_size,
+                layer=layer,
+                model_layer=int(model_layers[layer]),
+                n_batches=int(widths.shape[0]),
+                mean=float(widths.mean()) if widths.size else 0.0,
+                p95=_percentile_nearest_rank(widths, WORKING_SET_PERCENTILE),
+                max=int(widths.max(initial=0)),
+            )
+        )
+    return out
+
+
+def _build(
+    distinct: Sequence[Distinct],
+    trace: Trace,
+    budget: str,
+    unit: str,
+    profile: Sequence[np.ndarray],
+) -> _Plan:
+    n_experts = [int(x) for x in trace.n_experts]
+    if budget == "per-layer":
+        seqs = tuple(layer_sequence(d, e) for d, e in zip(distinct, n_experts))
+        layer_of = tuple(
+            np.full(d.expert.shape[0], layer, dtype=np.int64) for layer, d in enumerate(distinct)
+        )
+        return _Plan(seqs, layer_of, tuple(profile))
+    weights = [int(b) for b in trace.expert_bytes] if unit == "bytes" else None
+    seq = global_sequence(distinct, n_experts, weights)
+    offsets = np.cumsum(n_experts)
+    layer_of_block = np.searchsorted(offsets, np.arange(seq.n_blocks), side="right")
+    return _Plan((seq,), (layer_of_block[seq.block],), (np.concatenate(profile),))
