@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import math
 import os
-from collections.abc import Sequence
+from collections import OrderedDict, deque
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -147,6 +149,7 @@ def reference_loads(
     batches_used: dict[int, int] = {}
     last_request: dict[int, int] = {}
     clock = 0
+    queue_cache: ReferenceCache | None = None
 
     def ids_of(b: int) -> list[int]:
         return [e for row in batches[b] for e in ids[int(row)] if e != sentinel]
@@ -192,6 +195,17 @@ def reference_loads(
             hits = [(e, False, counts[e]) for e in sorted(counts) if e in at_start]
             misses = [(e, True, counts[e]) for e in sorted(counts) if e not in at_start]
             out.append(hits + misses)
+        elif strategy in QUEUE_REFERENCES:
+            if queue_cache is None:
+                queue_cache = QUEUE_REFERENCES[strategy](capacity, [1] * (sentinel + 1))
+            last_pos: dict[int, int] = {}
+            for rank, e in enumerate(requests):
+                last_pos[e] = clock + rank
+            clock += len(requests)
+            loaded = queue_cache.step(sorted(last_pos.items()))
+            hits = [(e, False, counts[e]) for e in sorted(counts) if e not in loaded]
+            misses = [(e, True, counts[e]) for e in sorted(counts) if e in loaded]
+            out.append(hits + misses)
         else:
             raise ValueError(f"no reference for strategy {strategy!r}")
     return out
@@ -214,3 +228,148 @@ def cpu_replay(trace: Trace, **kw: object) -> moeprof.replay.ReplayResult:
 def strategy_entry(doc_row: dict, name: str) -> dict:
     """One strategy's entry in a replayed results row."""
     return next(s for s in doc_row["replay"]["strategies"] if s["strategy"] == name)
+
+
+# ---------------------------------------------------------------------- queue-based caches
+# Plain-Python references for lfuda, s3fifo and arc at batch granularity (docs/cache.md), with
+# dicts, deques and OrderedDicts, sharing no code with moeprof.strategies. `step` takes one
+# batch's distinct blocks as (block, position of its last request) and returns the blocks it
+# loaded (those not retained when it began); the cache is cut back once the batch is done.
+
+
+class ReferenceCache:
+    def __init__(self, capacity: int, weight: Sequence[int]) -> None:
+        self.capacity = capacity
+        self.weight = list(weight)
+
+    def size(self, blocks: Iterable[int]) -> int:
+        return sum(self.weight[b] for b in blocks)
+
+    def step(self, items: Sequence[tuple[int, int]]) -> set[int]:
+        raise NotImplementedError
+
+
+class ReferenceLfuda(ReferenceCache):
+    """Priority = batches used since loaded + age; keep the highest (ties: later last request)
+    while they fit; the age becomes the highest priority dropped."""
+
+    def __init__(self, capacity: int, weight: Sequence[int]) -> None:
+        super().__init__(capacity, weight)
+        self.uses: dict[int, int] = {}  # resident blocks
+        self.priority: dict[int, int] = {}
+        self.last: dict[int, int] = {}
+        self.age = 0
+
+    def step(self, items: Sequence[tuple[int, int]]) -> set[int]:
+        loaded = {b for b, _ in items if b not in self.uses}
+        for b, r in items:
+            self.uses[b] = self.uses.get(b, 0) + 1
+            self.priority[b] = self.uses[b] + self.age
+            self.last[b] = r
+        if self.size(self.uses) > self.capacity:
+            ranked = sorted(self.uses, key=lambda b: (-self.priority[b], -self.last[b]))
+            kept, used = set(), 0
+            for b in ranked:
+                if used + self.weight[b] <= self.capacity:
+                    kept.add(b)
+                    used += self.weight[b]
+            gone = [b for b in self.uses if b not in kept]
+            self.age = max(self.priority[b] for b in gone)
+            for b in gone:
+                del self.uses[b]
+        return loaded
+
+
+class ReferenceS3Fifo(ReferenceCache):
+    """Small FIFO (10% of the capacity, rounded up), main FIFO, ghost of ids dropped from small
+    (as much as main holds); counters 0..3; see moeprof/strategies/s3fifo.py's docstring."""
+
+    def __init__(self, capacity: int, weight: Sequence[int]) -> None:
+        super().__init__(capacity, weight)
+        self.small: deque[int] = deque()  # left: newest
+        self.main: deque[int] = deque()
+        self.ghost: OrderedDict[int, None] = OrderedDict()  # first: oldest
+        self.freq: dict[int, int] = {}
+        self.small_size = math.ceil(capacity / 10)
+
+    def step(self, items: Sequence[tuple[int, int]]) -> set[int]:
+        loaded = set()
+        for b, _ in sorted(items, key=lambda x: x[1]):
+            if b in self.small or b in self.main:
+                self.freq[b] = min(self.freq[b] + 1, 3)
+                continue
+            loaded.add(b)
+            self.freq[b] = 0
+            if b in self.ghost:
+                del self.ghost[b]
+                self.main.appendleft(b)
+            else:
+                self.small.appendleft(b)
+        while self.size(self.small) + self.size(self.main) > self.capacity:
+            if self.size(self.small) > self.small_size or not self.main:
+                b = self.small.pop()
+                if self.freq[b] >= 1:
+                    self.freq[b] = 0
+                    self.main.appendleft(b)
+                else:
+                    self.ghost[b] = None
+                    while self.size(self.ghost) > self.capacity - self.small_size:
+                        self.ghost.popitem(last=False)
+            else:
+                b = self.main.pop()
+                if self.freq[b] > 0:
+                    self.freq[b] -= 1
+                    self.main.appendleft(b)
+        return loaded
+
+
+class ReferenceArc(ReferenceCache):
+    """T1, T2, B1, B2 as OrderedDicts (first: least recent) and the adaptive target p; see
+    moeprof/strategies/arc.py's docstring. Unit weights."""
+
+    def __init__(self, capacity: int, weight: Sequence[int]) -> None:
+        super().__init__(capacity, weight)
+        self.t1: OrderedDict[int, None] = OrderedDict()
+        self.t2: OrderedDict[int, None] = OrderedDict()
+        self.b1: OrderedDict[int, None] = OrderedDict()
+        self.b2: OrderedDict[int, None] = OrderedDict()
+        self.p = 0.0
+
+    def step(self, items: Sequence[tuple[int, int]]) -> set[int]:
+        c = self.capacity
+        loaded = set()
+        for b, _ in sorted(items, key=lambda x: x[1]):
+            if b in self.t1:
+                del self.t1[b]
+            elif b in self.t2:
+                del self.t2[b]
+            elif b in self.b1:
+                loaded.add(b)
+                self.p = min(c, self.p + max(1, len(self.b2) / len(self.b1)))
+                del self.b1[b]
+            elif b in self.b2:
+                loaded.add(b)
+                self.p = max(0, self.p - max(1, len(self.b1) / len(self.b2)))
+                del self.b2[b]
+            else:
+                loaded.add(b)
+                self.t1[b] = None
+                continue
+            self.t2[b] = None
+        while len(self.t1) + len(self.t2) > c:
+            if self.t1 and (len(self.t1) > self.p or not self.t2):
+                self.b1[self.t1.popitem(last=False)[0]] = None
+            else:
+                self.b2[self.t2.popitem(last=False)[0]] = None
+        while len(self.t1) + len(self.b1) > c:
+            self.b1.popitem(last=False)
+        while len(self.t1) + len(self.t2) + len(self.b1) + len(self.b2) > 2 * c:
+            self.b2.popitem(last=False)
+        return loaded
+
+
+QUEUE_REFERENCES: dict[str, type[ReferenceCache]] = {
+    "lfuda": ReferenceLfuda,
+    "s3fifo": ReferenceS3Fifo,
+    "arc": ReferenceArc,
+}

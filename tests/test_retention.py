@@ -80,6 +80,20 @@ def random_steps(rng: np.random.Generator) -> tuple[list[list[tuple[int, int]]],
     return steps, n_blocks
 
 
+def big_steps(rng: np.random.Generator) -> tuple[list[list[tuple[int, int]]], int]:
+    """Wider steps over up to 64 blocks, skewed, so rankings and queues run long."""
+    n_blocks = int(rng.integers(8, 65))
+    popularity = rng.dirichlet(np.full(n_blocks, 0.3))
+    steps, position = [], 0
+    for _ in range(int(rng.integers(20, 80))):
+        width = int(rng.integers(1, min(n_blocks, 40) + 1))
+        chosen = rng.choice(n_blocks, size=width, replace=False, p=popularity)
+        items = [(int(b), position + i) for i, b in enumerate(rng.permutation(chosen))]
+        position += width
+        steps.append(sorted(items))
+    return steps, n_blocks
+
+
 def as_sequence(steps: list[list[tuple[int, int]]], weight: list[int]) -> AccessSequence:
     ptr = np.cumsum([0] + [len(s) for s in steps]).astype(np.int64)
     return AccessSequence(
@@ -95,7 +109,7 @@ def run(seq: AccessSequence, rule: int, capacity: int, keep: np.ndarray, warm: b
     if not py:
         return retain(seq, rule, capacity, warm=warm, keep_set=keep)
     load, dropped = retention.retain_loop(
-        seq.ptr, seq.block, seq.recency, seq.next_use(), seq.weight, keep, rule, capacity, warm
+        seq.ptr, seq.block, seq.recency, seq.weight, keep, rule, capacity, warm
     )
     return retention.Retention(load=load, dropped_after=dropped)
 
@@ -118,6 +132,26 @@ def test_every_rule_matches_the_reference(py: bool) -> None:
             got = run(seq, rule, capacity, keep, warm, py)
             want = reference_loads(steps, name, capacity, weight, set(keep_ids), warm)
             assert got.load.tolist() == want, (trial, name, capacity, warm, steps)
+
+
+def test_every_rule_matches_the_reference_on_wide_steps() -> None:
+    """Up to 64 blocks and 40 per step: every way the loop ranks (keep all, select by passes
+    where few are kept or few dropped, quickselect otherwise, sort by weight) runs."""
+    rng = np.random.default_rng(13)
+    for trial in range(30):
+        steps, n_blocks = big_steps(rng)
+        weighted = trial % 5 == 0
+        weight = [int(w) for w in rng.integers(1, 4, n_blocks)] if weighted else [1] * n_blocks
+        seq = as_sequence(steps, weight)
+        counts = np.bincount(seq.block, minlength=n_blocks)
+        for capacity in sorted({0, 1, 5, 9, 12, 20, n_blocks // 2, n_blocks - 3, n_blocks}):
+            keep_ids = sorted(range(n_blocks), key=lambda b: (-counts[b], b))[:capacity]
+            keep = np.zeros(n_blocks, dtype=bool)
+            keep[keep_ids] = True
+            for name, rule in RULES.items():
+                got = retain(seq, rule, capacity, keep_set=keep).load.tolist()
+                want = reference_loads(steps, name, capacity, weight, set(keep_ids), False)
+                assert got == want, (trial, name, capacity)
 
 
 def test_belady_is_a_lower_bound_and_capacity_never_hurts_lru_or_belady() -> None:

@@ -150,7 +150,10 @@ def test_slots_needed_from_counts_match_schedules_and_reference(seed: int) -> No
             "naive": [min(4, max(r, 1)) for r in requests],
             "dedup": widest,
             # Every strategy that keeps experts: the kept ones plus one batch's widest set.
-            **{n: [w + 2 for w in widest] for n in ("lru", "lfu", "static", "belady")},
+            **{
+                n: [w + 2 for w in widest]
+                for n in ("lru", "lfu", "static", "belady", "lfuda", "s3fifo", "arc")
+            },
         }
         assert set(want) == set(STRATEGIES)
         for name in STRATEGIES:
@@ -183,16 +186,60 @@ def test_counted_copies_come_from_the_counts() -> None:
     assert lru.counted_copies(counted, lru.schedule(trace, plan, layers, 1)) == misses
 
 
+@pytest.mark.parametrize("policy", ["tokens", "decode"])
+def test_cpu_replay_copies_exactly_the_counted_loads_of_every_caching_strategy(
+    policy: str,
+) -> None:
+    """Replay (CPU backend) copies, per layer, what the reference counts, for every registered
+    strategy that keeps experts, and says its copies match its counted copies."""
+    caching = [n for n in STRATEGIES if get_strategy(n).uses_cache]
+    assert {"lru", "lfu", "static", "belady", "lfuda", "s3fifo", "arc"} <= set(caching)
+    for seed in range(3):
+        trace = random_trace(np.random.default_rng(900 + seed), n_tokens=40, sentinel_rate=0.1)
+        for capacity in (1, 3):
+            doc = cpu_replay(
+                trace, strategies=caching, batch_sizes=[3], policy=policy, cache_experts=capacity
+            ).to_dict()
+            row = doc["results"][0]
+            batches = plan_rows(moeprof.plan_batches(trace, policy, 3))
+            for name in caching:
+                want = [
+                    sum(
+                        copy
+                        for batch in reference_loads(trace, batches, name, layer, capacity)
+                        for _, copy, _ in batch
+                    )
+                    for layer in range(trace.n_layers)
+                ]
+                entry = strategy_entry(row, name)
+                assert entry["layer_copies"] == want, (name, seed, capacity)
+                assert entry["copies_match_counted"], name
+
+
 # ---------------------------------------------------------------------- registry
 
 
 def test_registry_names_in_run_order() -> None:
-    assert STRATEGIES == tuple(REGISTRY) == ("naive", "dedup", "lru", "lfu", "static", "belady")
+    assert (
+        STRATEGIES
+        == tuple(REGISTRY)
+        == (
+            "naive",
+            "dedup",
+            "lru",
+            "lfu",
+            "static",
+            "belady",
+            "lfuda",
+            "s3fifo",
+            "arc",
+        )
+    )
     assert BASELINE == STRATEGIES[0] == "naive"
     for name, strat in REGISTRY.items():
         assert strat.name == name and strat.help and strat.counted_basis
-    assert [s.uses_cache for s in REGISTRY.values()] == [False, False, True, True, True, True]
-    assert [s.shared_slots for s in REGISTRY.values()] == [True, True] + [False] * 4
+    assert [s.uses_cache for s in REGISTRY.values()] == [False, False] + [True] * 7
+    assert [s.shared_slots for s in REGISTRY.values()] == [True, True] + [False] * 7
 
 
 def test_check_strategies() -> None:
@@ -258,7 +305,8 @@ def test_a_registered_strategy_is_validated_helped_and_replayed(
     assert check_strategies(["twice", "naive"]) == ("naive", "twice")
     assert "twice (every distinct expert copied twice)" in strategy_help()
     with pytest.raises(
-        MoeprofError, match="choose from naive, dedup, lru, lfu, static, belady, twice"
+        MoeprofError,
+        match="choose from naive, dedup, lru, lfu, static, belady, lfuda, s3fifo, arc, twice",
     ):
         get_strategy("thrice")
     trace = moeprof.synthesize(n_layers=2, n_requests=3, tokens_per_request=10, seed=2)

@@ -1,8 +1,8 @@
 """Expert residency strategies: what each copies host->device per batch and layer, and the
 device slots it needs. Shared by replay and its reports.
 
-One class per strategy (``naive``, ``dedup``, ``lru``, ``lfu``, ``static``, ``belady``, one module
-each; the caching ones share :mod:`moeprof.strategies.retaining`) in a registry
+One class per strategy (``naive``, ``dedup``, ``lru``, ``lfu``, ``static``, ``belady``, ``lfuda``,
+``s3fifo``, ``arc``, one module each; the caching ones share :mod:`moeprof.strategies.retaining`) in a registry
 (:mod:`moeprof.strategies.registry`), in run order. Definitions: docs/replay.md, "What is
 replayed".
 """

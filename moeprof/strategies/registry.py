@@ -9,12 +9,15 @@ from typing import Any
 import numpy as np
 
 from moeprof.errors import MoeprofError
+from moeprof.strategies.arc import ArcStrategy
 from moeprof.strategies.base import Strategy
 from moeprof.strategies.belady import BeladyStrategy
 from moeprof.strategies.dedup import DedupStrategy
 from moeprof.strategies.lfu import LfuStrategy
+from moeprof.strategies.lfuda import LfudaStrategy
 from moeprof.strategies.lru import LruStrategy
 from moeprof.strategies.naive import NaiveStrategy
+from moeprof.strategies.s3fifo import S3FifoStrategy
 from moeprof.strategies.static import StaticStrategy
 
 # Run order: the baseline first, the one the others are compared with.
@@ -27,6 +30,9 @@ REGISTRY: dict[str, Strategy] = {
         LfuStrategy(),
         StaticStrategy(),
         BeladyStrategy(),
+        LfudaStrategy(),
+        S3FifoStrategy(),
+        ArcStrategy(),
     )
 }
 STRATEGIES = tuple(REGISTRY)

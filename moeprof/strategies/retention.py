@@ -29,6 +29,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -41,6 +42,8 @@ RULE_LFU = 1
 RULE_BELADY = 2
 RULE_STATIC = 3
 NEVER = np.iinfo(np.int64).max  # "dropped after": the block stayed until the end
+# Keep or drop at most this many blocks at a boundary: select by passes, not by quickselect.
+SELECT_BY_PASSES = 8
 
 
 @dataclass(frozen=True)
@@ -142,7 +145,6 @@ def retain_loop(
     ptr: np.ndarray,
     block: np.ndarray,
     recency: np.ndarray,
-    nxt: np.ndarray,
     weight: np.ndarray,
     keep_set: np.ndarray,
     rule: int,
@@ -154,6 +156,26 @@ def retain_loop(
     n_blocks = weight.shape[0]
     load = np.zeros(n_items, dtype=np.bool_)
     dropped = np.full(n_items, -1, dtype=np.int64)
+    # Belady's next use of each item: one backward pass (blocks are distinct within a step).
+    nxt = np.empty(n_items if rule == RULE_BELADY else 0, dtype=np.int64)
+    if rule == RULE_BELADY:
+        upcoming = np.full(n_blocks, n_steps, dtype=np.int64)
+        for s in range(n_steps - 1, -1, -1):
+            for i in range(ptr[s], ptr[s + 1]):
+                nxt[i] = upcoming[block[i]]
+                upcoming[block[i]] = s
+    if capacity == 0:  # nothing is retained: every item loads and leaves after its step
+        seen0 = np.zeros(n_blocks, dtype=np.bool_)
+        for s in range(n_steps):
+            for i in range(ptr[s], ptr[s + 1]):
+                load[i] = seen0[block[i]] or not warm
+                seen0[block[i]] = True
+                dropped[i] = s
+        return load, dropped
+    unit = True
+    for b in range(n_blocks):
+        if weight[b] != 1:
+            unit = False
     cached = np.zeros(n_blocks, dtype=np.bool_)
     seen = np.zeros(n_blocks, dtype=np.bool_)
     last = np.zeros(n_blocks, dtype=np.int64)
@@ -162,8 +184,10 @@ def retain_loop(
     last_item = np.zeros(n_blocks, dtype=np.int64)
     cache = np.empty(n_blocks, dtype=np.int64)
     n_cache = 0
-    cand = np.empty(n_blocks, dtype=np.int64)
-    score = np.empty(n_blocks, dtype=np.int64)
+    cand = np.empty(n_blocks, dtype=np.int64)  # retained ∪ this step's blocks
+    pick = np.empty(n_blocks, dtype=np.int64)  # those of them the rule may keep
+    score = np.empty(n_blocks, dtype=np.int64)  # their rank: higher is kept first (unique)
+    tmp = np.empty(n_blocks, dtype=np.int64)
     for s in range(n_steps):
         lo = ptr[s]
         hi = ptr[s + 1]
@@ -181,36 +205,128 @@ def retain_loop(
             seen[b] = True
             last[b] = recency[i]
             uses[b] += 1
-            next_step[b] = nxt[i]
+            if rule == RULE_BELADY:
+                next_step[b] = nxt[i]
             last_item[b] = i
-        total = 0
-        for j in range(m):
-            b = cand[j]
-            cached[b] = False
-            total += weight[b]
-            if rule == RULE_LRU:
-                score[j] = last[b]
-            elif rule == RULE_LFU:
-                score[j] = (uses[b] << 32) + last[b]  # positions stay below 2**32 (checked)
-            elif rule == RULE_BELADY:  # soonest next use; ties to the lower id (any is optimal)
-                score[j] = -(next_step[b] * n_blocks + b)
-            else:  # the fixed set, by id
-                score[j] = n_blocks - b if keep_set[b] else -1
         n_cache = 0
-        if total <= capacity and (rule == RULE_LRU or rule == RULE_LFU):
-            for j in range(m):  # everything fits: no ranking needed
-                cache[n_cache] = cand[j]
-                n_cache += 1
-                cached[cand[j]] = True
-        else:
-            order = np.argsort(-score[:m])
-            used = 0
+        n_pick = 0
+        total = 0
+        room = capacity
+        if rule == RULE_LRU and unit:
+            # This step's blocks are more recent than any retained one: rank only the group
+            # the boundary falls in.
             for j in range(m):
-                b = cand[order[j]]
-                if rule == RULE_STATIC and not keep_set[b]:
-                    continue
-                if rule == RULE_BELADY and next_step[b] >= n_steps:
-                    continue
+                cached[cand[j]] = False
+            width = hi - lo
+            if width < capacity:
+                for i in range(lo, hi):  # all kept
+                    cache[n_cache] = block[i]
+                    n_cache += 1
+                    cached[block[i]] = True
+                room = capacity - width
+                for j in range(m):
+                    b = cand[j]
+                    if last_item[b] < lo:  # retained, not used in this step
+                        score[n_pick] = last[b]
+                        pick[n_pick] = b
+                        n_pick += 1
+            else:
+                for i in range(lo, hi):
+                    score[n_pick] = recency[i]
+                    pick[n_pick] = block[i]
+                    n_pick += 1
+            total = n_pick
+        else:
+            for j in range(m):
+                b = cand[j]
+                cached[b] = False
+                if rule == RULE_LRU:
+                    score[n_pick] = last[b]
+                elif rule == RULE_LFU:
+                    score[n_pick] = (uses[b] << 32) + last[b]  # positions < 2**32 (checked)
+                elif rule == RULE_BELADY:  # soonest next use; ties to the lower id (any is optimal)
+                    if next_step[b] >= n_steps:
+                        continue  # never used again: keeping it saves nothing
+                    score[n_pick] = -(next_step[b] * n_blocks + b)
+                else:  # the fixed set, by id
+                    if not keep_set[b]:
+                        continue
+                    score[n_pick] = n_blocks - b
+                pick[n_pick] = b
+                n_pick += 1
+                total += weight[b]
+        if total <= room:  # everything the rule may keep fits: no ranking needed
+            for j in range(n_pick):
+                cache[n_cache] = pick[j]
+                n_cache += 1
+                cached[pick[j]] = True
+        elif unit:
+            # The `room`-th highest score, kept with all above it (scores are unique): no sort.
+            # Where few are kept or few dropped, passes of a running max/min (predictable
+            # branches); otherwise a quickselect. The loop's hot path.
+            n_drop = n_pick - room
+            if room > 0 and room <= SELECT_BY_PASSES:
+                threshold = NEVER
+                for _ in range(room):  # the highest score below the last one found
+                    best = -NEVER
+                    for j in range(n_pick):  # branch-free, so it vectorises
+                        v = score[j] if score[j] < threshold else -NEVER
+                        best = max(best, v)
+                    threshold = best
+            elif room > 0 and n_drop <= SELECT_BY_PASSES:
+                cut = -NEVER
+                for _ in range(n_drop):  # the lowest score above the last one found
+                    best = NEVER
+                    for j in range(n_pick):
+                        v = score[j] if score[j] > cut else NEVER
+                        best = min(best, v)
+                    cut = best
+                threshold = NEVER
+                for j in range(n_pick):
+                    v = score[j] if score[j] > cut else NEVER
+                    threshold = min(threshold, v)
+            elif room > 0:
+                for j in range(n_pick):
+                    tmp[j] = score[j]
+                kth = n_drop  # the threshold's place in ascending order
+                left = 0
+                right = n_pick - 1
+                while left < right:
+                    a = tmp[left]
+                    c = tmp[right]
+                    mid = tmp[(left + right) // 2]
+                    pivot = max(min(a, mid), min(max(a, mid), c))  # median of three
+                    i = left
+                    j = right
+                    while i <= j:
+                        while tmp[i] < pivot:
+                            i += 1
+                        while tmp[j] > pivot:
+                            j -= 1
+                        if i <= j:
+                            t = tmp[i]
+                            tmp[i] = tmp[j]
+                            tmp[j] = t
+                            i += 1
+                            j -= 1
+                    if kth <= j:
+                        right = j
+                    elif kth >= i:
+                        left = i
+                    else:
+                        break
+                threshold = tmp[kth]
+            if room > 0:
+                for j in range(n_pick):
+                    if score[j] >= threshold:
+                        cache[n_cache] = pick[j]
+                        n_cache += 1
+                        cached[pick[j]] = True
+        else:  # blocks of different weights: take in rank order while they fit
+            order = np.argsort(-score[:n_pick])
+            used = 0
+            for j in range(n_pick):
+                b = pick[order[j]]
                 if used + weight[b] <= capacity:
                     used += weight[b]
                     cache[n_cache] = b
@@ -226,15 +342,31 @@ def retain_loop(
 
 
 @functools.cache
-def compiled_loop() -> Callable[..., tuple[np.ndarray, np.ndarray]]:
-    """:func:`retain_loop` compiled by numba on first use (imported lazily: it costs a few
-    hundred ms that commands which never simulate should not pay); the plain function where
-    numba is missing (a GPU image, say), with the same results, slower."""
+def compiled(loop: Callable[..., Any]) -> Callable[..., Any]:
+    """`loop` compiled by numba on first use (imported lazily: it costs a few hundred ms that
+    commands which never simulate should not pay); the plain function where numba is missing (a
+    GPU image, say), with the same results, slower. Every strategy's loop goes through here."""
     try:
         from numba import njit
     except ImportError:  # pragma: no cover - exercised where numba is missing
-        return retain_loop
-    return njit(cache=True, nogil=True)(retain_loop)  # type: ignore[no-any-return]
+        return loop
+    return njit(cache=True, nogil=True)(loop)  # type: ignore[no-any-return]
+
+
+def compiled_loop() -> Callable[..., tuple[np.ndarray, np.ndarray]]:
+    """:func:`retain_loop`, compiled (see :func:`compiled`)."""
+    return compiled(retain_loop)  # type: ignore[no-any-return]
+
+
+def check_capacity(capacity: int) -> None:
+    if capacity < 0:
+        raise MoeprofError(f"cache capacity must be 0 or more, got {capacity}")
+
+
+def visit_order(seq: AccessSequence) -> np.ndarray:
+    """Items in issue order: by step, then by recency (the last request's position); what the
+    queue-based rules (s3fifo, arc) insert a step's new blocks in."""
+    return np.lexsort((seq.recency, seq.step_of_item)).astype(np.int64)
 
 
 def retain(
@@ -250,18 +382,16 @@ def retain(
     ``warm``: the device starts holding whatever each block's first use needs, so first uses
     are not loads. ``keep_set`` (bool [n_blocks]): the fixed set of ``static``.
     """
-    if capacity < 0:
-        raise MoeprofError(f"cache capacity must be 0 or more, got {capacity}")
+    check_capacity(capacity)
     if rule == RULE_LFU and seq.recency.size and int(seq.recency.max()) >= 2**32:
         raise MoeprofError("lfu: more than 2**32 requests at one layer are not supported")
     if keep_set is None:
         keep_set = np.zeros(seq.n_blocks, dtype=bool)
     load, dropped = compiled_loop()(
-        seq.ptr.astype(np.int64),
-        seq.block.astype(np.int64),
-        seq.recency.astype(np.int64),
-        seq.next_use(),
-        seq.weight.astype(np.int64),
+        np.asarray(seq.ptr, dtype=np.int64),
+        np.asarray(seq.block, dtype=np.int64),
+        np.asarray(seq.recency, dtype=np.int64),
+        np.asarray(seq.weight, dtype=np.int64),
         np.asarray(keep_set, dtype=np.bool_),
         int(rule),
         int(capacity),
