@@ -33,7 +33,7 @@ from machine import machine_rows, markdown_table
 
 import moeprof
 from moeprof.strategies import get_strategy
-from moeprof.strategies.retention import AccessSequence, layer_sequence
+from moeprof.strategies.retention import AccessSequence, layer_sequence, map_threads
 from moeprof.strategies.schedule import distinct_per_batch
 from moeprof.trace import Trace
 
@@ -52,10 +52,11 @@ def simulate(
     for name in names:
         strategy = get_strategy(name)
         for capacity in CAPACITIES:
-            out[name, capacity] = [
-                strategy.retention(seq, capacity, popularity=pop).loads  # type: ignore[attr-defined]
-                for seq, pop in zip(seqs, popularity)
-            ]
+            # Layers side by side on the cores, as moeprof.cache runs them.
+            out[name, capacity] = map_threads(
+                lambda job, s=strategy, c=capacity: s.retention(job[0], c, popularity=job[1]).loads,  # type: ignore[attr-defined]
+                zip(seqs, popularity),
+            )
     return out
 
 

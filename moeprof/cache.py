@@ -18,6 +18,7 @@ profile from another trace).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -34,6 +35,7 @@ from moeprof.strategies.retention import (
     AccessSequence,
     global_sequence,
     layer_sequence,
+    map_threads,
 )
 from moeprof.strategies.schedule import Distinct, distinct_per_batch
 from moeprof.trace import PHASE_DECODE, PHASE_PREFILL, Trace
@@ -324,6 +326,20 @@ def _counts(
     return np.bincount(layer_of_item[load], weights=weights, minlength=n_layers).astype(np.int64)
 
 
+def _simulate_one(
+    strategy: RetainingStrategy,
+    capacity: int,
+    warm: bool,
+    n_layers: int,
+    access: bool,
+    job: tuple[AccessSequence, np.ndarray, np.ndarray],
+) -> np.ndarray:
+    """Loads per layer of one sequence (a layer, or the global pool) under one strategy."""
+    seq, layer_of_item, popularity = job
+    kept = strategy.retention(seq, capacity, warm=warm, popularity=popularity)
+    return _counts(kept.load, seq, layer_of_item, n_layers, access)
+
+
 @dataclass(frozen=True)
 class _Counts:
     """One batch size's counts that every row of it shares."""
@@ -505,9 +521,12 @@ def simulate_cache(
             for cap in caps:
                 per_layer = np.zeros(n_layers, dtype=np.int64)
                 pool = _pool(cap, budget, capacity_unit, n_layers, ebytes)
-                for seq, layer_of, pop in zip(built.seqs, built.layer_of_item, built.popularity):
-                    kept = strategy.retention(seq, pool, warm=warm, popularity=pop)
-                    per_layer += _counts(kept.load, seq, layer_of, n_layers, count == "access")
+                run = functools.partial(
+                    _simulate_one, strategy, pool, warm, n_layers, count == "access"
+                )
+                jobs = zip(built.seqs, built.layer_of_item, built.popularity)
+                for counted in map_threads(run, jobs):  # layers side by side on the cores
+                    per_layer += counted
                 loads_of[name][cap] = per_layer
                 done += 1
                 if on_progress is not None:

@@ -27,14 +27,19 @@ Python per item. Without numba the same function runs as plain Python (slow, sam
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Sequence
+import os
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
 from moeprof.errors import MoeprofError
 from moeprof.strategies.schedule import Distinct
+
+_T = TypeVar("_T")
+_R = TypeVar("_R")
 
 # Rule codes the compiled loop understands (strategy classes name them; docs/cache.md).
 RULE_LRU = 0
@@ -356,6 +361,18 @@ def compiled(loop: Callable[..., Any]) -> Callable[..., Any]:
 def compiled_loop() -> Callable[..., tuple[np.ndarray, np.ndarray]]:
     """:func:`retain_loop`, compiled (see :func:`compiled`)."""
     return compiled(retain_loop)  # type: ignore[no-any-return]
+
+
+def map_threads(fn: Callable[[_T], _R], items: Iterable[_T]) -> list[_R]:
+    """`fn` over `items`, results in order, on up to one thread per core: the compiled loops
+    release the GIL, so independent sequences (one per layer) simulate side by side with
+    results identical to a plain loop."""
+    todo = list(items)
+    workers = min(len(todo), os.cpu_count() or 1)
+    if workers <= 1:
+        return [fn(x) for x in todo]
+    with ThreadPoolExecutor(max_workers=workers) as threads:
+        return list(threads.map(fn, todo))
 
 
 def check_capacity(capacity: int) -> None:
