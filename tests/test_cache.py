@@ -394,3 +394,30 @@ def test_bad_arguments(kwargs: dict, match: str) -> None:
     args.update(kwargs)
     with pytest.raises(MoeprofError, match=match):
         simulate_cache(trace, **args)
+
+
+@pytest.mark.parametrize("policy", ["tokens", "decode"])
+def test_replay_copies_exactly_the_loads_the_cache_simulation_counts(policy: str) -> None:
+    """Issue 11's promise: `moeprof replay --strategies S --cache-experts C` copies what
+    `moeprof cache` counts, for every caching strategy in the registry (CPU backend)."""
+    from moeprof.replay import replay
+    from moeprof.strategies import REGISTRY
+
+    caching = [name for name, s in REGISTRY.items() if s.uses_cache]
+    assert {"lru", "lfu", "static", "belady", "lfuda", "s3fifo", "arc"} <= set(caching)
+    trace = moeprof.synthesize(
+        n_experts=12, top_k=3, n_layers=2, n_requests=6, tokens_per_request=10, zipf=0.9,
+        locality=0.4, seed=21,
+    )  # fmt: skip
+    for capacity in (0, 2, 5):
+        counted = simulate_cache(trace, caching, [capacity], [1, 4], policy)
+        loads = {(r.strategy, r.batch_size): r.loads for r in counted.rows}
+        doc = replay(
+            trace, device="cpu", strategies=caching, batch_sizes=[1, 4], policy=policy,
+            cache_experts=capacity, expert_bytes=1024, calibrate=False,
+        ).to_dict()  # fmt: skip
+        for row in doc["results"]:
+            for run in row["replay"]["strategies"]:
+                assert run["copies"] == loads[run["strategy"], row["batch_size"]], (
+                    policy, capacity, run["strategy"], row["batch_size"]
+                )  # fmt: skip
