@@ -49,6 +49,7 @@ test: lint typecheck pytest
 
 bench: install
 	$(PY) benchmarks/bench_analyze.py
+	$(PY) benchmarks/bench_cache.py
 	$(PY) benchmarks/bench_record.py
 
 bench-replay: install

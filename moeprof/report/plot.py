@@ -1,4 +1,5 @@
-"""All figures: savings against batch size, with the uniform-routing curve, as PNG bytes."""
+"""All figures as PNG bytes: savings against batch size (with the uniform-routing curve), and
+expert-cache hit rate and bytes per token against capacity."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ import io
 from typing import Any
 
 from moeprof.report.rows import build_report, cache_batch_sizes, is_cache
+
+_BYTE_UNITS = (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10), ("bytes", 1))
 
 
 def render_cache_plot(doc: dict[str, Any]) -> bytes:
@@ -15,7 +18,10 @@ def render_cache_plot(doc: dict[str, Any]) -> bytes:
 
     rows = [r for r in doc["results"] if r["strategy"] not in ("naive", "dedup")]
     with_bytes = any(r.get("bytes_per_token") is not None for r in rows)
-    fig = Figure(figsize=(11 if with_bytes else 7, 4.2), dpi=120)
+    fig = Figure(figsize=(11 if with_bytes else 7, 4.2), dpi=120, layout="constrained")
+    # Bytes per token in the binary unit that keeps the largest value readable.
+    largest = max((float(r.get("bytes_per_token") or 0) for r in rows), default=0.0)
+    unit, scale = next(((u, float(f)) for u, f in _BYTE_UNITS if largest >= f), _BYTE_UNITS[-1])
     axes = fig.subplots(1, 2 if with_bytes else 1, squeeze=False)[0]
     styles = ["o-", "s--", "^:", "d-.", "v-", "x--"]
     names = list(dict.fromkeys(r["strategy"] for r in rows))
@@ -41,7 +47,7 @@ def render_cache_plot(doc: dict[str, Any]) -> bytes:
             if with_bytes:
                 axes[1].plot(
                     caps,
-                    [float(r["bytes_per_token"] or 0) / 1e9 for r in mine],
+                    [float(r["bytes_per_token"] or 0) / scale for r in mine],
                     style,
                     color=colours[name],
                     label=label,
@@ -53,7 +59,7 @@ def render_cache_plot(doc: dict[str, Any]) -> bytes:
     axes[0].set_title(f"Expert cache hit rate — {model}")
     if with_bytes:
         axes[1].set_xlabel("C: experts retained per layer")
-        axes[1].set_ylabel("GB loaded per token")
+        axes[1].set_ylabel(f"{unit} loaded per token")
         axes[1].set_title("Bytes per token")
     for ax in axes:
         ax.grid(True, alpha=0.3)
