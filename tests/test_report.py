@@ -374,3 +374,19 @@ def test_mixed_sizes_results_match_brute_force(policy: str) -> None:
         assert row["bandwidth_savings"] == pytest.approx(
             row["bytes_saved"] / row["bytes_requested"]
         )
+
+
+def test_max_reuse_names_the_model_layer_where_known() -> None:
+    from moeprof.report.rows import batch_table_rows
+
+    doc = golden_doc()
+    row = doc["results"][3]
+    best = int(row["max_reuse_layer"])
+    for layer in row["layers"]:
+        layer["model_layer"] = 10 + 2 * int(layer["layer"])  # e.g. MoE layers in every other block
+    _, rows = batch_table_rows(build_report(doc))
+    assert rows[3][4].endswith(f"(layer {10 + 2 * best})"), rows[3]
+    for layer in row["layers"]:
+        del layer["model_layer"]  # a results file without the model's numbering
+    _, rows = batch_table_rows(build_report(doc))
+    assert rows[3][4].endswith(f"(L{best})"), rows[3]

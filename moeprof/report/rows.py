@@ -37,6 +37,7 @@ class BatchRow:
     bandwidth_savings: float
     max_reuse_factor: float
     max_reuse_layer: int
+    max_reuse_model_layer: int | None  # the model's layer number of that MoE layer, if known
     bytes_requested: int
     bytes_saved: int
     uniform_memory_savings: float
@@ -94,6 +95,14 @@ class ReportRows:
     technical: tuple[str, ...]
 
 
+def _model_layer(layers: list[dict[str, Any]], moe_layer: int) -> int | None:
+    """The model layer number of MoE layer `moe_layer`, when the results carry it."""
+    for layer in layers:
+        if int(layer.get("layer", -1)) == moe_layer and layer.get("model_layer") is not None:
+            return int(layer["model_layer"])
+    return None
+
+
 def _row(r: dict[str, Any]) -> BatchRow:
     layers = r["layers"]
     savings = [float(layer["memory_savings"]) for layer in layers]
@@ -108,6 +117,7 @@ def _row(r: dict[str, Any]) -> BatchRow:
         bandwidth_savings=float(r["bandwidth_savings"]),
         max_reuse_factor=float(r.get("max_reuse_factor", savings[best] if savings else 0.0)),
         max_reuse_layer=int(r.get("max_reuse_layer", best)),
+        max_reuse_model_layer=_model_layer(layers, int(r.get("max_reuse_layer", best))),
         bytes_requested=int(r["bytes_requested"]),
         bytes_saved=int(r["bytes_requested"]) - int(r["bytes_unique"]),
         uniform_memory_savings=float(r.get("uniform_memory_savings", 0.0)),
@@ -419,6 +429,14 @@ BATCH_HEADER = [
 ]
 
 
+def _layer_name(r: BatchRow) -> str:
+    """The best layer by the model's own numbering ('layer 8') where the trace says it,
+    else by MoE layer index ('L1')."""
+    if r.max_reuse_model_layer is not None:
+        return f"layer {r.max_reuse_model_layer}"
+    return f"L{r.max_reuse_layer}"
+
+
 def batch_table_rows(report: ReportRows) -> tuple[list[str], list[list[str]]]:
     """Savings by batch size: (header, one row per batch size)."""
     rows = [
@@ -427,7 +445,7 @@ def batch_table_rows(report: ReportRows) -> tuple[list[str], list[list[str]]]:
             f"{r.n_batches:,}",
             pct(r.memory_savings),
             pct(r.bandwidth_savings),
-            f"{r.max_reuse_factor:.3f} (L{r.max_reuse_layer})",
+            f"{r.max_reuse_factor:.3f} ({_layer_name(r)})",
             human_bytes(r.bytes_saved) if report.summary.expert_bytes_known else _DASH,
             pct(r.uniform_memory_savings),
         ]
