@@ -34,6 +34,12 @@ demo: install
 	  --strategies naive,dedup,lru,belady --cache-experts 4 --batch-sizes 8 --policy decode \
 	  --expert-bytes 1048576 --max-batches 50 --json demo-out/replay.json \
 	  --markdown demo-out/replay.md --force
+	$(VENV)/bin/moeprof record --prompts moeprof/demo/data/serve_prompts.txt -n 16 -b 32 \
+	  -o demo-out/serve.moe --force
+	$(VENV)/bin/moeprof schedule demo-out/serve.moe --batch-sizes 8,32 \
+	  --admission fifo,random,affinity,oracle,group,group-oracle --cache lru:4 \
+	  --json demo-out/schedule.json --markdown demo-out/schedule.md --plot demo-out/schedule.png \
+	  --force
 
 lint: install
 	$(VENV)/bin/ruff check moeprof tests benchmarks scripts
@@ -50,6 +56,7 @@ test: lint typecheck pytest
 bench: install
 	$(PY) benchmarks/bench_analyze.py
 	$(PY) benchmarks/bench_cache.py
+	$(PY) benchmarks/bench_schedule.py
 	$(PY) benchmarks/bench_record.py
 
 bench-replay: install

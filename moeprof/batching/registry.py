@@ -5,6 +5,7 @@ from __future__ import annotations
 from moeprof.batching.base import BatchPolicy
 from moeprof.batching.decode import DecodePolicy
 from moeprof.batching.recorded import RecordedPolicy
+from moeprof.batching.serve import ServePolicy
 from moeprof.batching.tokens import TokensPolicy
 from moeprof.errors import MoeprofError
 
@@ -14,6 +15,7 @@ REGISTRY: dict[str, BatchPolicy] = {
         TokensPolicy(),
         DecodePolicy(),
         RecordedPolicy(),
+        ServePolicy(),
     )
 }
 POLICIES = tuple(REGISTRY)

@@ -20,12 +20,19 @@ from moeprof.report.rows import (
     cache_working_set_rows,
     has_replay,
     is_cache,
+    is_schedule,
     latency_rows,
     layer_table_rows,
     prefetch_notes,
     prefetch_rows,
     replay_notes,
     replay_rows,
+    schedule_batch_sizes,
+    schedule_findings,
+    schedule_notes,
+    schedule_summary_items,
+    schedule_table_rows,
+    schedule_timing_rows,
     summary_items,
 )
 
@@ -99,6 +106,8 @@ def render_markdown(doc: dict[str, Any], title: str = "moeprof report") -> str:
     """The whole report for one results dict (the results JSON)."""
     if is_cache(doc):
         return cache_markdown(doc, title)
+    if is_schedule(doc):
+        return schedule_markdown(doc, title)
     report = build_report(doc)
     parts = [f"# {title}", "", "## Executive Summary", ""]
     parts += [f"- **{k}:** {v}" for k, v in summary_items(report)]
@@ -122,4 +131,20 @@ def render_markdown(doc: dict[str, Any], title: str = "moeprof report") -> str:
     parts += [f"{i}. {text}" for i, text in enumerate(report.recommendations, 1)]
     parts += ["", "## Technical Analysis", ""]
     parts += [f"- {line}" for line in report.technical]
+    return "\n".join(parts) + "\n"
+
+
+def schedule_markdown(doc: dict[str, Any], title: str) -> str:
+    """The report of a `moeprof schedule` document (kind "schedule")."""
+    parts = [f"# {title}", "", "## Summary", ""]
+    parts += [f"- **{k}:** {v}" for k, v in schedule_summary_items(doc)]
+    for b in schedule_batch_sizes(doc):
+        header, rows = schedule_table_rows(doc, b)
+        parts += ["", f"## B = {b} running requests", "", md_table(header, rows)]
+    parts += ["", "## Findings", ""]
+    parts += [f"{i}. {text}" for i, text in enumerate(schedule_findings(doc), 1)]
+    t_header, t_rows = schedule_timing_rows(doc)
+    parts += ["", "## Scheduling time", "", md_table(t_header, t_rows, align="llrrr")]
+    parts += ["", "## Definitions", ""]
+    parts += [f"- {line}" for line in schedule_notes(doc)]
     return "\n".join(parts) + "\n"

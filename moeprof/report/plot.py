@@ -6,7 +6,13 @@ from __future__ import annotations
 import io
 from typing import Any
 
-from moeprof.report.rows import build_report, cache_batch_sizes, is_cache
+from moeprof.report.rows import (
+    build_report,
+    cache_batch_sizes,
+    is_cache,
+    is_schedule,
+    schedule_batch_sizes,
+)
 
 _BYTE_UNITS = (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10), ("bytes", 1))
 
@@ -77,6 +83,8 @@ def render_plot(doc: dict[str, Any]) -> bytes:
 
     if is_cache(doc):
         return render_cache_plot(doc)
+    if is_schedule(doc):
+        return render_schedule_plot(doc)
     report = build_report(doc)
     sizes = [r.batch_size for r in report.batch_rows]
     fig = Figure(figsize=(7, 4.2), dpi=120)
@@ -109,6 +117,41 @@ def render_plot(doc: dict[str, Any]) -> bytes:
     ax.set_title(f"Expert deduplication savings — {report.summary.model}")
     ax.grid(True, alpha=0.3)
     ax.legend(loc="lower right")
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", bbox_inches="tight")
+    return buf.getvalue()
+
+
+def render_schedule_plot(doc: dict[str, Any]) -> bytes:
+    """Expert-load reduction against FIFO (y) over the mean waiting time each admission policy
+    adds against FIFO (x): one point per policy and B, one marker per B."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7, 4.2), dpi=120, layout="constrained")
+    ax = fig.add_subplot()
+    markers = ["o", "s", "^", "d", "v", "x"]
+    names = list(dict.fromkeys(str(r["admission"]) for r in doc["results"]))
+    colours = {name: f"C{i % 10}" for i, name in enumerate(names)}
+    for j, b in enumerate(schedule_batch_sizes(doc)):
+        rows = {str(r["admission"]): r for r in doc["results"] if int(r["batch_size"]) == b}
+        base = rows.get("fifo")
+        for name, r in rows.items():
+            added = float(r["wait_mean"]) - (float(base["wait_mean"]) if base else 0.0)
+            ax.plot(
+                [added],
+                [100 * float(r["reduction_vs_fifo"])],
+                markers[j % len(markers)],
+                color=colours[name],
+                label=f"{name}, B={b}",
+            )
+    model = (doc["trace"].get("model") or {}).get("id") or "unknown"
+    ax.axhline(0, color="gray", linewidth=0.8)
+    ax.axvline(0, color="gray", linewidth=0.8)
+    ax.set_xlabel("mean waiting time added against FIFO (steps)")
+    ax.set_ylabel("expert loads saved against FIFO (%)")
+    ax.set_title(f"Admission policies — {model}")
+    ax.grid(True, alpha=0.3)
+    ax.legend(loc="best", fontsize="small")
     buf = io.BytesIO()
     fig.savefig(buf, format="png", bbox_inches="tight")
     return buf.getvalue()

@@ -193,6 +193,8 @@ def validate_results(doc: Any, source: str = "results") -> dict[str, Any]:
     """Check that `doc` has the results-JSON shape and types the renderers read; return it."""
     if isinstance(doc, dict) and doc.get("kind") == "cache":
         return validate_cache_results(doc, source)
+    if isinstance(doc, dict) and doc.get("kind") == "schedule":
+        return validate_schedule_results(doc, source)
     if not isinstance(doc, dict) or not isinstance(doc.get("results"), list):
         raise MoeprofError(f"{source}: not a moeprof results file (no 'results' list)")
     if not doc["results"]:
@@ -232,3 +234,46 @@ def load_results(path: str | os.PathLike[str]) -> dict[str, Any]:
     except OSError as exc:
         raise MoeprofError(f"cannot read {p}: {exc.strerror}") from None
     return validate_results(doc, str(p))
+
+
+# A `moeprof schedule` document (kind "schedule", docs/schedule.md "Results JSON").
+_SCHEDULE_ROW_TYPES: dict[str, Callable[[Any], bool]] = {
+    "admission": _is_str,
+    "batch_size": _is_int,
+    "steps": _is_int,
+    "n_batches": _is_int,
+    "generated_tokens": _is_int,
+    "loads": _is_int,
+    "loads_per_generated_token": _is_number,
+    "bytes_per_generated_token": _number_or_none,
+    "reduction_vs_fifo": _is_number,
+    "oracle_share": _number_or_none,
+    "wait_mean": _is_number,
+    "wait_p95": _is_int,
+    "wait_max": _is_int,
+    "occupancy_mean": _is_number,
+    "schedule_seconds": _is_number,
+    "decision_seconds": _is_number,
+}
+_SCHEDULE_ROW_OPTIONAL: dict[str, Callable[[Any], bool]] = {
+    "bytes_loaded": _int_or_none,
+    "cache_loads": _int_or_none,
+    "cache_bytes_per_generated_token": _number_or_none,
+    "cache_reduction_vs_fifo": _number_or_none,
+}
+
+
+def validate_schedule_results(doc: dict[str, Any], source: str = "results") -> dict[str, Any]:
+    """Check a `moeprof schedule` document (kind "schedule"); return it."""
+    if not isinstance(doc.get("results"), list) or not doc["results"]:
+        raise MoeprofError(f"{source}: a schedule results file needs a non-empty 'results' list")
+    if not isinstance(doc.get("trace"), dict):
+        raise MoeprofError(f"{source}: not a moeprof results file (no 'trace' object)")
+    if not isinstance(doc.get("schedule", {}), dict):
+        raise MoeprofError(f"{source}: schedule is not an object")
+    _check_fields(doc["trace"], {}, _TRACE_OPTIONAL, f"{source}: trace")
+    for i, row in enumerate(doc["results"]):
+        if not isinstance(row, dict):
+            raise MoeprofError(f"{source}: results[{i}] is not an object")
+        _check_fields(row, _SCHEDULE_ROW_TYPES, _SCHEDULE_ROW_OPTIONAL, f"{source}: results[{i}]")
+    return doc

@@ -1092,3 +1092,174 @@ def prefetch_notes(doc: dict[str, Any]) -> list[str]:
         "Critical loads = experts a batch needs that were neither retained nor prefetched; "
         "wasted = bytes prefetched but not needed (and not retained).",
     ]
+
+
+# ---------------------------------------------------------------------- schedule documents
+
+SCHEDULE_HEADER = [
+    "Admission",
+    "Loads/tok",
+    "Bytes/tok",
+    "vs FIFO",
+    "Of oracle",
+    "Wait mean / p95 / max",
+    "Steps",
+    "Running",
+]
+SCHEDULE_CACHE_HEADER = ["Cache bytes/tok", "Cache vs FIFO"]
+# Admission policies a real engine can run (the oracles know each request's future routing).
+SCHEDULE_RUNNABLE = ("random", "affinity", "group")
+
+
+def is_schedule(doc: Any) -> bool:
+    """Whether `doc` is a `moeprof schedule` results document."""
+    return isinstance(doc, dict) and doc.get("kind") == "schedule"
+
+
+def schedule_batch_sizes(doc: dict[str, Any]) -> list[int]:
+    return sorted({int(r["batch_size"]) for r in doc["results"]})
+
+
+def _signed_pct(value: Any) -> str:
+    return _DASH if value is None else f"{100.0 * float(value):+.1f}%"
+
+
+def schedule_table_rows(doc: dict[str, Any], batch_size: int) -> tuple[list[str], list[list[str]]]:
+    """One row per admission policy at one B: loads and bytes per generated token with dedup,
+    the reduction against FIFO and its share of the oracle's, waiting steps, steps to drain,
+    mean running requests (and the cache columns when the document has a cache)."""
+    has_cache = bool((doc.get("schedule") or {}).get("cache"))
+    header = list(SCHEDULE_HEADER) + (list(SCHEDULE_CACHE_HEADER) if has_cache else [])
+    rows: list[list[str]] = []
+    for r in doc["results"]:
+        if int(r["batch_size"]) != batch_size:
+            continue
+        cells = [
+            str(r["admission"]),
+            f"{float(r['loads_per_generated_token']):.2f}",
+            _per_token(r.get("bytes_per_generated_token")),
+            _signed_pct(r["reduction_vs_fifo"]) if r["admission"] != "fifo" else _DASH,
+            _share(r.get("oracle_share")),
+            f"{float(r['wait_mean']):,.1f} / {int(r['wait_p95']):,} / {int(r['wait_max']):,}",
+            f"{int(r['steps']):,}",
+            f"{float(r['occupancy_mean']):.1f}",
+        ]
+        if has_cache:
+            cells += [
+                _per_token(r.get("cache_bytes_per_generated_token")),
+                _signed_pct(r.get("cache_reduction_vs_fifo"))
+                if r["admission"] != "fifo"
+                else _DASH,
+            ]
+        rows.append(cells)
+    return header, rows
+
+
+def schedule_summary_items(doc: dict[str, Any]) -> list[tuple[str, str]]:
+    trace = doc["trace"]
+    settings = doc.get("schedule") or {}
+    model = trace.get("model") or {}
+    eb_text, _ = _expert_bytes_text([int(x) for x in trace.get("expert_bytes", [])])
+    gen = int(doc["results"][0]["generated_tokens"])
+    rate = settings.get("arrival_rate")
+    wait = settings.get("max_wait")
+    cache = settings.get("cache")
+    items = [
+        ("Model", str(model.get("id") or "unknown")),
+        (
+            "MoE layers × experts, top-k",
+            f"{trace.get('n_layers', '?')} × "
+            f"{_experts_text([int(x) for x in trace.get('n_experts', [])])}, "
+            f"top-{trace.get('top_k', '?')}",
+        ),
+        ("Routed expert size", eb_text),
+        (
+            "Requests",
+            f"{int(settings.get('n_requests', trace.get('n_requests', 0))):,}: "
+            f"{int(settings.get('prompt_rows', 0)):,} prompt rows, {gen:,} generated tokens"
+            + ("" if settings.get("has_phases", True) else " (no phases: all rows decode)"),
+        ),
+        (
+            "Serving",
+            "continuous batching with chunked prefill, "
+            f"{int(settings.get('max_tokens_per_step', 0)):,} tokens per step",
+        ),
+        (
+            "Arrivals",
+            "all at step 0"
+            if rate is None
+            else f"Poisson, {float(rate):g} requests per step (seed {settings.get('seed', 0)})",
+        ),
+        ("Max wait", "none" if wait is None else f"{int(wait):,} steps"),
+    ]
+    if isinstance(cache, dict):
+        items.append(
+            ("Cache", f"{cache.get('strategy')}, {cache.get('cache_experts')} experts per layer")
+        )
+    return items
+
+
+def schedule_findings(doc: dict[str, Any]) -> list[str]:
+    """Per B: what the best runnable admission saves against FIFO, what share of the oracle's
+    saving that is, and what it costs in waiting time (docs/schedule.md)."""
+    out: list[str] = []
+    for b in schedule_batch_sizes(doc):
+        rows = {str(r["admission"]): r for r in doc["results"] if int(r["batch_size"]) == b}
+        fifo = rows.get("fifo")
+        runnable = [rows[n] for n in SCHEDULE_RUNNABLE if n in rows]
+        if fifo is None or not runnable:
+            continue
+        best = max(runnable, key=lambda r: float(r["reduction_vs_fifo"]))
+        added = float(best["wait_mean"]) - float(fifo["wait_mean"])
+        share = best.get("oracle_share")
+        text = (
+            f"B = {b}: {best['admission']} admission loads "
+            f"{pct(abs(float(best['reduction_vs_fifo'])))} "
+            f"{'fewer' if float(best['reduction_vs_fifo']) >= 0 else 'more'} experts than FIFO "
+            f"({_per_token(best.get('bytes_per_generated_token'))} per generated token)"
+        )
+        if share is not None:
+            text += f", {pct(float(share))} of the oracle's reduction"
+        text += (
+            f"; mean wait {float(best['wait_mean']):,.1f} steps against FIFO's "
+            f"{float(fifo['wait_mean']):,.1f} ({added:+,.1f}), worst "
+            f"{int(best['wait_max']):,} against {int(fifo['wait_max']):,}."
+        )
+        out.append(text)
+    return out
+
+
+def schedule_notes(doc: dict[str, Any]) -> list[str]:
+    """How the numbers are defined, one sentence each."""
+    notes = [
+        "Loads = distinct experts per step and layer, summed (dedup inside each step); per "
+        "token = per generated (decode) token (docs/schedule.md).",
+        "vs FIFO = 1 − loads / FIFO's loads at the same B; of oracle = that reduction over the "
+        "oracle's (affinity and random: oracle; group: group-oracle).",
+        "affinity and group read each request's prompt routing while it waits (prefill on "
+        "arrival or a separate prefill stage); the oracles read its whole routing, which no "
+        "real scheduler has.",
+        "Wait = steps from arrival to admission; Running = mean requests running per step.",
+    ]
+    if (doc.get("schedule") or {}).get("cache"):
+        notes.append(
+            "Cache columns: loads with the named strategy retaining that many experts per layer "
+            "between steps (docs/cache.md), per generated token."
+        )
+    return notes
+
+
+def schedule_timing_rows(doc: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """Scheduling cost per policy and B: simulation seconds and the decision time per step."""
+    header = ["Batch", "Admission", "Simulation", "Deciding", "Per step"]
+    rows = [
+        [
+            str(r["batch_size"]),
+            str(r["admission"]),
+            f"{float(r['schedule_seconds']):.3f} s",
+            f"{float(r['decision_seconds']):.3f} s",
+            f"{1e3 * float(r['decision_seconds']) / max(int(r['n_batches']), 1):.3f} ms",
+        ]
+        for r in doc["results"]
+    ]
+    return header, rows

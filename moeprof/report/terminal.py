@@ -27,12 +27,18 @@ from moeprof.report.rows import (
     cache_working_set_rows,
     has_replay,
     is_cache,
+    is_schedule,
     latency_rows,
     layer_table_rows,
     prefetch_notes,
     prefetch_rows,
     replay_notes,
     replay_rows,
+    schedule_batch_sizes,
+    schedule_findings,
+    schedule_notes,
+    schedule_summary_items,
+    schedule_table_rows,
     summary_items,
 )
 
@@ -182,6 +188,8 @@ def render_terminal(doc: dict[str, Any], *, layers: bool = False) -> Group:
     replay tables when the document has replay data; a cache document's own tables."""
     if is_cache(doc):
         return Group(*cache_renderables(doc, layers=layers))
+    if is_schedule(doc):
+        return Group(*schedule_renderables(doc))
     report = build_report(doc)
     _, rows = batch_table_rows(report)
     parts: list[Any] = [
@@ -311,4 +319,36 @@ def render_doctor(doc: dict[str, Any]) -> list[Any]:
         else "[yellow]no GPU replay here[/yellow]: `moeprof replay TRACE --device cpu` still runs "
         "(CPU backend)"
     )
+    return out
+
+
+def schedule_renderables(doc: dict[str, Any]) -> list[Any]:
+    """A `moeprof schedule` document: summary, per B a loads table and a waiting table (the
+    markdown's one table split to fit 80 columns), findings, definitions."""
+    from rich.markdown import Markdown
+
+    out: list[Any] = [kv_table("Serving simulation", schedule_summary_items(doc))]
+    for b in schedule_batch_sizes(doc):
+        header, rows = schedule_table_rows(doc, b)
+        waiting = {"Wait mean / p95 / max", "Steps", "Running"}
+        # Bytes per token say what loads per token do, when the expert sizes are known.
+        bytes_known = bool(rows) and rows[0][header.index("Bytes/tok")] != "—"
+        hidden = {"Loads/tok"} if bytes_known else {"Bytes/tok", "Cache bytes/tok"}
+        loads_cols = [c for c in header if c not in waiting | hidden]
+        wait_cols = ["Admission"] + [c for c in header if c in waiting]
+        for title, columns in (
+            (f"B = {b}: expert loads per generated token", loads_cols),
+            (f"B = {b}: waiting (steps)", wait_cols),
+        ):
+            idx = [header.index(c) for c in columns]
+            out.append(
+                grid_table(
+                    title,
+                    [header[i] for i in idx],
+                    [[r[i] for i in idx] for r in rows],
+                    _first_left(columns),
+                )
+            )
+    out.append(list_table("Findings", schedule_findings(doc)))
+    out.append(Markdown("\n".join(f"- {n}" for n in schedule_notes(doc))))
     return out
