@@ -25,6 +25,13 @@ _WORD = 64
 # A per-layer lookup table of bitsets holds L·(E+1)·ceil(E/64) words; above this size the bits are
 # set in place instead (slower per slot, but memory no longer grows with E²).
 _MAX_TABLE_BYTES = 64 << 20
+# Bitsets up to this many uint64 words per top-k slot; beyond, distinct experts are counted by
+# sorting (65,535 experts would take 1,024 words, 8 KiB, per token and layer).
+_BITSET_WORDS_PER_SLOT = 4
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n:,} {noun}" if n == 1 else f"{n:,} {noun}s"
 
 
 def _ratio(saved: float, total: float) -> float:
@@ -162,6 +169,30 @@ def unique_per_batch(masks: np.ndarray, plan: BatchPlan) -> np.ndarray:
     return popcount(merged).sum(axis=2, dtype=np.int64)
 
 
+def sparse_unique_per_layer(trace: Trace, plan: BatchPlan) -> np.ndarray:
+    """Σ over batches of distinct experts, int64 [L], without bitsets: per layer, the (batch,
+    expert) pairs of every routed slot are sorted and the distinct ones counted.
+
+    Memory is O(T·K) per layer whatever the expert count, where bitsets take ceil(E/64) words
+    per token and layer (8 KiB at 65,535 experts).
+    """
+    ids = trace.expert_ids
+    n_layers = ids.shape[1]
+    out = np.zeros(n_layers, dtype=np.int64)
+    n_rows = plan.n_rows
+    if plan.n_batches == 0 or n_rows == 0:
+        return out
+    rows = plan.order[:n_rows]
+    batch_of = np.repeat(np.arange(plan.n_batches, dtype=np.int64), plan.batch_tokens)
+    for layer in range(n_layers):
+        span = int(trace.n_experts[layer]) + 1  # ids run 0..E, E being the sentinel
+        col = ids[rows, layer, :].astype(np.int64)
+        keys = batch_of[:, None] * span + col
+        routed = keys[col != span - 1]
+        out[layer] = np.unique(routed).shape[0]
+    return out
+
+
 def unique_per_layer(masks: np.ndarray, plan: BatchPlan) -> np.ndarray:
     """Σ over batches of distinct experts, int64 [L]."""
     return unique_per_batch(masks, plan).sum(axis=0, dtype=np.int64)
@@ -279,14 +310,17 @@ class BatchSizeResult:
 class AnalysisResult:
     trace: dict[str, Any]
     results: tuple[BatchSizeResult, ...]
+    notes: tuple[str, ...] = ()  # one sentence each, about the results as a whole
 
     def to_dict(self) -> dict[str, Any]:
-
-        return {
+        out: dict[str, Any] = {
             "moeprof_version": __version__,
             "trace": self.trace,
             "results": [r.to_dict() for r in self.results],
         }
+        if self.notes:
+            out["notes"] = list(self.notes)
+        return out
 
 
 def trace_summary(trace: Trace) -> dict[str, Any]:
@@ -379,7 +413,28 @@ def analyze(
     sizes = check_batch_sizes(batch_sizes)
     if trace.n_tokens == 0:
         raise MoeprofError("the trace is empty (no tokens)")
-    masks = expert_masks(trace)
+    try:
+        return _analyze(trace, sizes, batching)
+    except MemoryError:
+        raise MoeprofError(
+            f"out of memory analysing {trace.n_tokens:,} tokens x {trace.n_layers} MoE layers "
+            f"x top-{trace.top_k} of {int(trace.n_experts.max()):,} experts; free memory or "
+            "analyze fewer batch sizes at a time"
+        ) from None
+
+
+def use_bitsets(trace: Trace) -> bool:
+    """Bitsets when a token's set of experts is a few words; else sorted (batch, expert) pairs.
+
+    A bitset row takes ceil(E/64) words per token and layer, a sparse row top_k ids: past a few
+    words per slot the bitsets cost more memory (and OR work) than sorting costs time.
+    """
+    n_words = (int(trace.n_experts.max()) + _WORD - 1) // _WORD
+    return n_words <= _BITSET_WORDS_PER_SLOT * trace.top_k
+
+
+def _analyze(trace: Trace, sizes: list[int], batching: Any) -> AnalysisResult:
+    masks = expert_masks(trace) if use_bitsets(trace) else None
     slots = slots_per_token(trace, masks)
     if slots is None:  # no empty slot: every token requests top_k experts in every layer
         requests = np.full(trace.n_layers, trace.n_tokens * trace.top_k, dtype=np.int64)
@@ -388,17 +443,35 @@ def analyze(
         requests = slots.sum(axis=0, dtype=np.int64)
         log_miss = log_miss_per_token(slots, trace.n_experts, trace.top_k)
     layers = trace.moe_layer_indices
+    plans = list(batching.plans(trace, sizes))
     results = tuple(
         summarize(
             plan,
             requests,
-            unique_per_layer(masks, plan),
+            unique_per_layer(masks, plan)
+            if masks is not None
+            else sparse_unique_per_layer(trace, plan),
             trace.expert_bytes,
             trace.n_experts,
             trace.top_k,
             layers,
             log_miss,
         )
-        for plan in batching.plans(trace, sizes)
+        for plan in plans
     )
-    return AnalysisResult(trace=trace_summary(trace), results=results)
+    notes: list[str] = []
+    if batching.takes_batch_size:
+        short = [p for p in plans if p.n_batches and int(p.batch_tokens.max()) < p.batch_size]
+        if short:
+            most = max(int(p.batch_tokens.max()) for p in short)
+            why = (
+                f" (one per request, and the trace has {_count(trace.n_requests, 'request')})"
+                if most == trace.n_requests and most < trace.n_tokens
+                else ""
+            )
+            unfilled = ", ".join(str(p.batch_size) for p in short)
+            notes.append(
+                f"{batching.name} batches hold at most {_count(most, 'token')}{why}: "
+                f"batch size{'s' if len(short) > 1 else ''} {unfilled} never filled"
+            )
+    return AnalysisResult(trace=trace_summary(trace), results=results, notes=tuple(notes))

@@ -86,8 +86,8 @@ def _meta_problem(meta: Mapping[str, Any], n_layers: int) -> str | None:
     for key in ("model", "source", "library_versions"):
         if key in meta and meta[key] is not None and not isinstance(meta[key], dict):
             return f"metadata {key!r} must be an object"
-    indices = meta.get("moe_layer_indices")
-    if indices is not None:
+    if "moe_layer_indices" in meta:
+        indices = meta["moe_layer_indices"]
         if not isinstance(indices, (list, tuple)) or not all(
             _is_int(x) and 0 <= int(x) < 2**31 for x in indices
         ):
@@ -149,6 +149,44 @@ def duplicate_expert(ids: np.ndarray, n_experts: np.ndarray) -> tuple[int, int, 
     row = ids[t, layer].tolist()
     expert = next(e for e in row if row.count(e) > 1 and e != int(n_experts[layer]))
     return t, layer, int(expert)
+
+
+# Engines run warm-up (profiling) passes before serving whose rows all carry one route: vLLM's
+# come in thousands (2,048, 8,192 + 256). Real traffic does not repeat a route this often.
+WARMUP_MIN_ROWS = 256
+
+
+def warmup_tokens(expert_ids: np.ndarray, min_rows: int = WARMUP_MIN_ROWS) -> np.ndarray:
+    """Tokens in a run of at least `min_rows` consecutive rows that repeat one route (the same
+    set of experts) in some layer, bool [T]: likely an engine's warm-up passes."""
+    n_tokens, n_layers, _ = expert_ids.shape
+    found = np.zeros(n_tokens, dtype=bool)
+    if n_tokens < min_rows:
+        return found
+    for layer in range(n_layers):
+        route = np.sort(expert_ids[:, layer, :], axis=1)  # a set: slot order does not matter
+        new_run = np.ones(n_tokens, dtype=bool)
+        new_run[1:] = (route[1:] != route[:-1]).any(axis=1)
+        run = np.cumsum(new_run) - 1
+        found |= (np.bincount(run) >= min_rows)[run]
+    return found
+
+
+def token_ranges(mask: np.ndarray) -> list[tuple[int, int]]:
+    """The runs of True in a bool array, as [start, stop) pairs."""
+    edges = np.flatnonzero(np.diff(np.concatenate(([0], mask.astype(np.int8), [0]))))
+    return [(int(a), int(b)) for a, b in zip(edges[::2], edges[1::2])]
+
+
+def describe_warmup(mask: np.ndarray) -> str:
+    """Which tokens `warmup_tokens` found, for a warning: 'rows 0..2,047 and 5,000..5,299'."""
+    ranges = token_ranges(mask)
+    shown = ", ".join(f"{a:,}..{b - 1:,}" for a, b in ranges[:4])
+    more = f" and {len(ranges) - 4} more runs" if len(ranges) > 4 else ""
+    return (
+        f"{int(mask.sum()):,} tokens (rows {shown}{more}) repeat one route in runs of "
+        f"{WARMUP_MIN_ROWS}+ rows, like an engine's warm-up passes"
+    )
 
 
 def library_versions() -> dict[str, str]:
@@ -444,6 +482,28 @@ class Trace:
             f"top_k={self.top_k}, experts={self.n_experts.tolist()})"
         )
 
+    def without_tokens(self, drop: np.ndarray) -> Trace:
+        """A copy without the tokens where `drop` (bool [T]) is True; metadata kept."""
+        keep = ~np.asarray(drop, dtype=bool)
+        if not keep.any():
+            raise MoeprofError("no tokens would be left")
+
+        def cut(arr: np.ndarray | None) -> np.ndarray | None:
+            return None if arr is None else arr[keep]
+
+        return Trace.from_arrays(
+            self.expert_ids[keep],
+            n_experts=self.n_experts,
+            request_ids=self.request_ids[keep],
+            positions=self.positions[keep],
+            gate_weights=cut(self.gate_weights),
+            steps=cut(self.steps),
+            phase=cut(self.phase),
+            token_ids=cut(self.token_ids),
+            expert_bytes=self.expert_bytes,
+            meta=self.meta,
+        )
+
     def metadata(self) -> dict[str, Any]:
         """The full metadata document as stored in the file (JSON-serialisable)."""
         doc: dict[str, Any] = {
@@ -631,6 +691,15 @@ def _check_layout(
         except MoeprofError as exc:
             raise _corrupt(p, exc.message) from None
     n_exp, ebytes = per_layer
+    # Fields that repeat what the arrays say must agree with them (an edited or damaged header).
+    shape = {"n_tokens": n_tokens, "n_layers": n_layers, "top_k": top_k}
+    for key, actual in (
+        *shape.items(),
+        ("format", FORMAT_NAME),
+        ("format_version", FORMAT_VERSION),
+    ):
+        if key in doc and not (doc[key] == actual and type(doc[key]) is type(actual)):
+            raise _corrupt(p, f"metadata {key} is {doc[key]!r:.40}, the arrays say {actual!r}")
     if ids.dtype != _ids_dtype(n_exp):
         raise _corrupt(p, f"expert_ids is {ids.dtype}, expected {_ids_dtype(n_exp)}")
     for name, arr in arrays.items():

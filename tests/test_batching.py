@@ -26,7 +26,9 @@ from moeprof.trace import Trace
 
 
 def test_registry_names() -> None:
-    assert POLICIES == tuple(REGISTRY) == moeprof.POLICIES == ("tokens", "decode", "recorded", "serve")
+    assert (
+        POLICIES == tuple(REGISTRY) == moeprof.POLICIES == ("tokens", "decode", "recorded", "serve")
+    )
     for name, policy in REGISTRY.items():
         assert policy.name == name and policy.help
     assert [p.takes_batch_size for p in REGISTRY.values()] == [True, True, False, True]
@@ -34,7 +36,8 @@ def test_registry_names() -> None:
 
 def test_unknown_policy_message() -> None:
     with pytest.raises(
-        MoeprofError, match=r"^unknown policy 'greedy'; choose one of tokens, decode, recorded, serve$"
+        MoeprofError,
+        match=r"^unknown policy 'greedy'; choose one of tokens, decode, recorded, serve$",
     ):
         get_policy("greedy")
     with pytest.raises(MoeprofError, match="unknown policy 'greedy'"):
@@ -143,7 +146,9 @@ def test_a_registered_policy_is_validated_helped_and_analyzed(
         moeprof.analyze(trace, [4], policy="reversed")
     monkeypatch.setitem(REGISTRY, "reversed", Reversed())
     assert "reversed (stored rows backwards)" in policy_help()
-    with pytest.raises(MoeprofError, match="choose one of tokens, decode, recorded, serve, reversed"):
+    with pytest.raises(
+        MoeprofError, match="choose one of tokens, decode, recorded, serve, reversed"
+    ):
         get_policy("sideways")
     row = moeprof.analyze(trace, [4], policy="reversed").results[0]
     rows = list(range(trace.n_tokens))[::-1]

@@ -14,6 +14,7 @@ import pytest
 from conftest import DATA
 
 import moeprof
+from moeprof.errors import MoeprofError
 from moeprof.formatting import human_bytes, pct
 from moeprof.report import build_report, render_markdown
 from moeprof.report.plot import render_plot
@@ -183,7 +184,7 @@ def test_layer_without_routing_shows_a_dash_and_is_not_averaged() -> None:
         (("trace", "expert_bytes"), [1.5], "expert_bytes has the wrong type"),
         (("trace", "model"), "m", "model has the wrong type"),
         (("results", 0, "memory_savings"), 10**400, "memory_savings has the wrong type"),
-        (("results", 0, "bytes_requested"), 2**64, "bytes_requested has the wrong type"),
+        (("results", 0, "bytes_requested"), 2**128, "bytes_requested has the wrong type"),
         (("trace", "expert_bytes"), [10**400], "expert_bytes has the wrong type"),
         (("results", 0, "layers", 1, "layer"), 0, "lists layer 0 twice"),
     ],
@@ -390,3 +391,22 @@ def test_max_reuse_names_the_model_layer_where_known() -> None:
         del layer["model_layer"]  # a results file without the model's numbering
     _, rows = batch_table_rows(build_report(doc))
     assert rows[3][4].endswith(f"(L{best})"), rows[3]
+
+
+def test_analysis_notes_reach_markdown_and_terminal() -> None:
+    from rich.console import Console
+
+    from moeprof.report.terminal import render_terminal
+    from moeprof.trace import Trace
+
+    trace = Trace.from_arrays(np.arange(12).reshape(12, 1, 1) % 6, n_experts=6)
+    doc = moeprof.analyze(trace, [1, 4], policy="decode").to_dict()
+    note = doc["notes"][0]
+    assert "batch size 4 never filled" in note
+    assert f"**Note:** {note}" in render_markdown(doc)
+    console = Console(width=200, record=True)
+    console.print(render_terminal(doc))
+    assert note in " ".join(console.export_text().split())
+    doc["notes"] = [3]
+    with pytest.raises(MoeprofError, match="notes is not a list of sentences"):
+        render_markdown(doc)

@@ -128,3 +128,11 @@ def test_popularity_counts() -> None:
 def test_bad_settings(kwargs: dict, message: str) -> None:
     with pytest.raises(MoeprofError, match=message):
         moeprof.synthesize(**kwargs)
+
+
+def test_synth_help_shows_the_defaults(run_cli) -> None:
+    # Rich markup once swallowed "[default: 8]", leaving "Routed experts per MoE layer ."
+    out = " ".join(run_cli("synth", "--help").stdout.split()).replace("│ │", "")
+    for text in ("Routed experts per MoE layer (default:", "MoE layers (default: 4)."):
+        assert text in out
+    assert "layer ." not in out and "layers ." not in out

@@ -6,8 +6,24 @@ import warnings
 from pathlib import Path
 
 import typer
+from rich.markup import escape
 
-from moeprof.commands._common import err_console, force_option, note_written, progress_bar
+from moeprof.commands._common import (
+    MoeprofError,
+    as_options,
+    err_console,
+    force_option,
+    note_written,
+    progress_bar,
+)
+
+
+def parse_where(text: str) -> tuple[str, str]:
+    """`--where COL=VALUE` -> (column, value); the value may hold '=' itself."""
+    column, sep, value = text.partition("=")
+    if not sep or not column.strip():
+        raise MoeprofError(f"--where takes COL=VALUE, got {text!r}")
+    return column.strip(), value
 
 
 def import_cmd(
@@ -24,10 +40,14 @@ def import_cmd(
         help="long-csv, long-jsonl, vllm or sglang (default: from the file endings).",
     ),
     request_col: str | None = typer.Option(
-        None, "--request-col", help="Column(s) naming the request, comma-separated."
+        None,
+        "--request-col",
+        help="Column(s) naming the request, comma-separated; none: each file is one request.",
     ),
     position_col: str | None = typer.Option(
-        None, "--position-col", help="Column with the token's position in its request."
+        None,
+        "--position-col",
+        help="Column with the token's position in its request; none: order of appearance.",
     ),
     layer_col: str | None = typer.Option(None, "--layer-col", help="Column with the layer."),
     experts_col: str | None = typer.Option(
@@ -36,7 +56,9 @@ def import_cmd(
         help="Column with the list of expert ids, or one column per slot, comma-separated.",
     ),
     weights_col: str | None = typer.Option(
-        None, "--weights-col", help="Column(s) with the gate weights, like --experts-col."
+        None,
+        "--weights-col",
+        help="Column(s) with the gate weights, like --experts-col; none: no weights.",
     ),
     experts: int | None = typer.Option(
         None, "--experts", "-E", help="Routed experts per layer (default: largest id + 1)."
@@ -49,6 +71,29 @@ def import_cmd(
         "--model-config",
         help="A Hugging Face config.json: expert count, sizes and MoE layer numbers.",
     ),
+    where: list[str] | None = typer.Option(
+        None,
+        "--where",
+        metavar="COL=VALUE",
+        help="Keep only rows whose column equals the value (repeatable, e.g. type=route).",
+    ),
+    request_scope: str = typer.Option(
+        "file",
+        "--request-scope",
+        help="file: request ids name requests within each file; global: the same id in "
+        "several files is one request (e.g. one file per layer).",
+    ),
+    step_from_resets: bool = typer.Option(
+        False,
+        "--step-from-resets",
+        help="The position column restarts every forward pass: each restart begins a new step "
+        "(replayed by --policy recorded); positions become the order in the log.",
+    ),
+    drop_warmup: bool = typer.Option(
+        False,
+        "--drop-warmup",
+        help="Remove runs of 256+ rows that repeat one route (engine warm-up passes).",
+    ),
     phase: str | None = typer.Option(None, "--phase", help="Label every token prefill or decode."),
     force: bool = force_option,
 ) -> None:
@@ -59,6 +104,7 @@ def import_cmd(
     from moeprof import _io
     from moeprof.importers import MoeprofImportWarning, import_trace
 
+    filters = [parse_where(item) for item in where or []]
     _io.check_outputs([output], force=force)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", MoeprofImportWarning)
@@ -76,18 +122,39 @@ def import_cmd(
                 layer_col=layer_col,
                 experts_col=experts_col,
                 weights_col=weights_col,
+                where=filters,
+                request_scope=None if request_scope == "file" else request_scope,
+                step_from_resets=step_from_resets,
+                drop_warmup=drop_warmup,
             )
+    options = {
+        name: "--" + name.replace("_", "-")
+        for name in ("request_scope", "drop_warmup", "step_from_resets", "model_config")
+    }
     for w in caught:
         if issubclass(w.category, MoeprofImportWarning):
-            err_console.print(f"[yellow]warning:[/yellow] {w.message}", highlight=False)
+            text = escape(as_options(str(w.message), options))
+            err_console.print(f"[yellow]warning:[/yellow] {text}", highlight=False)
     trace.save(output)
     size = int(trace.expert_bytes[0])
     note_written(
         output,
         f"trace ({trace.n_tokens:,} tokens, {trace.n_requests:,} requests, "
         f"{trace.n_layers} MoE layers, top-{trace.top_k} of {int(trace.n_experts.max())}, "
-        + (f"{size:,} bytes per expert)" if size > 0 else "expert size unknown)"),
+        + (f"{size:,} bytes per expert" if size > 0 else "expert size unknown")
+        + _skipped(trace.meta.get("source", {}))
+        + ")",
     )
+
+
+def _skipped(source: dict) -> str:
+    """What the import set aside, for the summary line."""
+    parts = []
+    if source.get("metadata_records"):
+        parts.append(f"{source['metadata_records']:,} metadata records skipped")
+    if source.get("dropped_warmup_tokens"):
+        parts.append(f"{source['dropped_warmup_tokens']:,} warm-up tokens dropped")
+    return "".join(f", {p}" for p in parts)
 
 
 def register(app: typer.Typer) -> None:

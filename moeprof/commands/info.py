@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from moeprof.commands._common import console
+from moeprof.commands._common import console, err_console
 
 
 def info_cmd(
@@ -16,9 +16,16 @@ def info_cmd(
 ) -> None:
     """Show a trace's shape, model, source and metadata."""
     from moeprof.analyze import trace_summary
-    from moeprof.trace import load_trace
+    from moeprof.trace import describe_warmup, load_trace, warmup_tokens
 
     trace = load_trace(trace_path)
+    warmup = warmup_tokens(trace.expert_ids)
+    if warmup.any():
+        err_console.print(
+            f"[yellow]warning:[/yellow] {describe_warmup(warmup)}; "
+            "'moeprof import --drop-warmup' removes them",
+            highlight=False,
+        )
     doc = trace_summary(trace)
     doc["file_bytes"] = trace_path.stat().st_size
     if as_json:

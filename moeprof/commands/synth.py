@@ -46,10 +46,10 @@ def read_popularity(path: Path) -> list[list[float]]:
 def synth_cmd(
     output: Path = typer.Option(..., "--output", "-o", help="Trace file to write."),
     experts: int | None = typer.Option(
-        None, "--experts", "-E", help="Routed experts per MoE layer [default: 8]."
+        None, "--experts", "-E", help="Routed experts per MoE layer (default: 8)."
     ),
     top_k: int = typer.Option(2, "--top-k", "-k", help="Experts chosen per token."),
-    layers: int | None = typer.Option(None, "--layers", "-L", help="MoE layers [default: 4]."),
+    layers: int | None = typer.Option(None, "--layers", "-L", help="MoE layers (default: 4)."),
     requests: int = typer.Option(16, "--requests", "-R", help="Requests (sequences)."),
     tokens: int = typer.Option(64, "--tokens", "-T", help="Tokens per request."),
     length_spread: float = typer.Option(

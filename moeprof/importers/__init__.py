@@ -33,7 +33,7 @@ from moeprof.importers.common import (
 )
 from moeprof.importers.model_config import ModelExperts, load_model_config
 from moeprof.importers.registry import FORMATS, SUFFIXES, get_format
-from moeprof.trace import Trace
+from moeprof.trace import Trace, describe_warmup, warmup_tokens
 
 __all__ = [
     "FORMATS",
@@ -45,7 +45,16 @@ __all__ = [
     "list_sources",
 ]
 
-_LONG_OPTIONS = ("request_col", "position_col", "layer_col", "experts_col", "weights_col")
+_LONG_OPTIONS = (
+    "request_col",
+    "position_col",
+    "layer_col",
+    "experts_col",
+    "weights_col",
+    "where",
+    "request_scope",
+    "step_from_resets",
+)
 
 
 def detect_format(paths: Sequence[Path]) -> str:
@@ -171,7 +180,7 @@ def build_trace(
     meta: dict[str, Any] = {
         "model": model.model_meta()
         if model is not None
-        else {"id": None, "architecture": None, "revision": None},
+        else {"id": routing.model_id, "architecture": None, "revision": None},
         "source": source,
         "moe_layer_indices": layers,
         "shared_expert_bytes": model.shared_expert_bytes if model is not None else 0,
@@ -202,6 +211,7 @@ def import_trace(
     model_config: PathLike | ModelExperts | None = None,
     phase: str | None = None,
     progress: Progress | None = None,
+    drop_warmup: bool = False,
     **options: Any,
 ) -> Trace:
     """Read routing captured by another tool into a :class:`~moeprof.trace.Trace`.
@@ -211,7 +221,11 @@ def import_trace(
     ``experts`` sets the routed experts per layer (default: the model config's, else the largest
     id + 1); ``expert_bytes`` or ``model_config`` (a ``config.json``) sets one expert's size;
     ``phase`` ("prefill" / "decode") labels every token. Long tables take the column options
-    ``request_col``, ``position_col``, ``layer_col``, ``experts_col``, ``weights_col``.
+    ``request_col``, ``position_col``, ``layer_col``, ``experts_col``, ``weights_col`` ("none"
+    for an optional one: the source has no such column), ``where`` (``(column, value)`` pairs a
+    row must match), ``request_scope`` ("file" or "global") and ``step_from_resets``
+    (docs/import.md). ``drop_warmup`` removes runs of rows that repeat one route
+    (:func:`~moeprof.trace.warmup_tokens`).
     """
     given = [src] if isinstance(src, (str, os.PathLike)) else list(src)
     fmt = format if format is not None else detect_format([Path(p) for p in given])
@@ -219,7 +233,7 @@ def import_trace(
     unknown = sorted(set(options) - set(_LONG_OPTIONS))
     if unknown:
         raise MoeprofError(f"unknown import option(s): {', '.join(unknown)}")
-    col_options = {k: v for k, v in options.items() if v is not None}
+    col_options = {k: v for k, v in options.items() if v not in (None, False, (), [])}
     if col_options and not reader.column_options:
         flags = ", ".join(sorted(col_options))
         raise MoeprofError(f"{flags} apply to long-csv and long-jsonl only, not {fmt}")
@@ -240,7 +254,7 @@ def import_trace(
     files = list_sources(given, fmt)
 
     routing = reader.read(files, n_experts=n_experts, progress=progress, **col_options)
-    return build_trace(
+    trace = build_trace(
         routing,
         fmt=fmt,
         sources=files,
@@ -249,3 +263,12 @@ def import_trace(
         model=model,
         phase=phase,
     )
+    warmup = warmup_tokens(trace.expert_ids)
+    if not warmup.any():
+        return trace
+    if not drop_warmup:
+        warn(f"{describe_warmup(warmup)}; drop_warmup removes them")
+        return trace
+    kept = trace.without_tokens(warmup)
+    kept.meta["source"]["dropped_warmup_tokens"] = int(warmup.sum())
+    return kept

@@ -45,6 +45,7 @@ class TokenRouting:
     phase: np.ndarray | None = None
     token_ids: np.ndarray | None = None
     n_experts_hint: int | None = None  # expert count the source itself states (e.g. a map's size)
+    model_id: str | None = None  # the model the source names (e.g. in a metadata record)
     locate: Callable[[int, int], str] | None = None  # (token, layer) -> "file:line" for errors
     details: dict[str, Any] = field(default_factory=dict)  # format-specific provenance
 

@@ -15,11 +15,12 @@ some layer is dropped and counted in a warning.
 
 from __future__ import annotations
 
+import codecs
 import csv
 import json
 import re
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -107,6 +108,13 @@ _FLOAT_RE = r"^\s*[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?\s*$|^\s*(?:nan|NaN|i
 _Fail = Callable[[int, str], MoeprofError]  # (record index, message) -> error naming file:line
 
 
+def _csv_reader(fh: Any) -> Any:
+    """A csv reader without the module's 131,072-character field limit: a long experts field
+    is data to check, not a reason to fail inside the parser."""
+    csv.field_size_limit(_INT32_MAX)
+    return csv.reader(fh)
+
+
 def _norm(name: str) -> str:
     return re.sub(r"[^0-9a-z]+", "_", name.strip().lower()).strip("_")
 
@@ -119,14 +127,14 @@ def _record_lines(path: Path, fmt: str) -> list[int]:
     lines: list[int] = []
     if fmt == "long-csv":
         with open(path, encoding="utf-8-sig", newline="") as fh:
-            reader = csv.reader(fh)
+            reader = _csv_reader(fh)
             last = 0
             for i, row in enumerate(reader):
                 start, last = last + 1, reader.line_num
                 if i > 0 and row:  # pyarrow skips the header and empty lines
                     lines.append(start)
     else:
-        with open(path, encoding="utf-8") as fh:
+        with open(path, encoding="utf-8-sig") as fh:
             lines = [n for n, line in enumerate(fh, start=1) if line.strip()]
     return lines
 
@@ -137,10 +145,13 @@ class _Where:
     def __init__(self, path: Path, fmt: str) -> None:
         self.path, self.fmt = path, fmt
         self._lines: list[int] | None = None
+        self.kept: np.ndarray | None = None  # record index of each row kept (rows left out)
 
     def __call__(self, record: int) -> str:
         if self._lines is None:
             self._lines = _record_lines(self.path, self.fmt)
+        if self.kept is not None and 0 <= record < len(self.kept):
+            record = int(self.kept[record])
         if 0 <= record < len(self._lines):
             return f"{self.path}:{self._lines[record]}"
         return f"{self.path} (row {record + 1})"
@@ -155,11 +166,9 @@ class _Where:
 def _read_csv(path: Path) -> tuple[list[str], pa.Table]:
     import pyarrow.csv as pcsv
 
-    try:
-        with open(path, encoding="utf-8-sig", newline="") as fh:
-            header = next(csv.reader(fh), None)
-    except UnicodeDecodeError:
-        raise MoeprofError(f"{path}: not UTF-8 text") from None
+    _check_utf8(path)
+    with open(path, encoding="utf-8-sig", newline="") as fh:
+        header = next(_csv_reader(fh), None)
     if not header:
         raise MoeprofError(f"{path}: empty file (no header line)")
     if len(set(header)) != len(header):
@@ -179,7 +188,7 @@ def _read_csv(path: Path) -> tuple[list[str], pa.Table]:
 
 def _diagnose_csv(path: Path, n_columns: int, exc: Exception) -> MoeprofError:
     with open(path, encoding="utf-8-sig", newline="") as fh:
-        reader = csv.reader(fh)
+        reader = _csv_reader(fh)
         last = 0
         for i, row in enumerate(reader):
             start, last = last + 1, reader.line_num
@@ -187,7 +196,8 @@ def _diagnose_csv(path: Path, n_columns: int, exc: Exception) -> MoeprofError:
                 return MoeprofError(
                     f"{path}:{start}: row has {len(row)} fields, the header has {n_columns}"
                 )
-    return MoeprofError(f"{path}: cannot parse as CSV ({str(exc).splitlines()[0]})")
+    reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return MoeprofError(f"{path}: cannot parse as CSV ({reason})")
 
 
 # Arrow's JSON parser recurses per nesting level and can overflow the C stack (a segfault) on
@@ -195,27 +205,80 @@ def _diagnose_csv(path: Path, n_columns: int, exc: Exception) -> MoeprofError:
 _MAX_ARROW_DEPTH = 64
 
 
-def _nesting_bound(path: Path) -> int:
-    """An upper bound on the file's JSON nesting depth (brackets inside strings count too)."""
+_CHUNK = 1 << 24  # bytes per pre-scan read: bounded memory whatever the file size
+_WHITESPACE = np.zeros(256, dtype=bool)
+_WHITESPACE[[ord(" "), ord("\t"), ord("\r"), ord("\n")]] = True
+
+
+def _check_utf8(path: Path) -> None:
+    """Refuse a file that is not UTF-8 text, naming the byte (C-speed incremental decode)."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset = 0
+    with open(path, "rb") as fh:
+        while True:
+            chunk = fh.read(_CHUNK)
+            try:
+                decoder.decode(chunk, final=not chunk)
+            except UnicodeDecodeError as exc:
+                at = offset + max(exc.start, 0)
+                raise MoeprofError(f"{path}: not UTF-8 text (byte {at:,})") from None
+            if not chunk:
+                return
+            offset += len(chunk)
+
+
+def _jsonl_shape(path: Path) -> tuple[int, bool]:
+    """An upper bound on the file's JSON nesting depth (brackets inside strings count too), and
+    whether every non-blank line starts with ``{`` (a JSON object, the only record pyarrow's
+    reader survives: a ``null`` or ``[`` record can crash it)."""
     step = np.zeros(256, dtype=np.int8)
     step[[ord("["), ord("{")]] = 1
     step[[ord("]"), ord("}")]] = -1
     level, deepest = 0, 0
+    objects = True
+    line_open = False  # the current line has shown its first non-blank byte
     with open(path, "rb") as fh:
-        while chunk := fh.read(1 << 24):  # bounded memory whatever the file size
-            depth = level + np.cumsum(step[np.frombuffer(chunk, dtype=np.uint8)], dtype=np.int64)
+        head = fh.read(3)
+        if head != codecs.BOM_UTF8:
+            fh.seek(0)
+        while chunk := fh.read(_CHUNK):
+            data = np.frombuffer(chunk, dtype=np.uint8)
+            depth = level + np.cumsum(step[data], dtype=np.int64)
             deepest, level = max(deepest, int(depth.max())), int(depth[-1])
-    return deepest
+            if not objects:
+                continue
+            # First non-blank byte of each line: a non-blank byte whose line had none before.
+            newlines = np.flatnonzero(data == ord("\n"))
+            solid = np.flatnonzero(~_WHITESPACE[data])
+            line_of = np.searchsorted(newlines, solid)  # line index within the chunk
+            firsts = np.ones(solid.shape[0], dtype=bool)
+            firsts[1:] = line_of[1:] != line_of[:-1]
+            if line_open and solid.size and line_of[0] == 0:
+                firsts[0] = False
+            if (data[solid[firsts]] != ord("{")).any():
+                objects = False
+            if newlines.size:
+                line_open = bool(solid.size) and int(solid[-1]) > int(newlines[-1])
+            else:
+                line_open = line_open or bool(solid.size)
+    return deepest, objects
 
 
 def _read_jsonl(path: Path) -> tuple[list[str], pa.Table]:
     import pyarrow.json as pjson
 
-    if _nesting_bound(path) > _MAX_ARROW_DEPTH:
+    _check_utf8(path)
+    deepest, objects = _jsonl_shape(path)
+    if deepest > _MAX_ARROW_DEPTH:
         return _read_jsonl_python(path, ValueError("deeply nested JSON"))
+    if not objects:
+        return _read_jsonl_python(path, ValueError("a record is not a JSON object"))
     try:
         table = pjson.read_json(path)
-    except (pa.ArrowInvalid, pa.ArrowException) as exc:
+        # pyarrow's reader can build an invalid table (a list holding nulls: offsets beyond
+        # its values), which crashes later kernels; such files take the Python path.
+        table.validate(full=True)
+    except (pa.ArrowInvalid, pa.ArrowException, UnicodeDecodeError) as exc:
         return _read_jsonl_python(path, exc)
     if table.num_rows == 0:
         raise MoeprofError(f"{path}: no JSON records")
@@ -227,7 +290,7 @@ def _read_jsonl_python(path: Path, exc: Exception) -> tuple[list[str], pa.Table]
     changes between rows are kept, with scalars as strings (the converters parse them)."""
     records: list[dict[str, Any]] = []
     try:
-        with open(path, encoding="utf-8") as fh:
+        with open(path, encoding="utf-8-sig") as fh:
             for n, line in enumerate(fh, start=1):
                 if not line.strip():
                     continue
@@ -250,9 +313,9 @@ def _read_jsonl_python(path: Path, exc: Exception) -> tuple[list[str], pa.Table]
     def as_text(v: Any) -> Any:
         if v is None or isinstance(v, str):
             return v
-        if isinstance(v, list):
+        if isinstance(v, list) and not any(isinstance(x, (list, dict)) for x in v):
             return [as_text(x) for x in v]
-        return json.dumps(v)
+        return json.dumps(v)  # nested values stay one text, however deep
 
     columns: dict[str, pa.Array] = {}
     for name in names:
@@ -316,6 +379,13 @@ def _split(value: str) -> list[str]:
     return [v.strip() for v in value.split(",") if v.strip()]
 
 
+NONE = "none"  # a column option's value that means "no such column": auto-detection off
+
+
+def _off(value: str | None) -> bool:
+    return value is not None and value.strip().lower() == NONE
+
+
 def resolve_columns(
     names: Sequence[str],
     path: Path,
@@ -326,15 +396,23 @@ def resolve_columns(
     experts_col: str | None = None,
     weights_col: str | None = None,
 ) -> _Columns:
-    """Which columns hold what: the names given, else the usual names."""
-    if request_col is not None:
+    """Which columns hold what: the names given, else the usual names; ``"none"`` for an optional
+    column (request, position, weights) means the source has none."""
+    for option, value in (("layer_col", layer_col), ("experts_col", experts_col)):
+        if _off(value):
+            raise MoeprofError(f"{option} cannot be {NONE}: every row needs it")
+    if _off(request_col):
+        request: list[str] = []
+    elif request_col is not None:
         request = [_find(names, c, path, "request_col") for c in _split(request_col)]
     else:
         req = _auto(names, "request")
         scope = _auto(names, "request_scope")
         request = [c for c in (scope, req) if c is not None] if req is not None else []
     position = (
-        _find(names, position_col, path, "position_col")
+        None
+        if _off(position_col)
+        else _find(names, position_col, path, "position_col")
         if position_col
         else _auto(names, "position")
     )
@@ -352,12 +430,14 @@ def resolve_columns(
         raise MoeprofError(
             f"{path}: no experts column found among {', '.join(names)}; name it with experts_col"
         )
-    if weights_col is not None:
+    if _off(weights_col):
+        weights: list[str] = []
+    elif weights_col is not None:
         weights = [_find(names, c, path, "weights_col") for c in _split(weights_col)]
     else:
         one_w = _auto(names, "weights")
         weights = [one_w] if one_w is not None else _slots(names, _SLOT_WEIGHT)
-    if weights and len(experts) > 1 and len(weights) != len(experts):
+    if weights and len(weights) != len(experts) and max(len(weights), len(experts)) > 1:
         raise MoeprofError(
             f"{path}: {len(experts)} expert columns but {len(weights)} weight columns"
         )
@@ -560,7 +640,9 @@ def _lists(
         def flat_fail(element: int, message: str) -> MoeprofError:
             return fail(int(row_of[element]), message)
 
-        if floats:
+        if len(flat) == 0:  # every list empty: nothing to convert (the caller refuses k = 0)
+            values = np.zeros(0, dtype=np.float64 if floats else np.int64)
+        elif floats:
             values = _floats(flat, what, column, flat_fail)
         else:
             flat_nulls = _np(flat.is_null())
@@ -637,6 +719,8 @@ class _FileRows:
     token_id: np.ndarray | None
     columns: _Columns
     where: _Where
+    metadata_records: int = 0  # records without routing columns, set aside
+    metadata: dict[str, Any] = field(default_factory=dict)  # their simple fields
 
 
 def _request_codes(
@@ -649,6 +733,15 @@ def _request_codes(
     codes = np.zeros(n, dtype=np.int64)
     for name in cols:
         col = table[name].combine_chunks()
+        if not (
+            pa.types.is_string(col.type)
+            or pa.types.is_large_string(col.type)
+            or pa.types.is_integer(col.type)
+            or pa.types.is_floating(col.type)
+            or pa.types.is_boolean(col.type)
+            or pa.types.is_null(col.type)
+        ):
+            raise fail(0, f"request id column {name!r} must hold numbers or text, got {col.type}")
         missing = _np(col.is_null())
         if pa.types.is_string(col.type) or pa.types.is_large_string(col.type):
             missing |= _np(pc.fill_null(pc.equal(pc.utf8_trim_whitespace(col), ""), True))
@@ -667,14 +760,71 @@ def _request_codes(
     return rank[inverse], labels
 
 
+def _simple(value: Any) -> bool:
+    return value is None or isinstance(value, (str, int, float, bool))
+
+
+def _metadata_rows(table: pa.Table, cols: _Columns) -> np.ndarray:
+    """Rows that carry none of the routing columns (no layer, no experts): metadata records."""
+    absent = _np(table[cols.layer].is_null())
+    for name in cols.experts:
+        absent &= _np(table[name].is_null())
+    return absent
+
+
+def _where_mask(table: pa.Table, where: Sequence[tuple[str, str]], path: Path) -> np.ndarray:
+    """Rows whose columns equal the values of every ``(column, value)`` (compared as text)."""
+    keep = np.ones(table.num_rows, dtype=bool)
+    names = list(table.column_names)
+    for column, value in where:
+        name = _find(names, column, path, "where")
+        col = table[name].combine_chunks()
+        if not (pa.types.is_primitive(col.type) or pa.types.is_string(col.type)):
+            raise MoeprofError(f"{path}: where: column {name!r} holds {col.type}, not values")
+        if pa.types.is_boolean(col.type):
+            text = pc.if_else(col, "true", "false")
+        else:
+            text = pc.cast(col, pa.string())
+        keep &= _np(pc.fill_null(pc.equal(pc.utf8_trim_whitespace(text), value.strip()), False))
+    return keep
+
+
 def _read_file(
-    path: Path, fmt: str, options: dict[str, str | None], n_experts: int | None, top_k: int | None
+    path: Path,
+    fmt: str,
+    options: dict[str, str | None],
+    n_experts: int | None,
+    top_k: int | None,
+    where_filters: Sequence[tuple[str, str]] = (),
 ) -> _FileRows:
     names, table = _read_csv(path) if fmt == "long-csv" else _read_jsonl(path)
     where = _Where(path, fmt)
     cols = resolve_columns(names, path, **options)
     if table.num_rows == 0:
         raise MoeprofError(f"{path}: no data rows")
+    # Records with no routing at all (a header line of model facts) are set aside, their simple
+    # fields kept; then --where filters the routing rows.
+    meta_rows = _metadata_rows(table, cols)
+    metadata: dict[str, Any] = {}
+    if meta_rows.any():
+        routing_names = {cols.layer, *cols.experts}
+        for row in np.flatnonzero(meta_rows)[:100].tolist():  # a few records at most, in practice
+            for key, value in table.slice(row, 1).to_pylist()[0].items():
+                if key not in routing_names and value is not None and _simple(value):
+                    metadata.setdefault(key, value)
+    keep = ~meta_rows
+    if where_filters:
+        keep &= _where_mask(table, where_filters, path)
+    if not keep.all():
+        kept = np.flatnonzero(keep)
+        where.kept = kept
+        table = table.take(pa.array(kept))
+    if table.num_rows == 0:
+        raise MoeprofError(
+            f"{path}: no routing rows"
+            + (" match the where filters" if where_filters else "")
+            + (f" ({int(meta_rows.sum())} metadata records)" if meta_rows.any() else "")
+        )
     fail = where.fail
     # Ranges a trace can hold: layer numbers and positions 0..2^31-1, steps and token ids int32.
     layer = _ints(table[cols.layer], "layer", cols.layer, fail)
@@ -733,10 +883,46 @@ def _read_file(
         token_id=token_ids,
         columns=cols,
         where=where,
+        metadata_records=int(meta_rows.sum()),
+        metadata=metadata,
     )
 
 
 # ---------------------------------------------------------------------- all files -> tokens
+
+REQUEST_SCOPES = ("file", "global")
+# Metadata-record fields that name the model (the first found with a text value wins).
+_MODEL_ID_KEYS = ("model_id", "model", "model_name", "model_path")
+
+
+def _steps_from_resets(
+    parts: list[_FileRows], request: np.ndarray, layer: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per row: the forward pass (a new one wherever the position column does not increase,
+    per file and layer, in row order) and the token's position in its request (order in the
+    log: by pass, then by index within the pass)."""
+    index = np.concatenate([p.position for p in parts if p.position is not None])
+    file_of = np.repeat(np.arange(len(parts)), [p.layer.shape[0] for p in parts])
+    stream = file_of * (int(layer.max()) + 1) + layer  # rows of one (file, layer), in order
+    order = np.argsort(stream, kind="stable")
+    s_index, s_stream = index[order], stream[order]
+    starts = np.ones(order.shape[0], dtype=bool)
+    starts[1:] = (s_stream[1:] != s_stream[:-1]) | (s_index[1:] <= s_index[:-1])
+    new_stream = np.ones(order.shape[0], dtype=bool)
+    new_stream[1:] = s_stream[1:] != s_stream[:-1]
+    # Pass number restarts at 0 in each stream: cumulative starts minus the stream's first.
+    count = np.cumsum(starts) - 1
+    first = np.maximum.accumulate(np.where(new_stream, count, 0))
+    step = np.empty_like(count)
+    step[order] = count - first
+    if int(step.max()) > _INT32_MAX:
+        raise MoeprofError("step_from_resets: more forward passes than a trace holds")
+    # A token is (request, pass, index); its position is its rank within the request.
+    keys, token = np.unique(np.stack([request, step, index], axis=1), axis=0, return_inverse=True)
+    token = token.reshape(-1)
+    first_of_request = np.searchsorted(keys[:, 0], keys[:, 0], side="left")
+    rank = np.arange(keys.shape[0]) - first_of_request
+    return step.astype(np.int64), rank[token].astype(np.int64)
 
 
 def _rank_within(groups: np.ndarray) -> np.ndarray:
@@ -783,8 +969,20 @@ def read_long_table(
     layer_col: str | None = None,
     experts_col: str | None = None,
     weights_col: str | None = None,
+    where: Sequence[tuple[str, str]] = (),
+    request_scope: str = "file",
+    step_from_resets: bool = False,
 ) -> TokenRouting:
-    """Read long-table files (in the order given) into token-major routing."""
+    """Read long-table files (in the order given) into token-major routing.
+
+    ``where``: keep only rows whose column equals the value, for each (column, value).
+    ``request_scope``: "file" (a request id names a request within its file) or "global" (the
+    same id in several files is one request, e.g. one file per layer). ``step_from_resets``: the
+    position column counts rows within a forward pass, restarting every pass; each restart
+    begins a new step, and positions become the tokens' order in the log (docs/import.md).
+    """
+    if request_scope not in REQUEST_SCOPES:
+        raise MoeprofError(f"request_scope must be file or global, got {request_scope!r}")
     options = {
         "request_col": request_col,
         "position_col": position_col,
@@ -795,7 +993,7 @@ def read_long_table(
     parts: list[_FileRows] = []
     top_k: int | None = None
     for i, path in enumerate(files):
-        rows = _read_file(path, fmt, options, n_experts, top_k)
+        rows = _read_file(path, fmt, options, n_experts, top_k, where)
         if top_k is not None and rows.experts.shape[1] != top_k:
             raise rows.where.fail(0, f"{rows.experts.shape[1]} expert ids where rows have {top_k}")
         top_k = rows.experts.shape[1]
@@ -811,22 +1009,43 @@ def read_long_table(
         f = int(file_of_row[row])
         return parts[f].where(row - int(row_start[f]))
 
-    # Requests: (file, request code) in order of appearance across files.
-    offsets = np.concatenate(([0], np.cumsum([len(p.request_labels) for p in parts])))
-    request = np.concatenate([p.request + offsets[f] for f, p in enumerate(parts)])
     many_files = len(parts) > 1
-    labels = [
-        (f"{p.where.path.name}:{label}" if many_files and label != p.where.path.name else label)
-        for p in parts
-        for label in p.request_labels
-    ]
+    if request_scope == "global":
+        # One request per id across files: codes by first appearance of each label.
+        code_of: dict[str, int] = {}
+        for p in parts:
+            for label in p.request_labels:
+                code_of.setdefault(label, len(code_of))
+        request = np.concatenate(
+            [
+                np.asarray([code_of[x] for x in p.request_labels], dtype=np.int64)[p.request]
+                for p in parts
+            ]
+        )
+        labels = list(code_of)
+    else:
+        # Requests: (file, request code) in order of appearance across files.
+        offsets = np.concatenate(([0], np.cumsum([len(p.request_labels) for p in parts])))
+        request = np.concatenate([p.request + offsets[f] for f, p in enumerate(parts)])
+        labels = [
+            (f"{p.where.path.name}:{label}" if many_files and label != p.where.path.name else label)
+            for p in parts
+            for label in p.request_labels
+        ]
     layer_raw = np.concatenate([p.layer for p in parts])
     layer_numbers, layer = np.unique(layer_raw, return_inverse=True)
     n_layers = layer_numbers.shape[0]
     positions_given = [p.position is not None for p in parts]
     if any(positions_given) and not all(positions_given):
         raise MoeprofError("some files have a position column and others do not")
-    if all(positions_given):
+    reset_steps = None
+    if step_from_resets:
+        if not all(positions_given):
+            raise MoeprofError("step_from_resets needs a position column (the index in the pass)")
+        if any(p.step is not None for p in parts):
+            raise MoeprofError("step_from_resets: the source has a step column already")
+        reset_steps, position = _steps_from_resets(parts, request, layer)
+    elif all(positions_given):
         position = np.concatenate([p.position for p in parts if p.position is not None])
     else:
         # Order of appearance within (request, layer).
@@ -847,6 +1066,11 @@ def read_long_table(
             f"{locate_row(again)}: a second row for request {labels[int(request[again])]!r}, "
             f"position {int(position[again])}, layer {int(layer_numbers[layer[again]])} "
             f"(first at {locate_row(first_row)})"
+            + (
+                "; if positions restart every forward pass, step_from_resets numbers the passes"
+                if not step_from_resets and int(position[again]) == 0
+                else ""
+            )
         )
     counts = np.bincount(token, minlength=n_tokens0)
     complete = counts == n_layers
@@ -868,6 +1092,8 @@ def read_long_table(
         return _per_token(values, token, n_tokens0, what, locate_row)[complete]
 
     steps = per_token("step", "step")
+    if reset_steps is not None:
+        steps = _per_token(reset_steps, token, n_tokens0, "step", locate_row)[complete]
     phase = per_token("phase", "phase")
     token_ids = per_token("token_id", "token id")
 
@@ -876,13 +1102,31 @@ def read_long_table(
     n_dropped = int((~complete).sum())
     if n_dropped:
         t = _first(~complete)
-        warn(
-            f"dropped {n_dropped:,} of {n_tokens0:,} tokens that lack some of the {n_layers} "
-            f"layers (first: request {labels[int(token_request[t])]!r}, position "
-            f"{int(token_position[t])}, {int(counts[t])} layers)"
+        present = np.zeros((n_tokens0, n_layers), dtype=bool)
+        present[token, layer] = True
+        missing = layer_numbers[(~present[~complete]).any(axis=0)].tolist()
+        shown = ", ".join(str(x) for x in missing[:8]) + (", ..." if len(missing) > 8 else "")
+        hint = (
+            "; the files may hold the same requests (one layer per file): "
+            "request_scope global reads a request id as one request across files"
+            if many_files and request_scope == "file"
+            else ""
         )
+        detail = (
+            f"some of the {n_layers} layers (layers missing: {shown}; first: request "
+            f"{labels[int(token_request[t])]!r}, position {int(token_position[t])}, "
+            f"{int(counts[t])} layers){hint}"
+        )
+        if n_dropped == n_tokens0:
+            raise MoeprofError(f"no complete tokens: all {n_tokens0:,} tokens lack {detail}")
+        warn(f"dropped {n_dropped:,} of {n_tokens0:,} tokens that lack {detail}")
     kept_request = token_request[complete]
     used, dense = np.unique(kept_request, return_inverse=True)
+    metadata: dict[str, Any] = {}
+    for p in parts:
+        for key, value in p.metadata.items():
+            metadata.setdefault(key, value)
+    model_id = next((metadata[k] for k in _MODEL_ID_KEYS if isinstance(metadata.get(k), str)), None)
     return TokenRouting(
         expert_ids=ids[complete],
         request_ids=dense.astype(np.int64),
@@ -893,9 +1137,14 @@ def read_long_table(
         steps=steps,
         phase=phase,
         token_ids=token_ids,
+        model_id=model_id,
         details={
             "rows": int(sum(n_rows)),
             "dropped_tokens": n_dropped,
+            "metadata_records": sum(p.metadata_records for p in parts),
+            **({"metadata": metadata} if metadata else {}),
+            **({"request_scope": request_scope} if many_files else {}),
+            **({"steps": "from position resets"} if step_from_resets else {}),
             # The columns read (of the first file), for provenance.
             "columns": {k: v for k, v in asdict(parts[0].columns).items() if v not in (None, [])},
         },

@@ -29,7 +29,6 @@ forward pass) does not depend on them.
 
 from __future__ import annotations
 
-import pickle
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -103,9 +102,12 @@ def _load(path: Path) -> tuple[list[dict[str, Any]], np.ndarray | None]:
 
     try:
         dump = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise MoeprofError(f"{path}: not a readable torch.save dump ({first})") from None
+    except Exception as exc:  # noqa: BLE001
+        # The weights-only unpickler fails on damaged bytes with whatever error the opcode at
+        # hand raises (KeyError, IndexError, ...); every one means "not a readable dump".
+        first = str(exc).strip().splitlines()[0][:120] if str(exc).strip() else ""
+        why = f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+        raise MoeprofError(f"{path}: not a readable torch.save dump ({why})") from None
     mapping = None
     if isinstance(dump, dict):
         if "records" not in dump:

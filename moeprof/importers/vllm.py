@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import os
+import tokenize
 import zipfile
 import zlib
 from collections.abc import Sequence
@@ -54,6 +55,7 @@ _READ_ERRORS = (
     RecursionError,
     OverflowError,
     KeyError,
+    tokenize.TokenError,  # numpy parses a .npy header as a Python literal
 )
 
 

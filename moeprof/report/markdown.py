@@ -115,10 +115,12 @@ def render_markdown(doc: dict[str, Any], title: str = "moeprof report") -> str:
     parts += ["", "## Savings by Batch Size", "", md_table(header, rows), ""]
     parts += [
         "Memory savings count expert loads avoided; bandwidth savings weigh them by each layer's "
-        'expert bytes. *Max Reuse Factor* is the best layer\'s 1 − unique/requests ("layer 8": the model\'s layer 8; "L1": MoE layer 1 where the model\'s numbering is unknown). '
-        "*Uniform Expectation* is the memory savings if every token picked its experts uniformly "
-        "at random, for the same batches.",
+        "expert bytes. *Max Reuse Factor* is the best layer's 1 − unique/requests "
+        '("layer 8": the model\'s layer 8; "L1": MoE layer 1 where the model\'s numbering is '
+        "unknown). *Uniform Expectation* is the memory savings if every token picked its experts "
+        "uniformly at random, for the same batches.",
         "",
+        *[f"**Note:** {note}\n" for note in report.notes],
         "## Savings per Layer",
         "",
     ]

@@ -14,11 +14,18 @@ from typing import Any
 
 from moeprof.errors import MoeprofError
 
-_INT_LIMIT = 2**63  # counts and bytes beyond int64 are not something analyze writes
+_INT_LIMIT = 2**63  # counts beyond int64 are not something analyze writes
+_BYTES_LIMIT = 2**128
 
 
 def _is_int(x: Any) -> bool:
     return isinstance(x, int) and not isinstance(x, bool) and -_INT_LIMIT < x < _INT_LIMIT
+
+
+def _is_byte_total(x: Any) -> bool:
+    """Byte totals are exact Python ints in analyze and may pass int64 (2^63 bytes is 8 EiB:
+    billions of loads of multi-GB experts); bounded only against hostile input."""
+    return isinstance(x, int) and not isinstance(x, bool) and 0 <= x < _BYTES_LIMIT
 
 
 def _is_number(x: Any) -> bool:
@@ -39,8 +46,8 @@ _ROW_TYPES: dict[str, Callable[[Any], bool]] = {
     "unique": _is_int,
     "memory_savings": _is_number,
     "bandwidth_savings": _is_number,
-    "bytes_requested": _is_int,
-    "bytes_unique": _is_int,
+    "bytes_requested": _is_byte_total,
+    "bytes_unique": _is_byte_total,
     "layers": lambda x: isinstance(x, list),
 }
 _ROW_OPTIONAL: dict[str, Callable[[Any], bool]] = {
@@ -189,6 +196,12 @@ def validate_cache_results(doc: dict[str, Any], source: str = "results") -> dict
     return doc
 
 
+def _check_notes(doc: dict[str, Any], source: str) -> None:
+    notes = doc.get("notes", [])
+    if not isinstance(notes, list) or not all(isinstance(n, str) for n in notes):
+        raise MoeprofError(f"{source}: notes is not a list of sentences")
+
+
 def validate_results(doc: Any, source: str = "results") -> dict[str, Any]:
     """Check that `doc` has the results-JSON shape and types the renderers read; return it."""
     if isinstance(doc, dict) and doc.get("kind") == "cache":
@@ -202,6 +215,7 @@ def validate_results(doc: Any, source: str = "results") -> dict[str, Any]:
     if not isinstance(doc.get("trace"), dict):
         raise MoeprofError(f"{source}: not a moeprof results file (no 'trace' object)")
     _check_fields(doc["trace"], {}, _TRACE_OPTIONAL, f"{source}: trace")
+    _check_notes(doc, source)
     for i, row in enumerate(doc["results"]):
         if not isinstance(row, dict):
             raise MoeprofError(f"{source}: results[{i}] is not an object")

@@ -93,6 +93,7 @@ class ReportRows:
     layer_rows: tuple[tuple[str, tuple[float | None, ...]], ...]
     recommendations: tuple[str, ...]
     technical: tuple[str, ...]
+    notes: tuple[str, ...] = ()  # the analysis's own caveats (e.g. batches that never fill)
 
 
 def _model_layer(layers: list[dict[str, Any]], moe_layer: int) -> int | None:
@@ -382,6 +383,7 @@ def build_report(doc: dict[str, Any]) -> ReportRows:
         layer_rows=layer_rows,
         recommendations=tuple(_recommendations(rows, list(layer_rows), eb_known, summary.tokens)),
         technical=tuple(_technical({**doc, "results": results}, rows)),
+        notes=tuple(str(n) for n in doc.get("notes") or ()),
     )
 
 

@@ -202,6 +202,8 @@ def render_terminal(doc: dict[str, Any], *, layers: bool = False) -> Group:
             no_wrap=True,
         ),
     ]
+    if report.notes:
+        parts.append(list_table("Note", report.notes))
     if layers:
         header, rows = layer_table_rows(report)
         parts.append(
