@@ -590,3 +590,77 @@ def test_docs_python_examples_run(tmp_path: Any, monkeypatch: pytest.MonkeyPatch
     finally:
         unregister_adapter("my-moe")
     assert load_trace(tmp_path / "mine.moe").n_requests == 4
+
+
+def test_a_layer_that_never_ran_is_left_out_and_named(toy_adapter: Adapter) -> None:
+    # E.g. the vision experts of a model with per-modality experts, on text-only input.
+    model = ToyModel(ks=(2, 2, 2))
+    model.skip_last = True
+    with torch.no_grad(), moeprof.record_routing(model) as rec:
+        model(torch.randint(0, 16, (2, 3)))
+        seen = [block.last[0].clone() for block in model.blocks[:2]]  # type: ignore[index]
+    trace = rec.to_trace()
+    assert trace.n_layers == 2 and trace.moe_layer_indices == [0, 1]
+    assert trace.n_experts.tolist() == [5, 5] and len(trace.expert_bytes) == 2
+    for layer in range(2):
+        np.testing.assert_array_equal(trace.expert_ids[:, layer], seen[layer].numpy())
+    assert trace.meta["source"]["moe_modules"] == ["blocks.0", "blocks.1"]
+    assert trace.meta["source"]["moe_modules_not_run"] == ["blocks.2"]
+
+
+def test_no_layer_firing_at_all_is_still_an_error(toy_adapter: Adapter) -> None:
+    model = ToyModel(ks=(2,))
+    model.skip_last = True  # a kernel that bypasses every hooked module looks like this
+    with torch.no_grad(), moeprof.record_routing(model) as rec:
+        model(torch.randint(0, 16, (1, 3)))
+    with pytest.raises(MoeprofError, match="routing hook of blocks.0 never fired"):
+        rec.to_trace()
+
+
+class _SwitchExperts(torch.nn.Module):
+    num_experts = 4
+
+    def forward(self, hidden_states: Any, selected_experts: Any, routing_weights: Any) -> Any:
+        return hidden_states
+
+
+class _NllbExperts(torch.nn.Module):
+    num_experts = 4
+
+    def forward(self, hidden_states: Any, router_mask: Any, router_probs: Any) -> Any:
+        return hidden_states
+
+
+def test_one_hot_masks_become_ids_and_dropped_tokens_no_expert() -> None:
+    from moeprof.record.adapters import ONE_HOT, find_adapter
+
+    # Switch: [N, 1, E] one-hot, token 2 dropped by capacity (all zeros).
+    mask = torch.tensor([[[0, 0, 1, 0]], [[1, 0, 0, 0]], [[0, 0, 0, 0]]])
+    probs = torch.tensor([[0.7], [0.6], [0.9]])
+    ids, weights = ONE_HOT.routing(_SwitchExperts(), (None, mask, probs), {}, None)
+    assert ids.tolist() == [[2], [0], [4]]
+    assert weights is not None
+    np.testing.assert_allclose(weights.numpy(), [[0.7], [0.6], [0.9]])
+    # NLLB-MoE: top-1 mask [N, E] and combine weights [N, E]; token 1 lost its second expert,
+    # token 2 its first (capacity), so its only expert is the second.
+    top1 = torch.tensor([[0, 1, 0, 0], [0, 0, 0, 1], [0, 0, 0, 0]])
+    combine = torch.tensor([[0.0, 0.6, 0.0, 0.4], [0.0, 0.0, 0.0, 1.0], [0.0, 0.0, 0.3, 0.0]])
+    ids, weights = ONE_HOT.routing(
+        _NllbExperts(), (None,), {"router_mask": top1, "router_probs": combine}, None
+    )
+    assert ids.tolist() == [[1, 3], [3, 4], [4, 2]]
+    assert weights is not None
+    np.testing.assert_allclose(weights.numpy(), [[0.6, 0.4], [1.0, 0.0], [0.0, 0.3]])
+    holder = torch.nn.Module()
+    holder.experts = _NllbExperts()
+    assert find_adapter(holder)[0].name == "one-hot"
+
+
+def test_models_without_per_token_routing_are_refused_with_the_reason() -> None:
+    class DogeCDMoE(torch.nn.Module):  # the class name is what moeprof recognises
+        pass
+
+    model = torch.nn.Module()
+    model.mlp = DogeCDMoE()
+    with pytest.raises(MoeprofError, match=r"product-key retrieval .*\(DogeCDMoE at mlp\)"):
+        moeprof.record_routing(model)

@@ -11,18 +11,25 @@ Built in, tried in this order (user adapters, registered with :func:`register_ad
 - ``jetmoe``: JetMoe's ``JetMoeTopKGating`` (feed-forward MoE only; the mixture-of-attention
   experts are not offloadable weights and are not recorded).
 - ``dbrx``: DBRX's ``DbrxExperts`` (ids and weights as arguments; experts stored as [E*ffn, hidden]).
+- ``one-hot``: experts modules that receive a dispatch mask instead of ids: Switch Transformers'
+  ``(hidden_states, selected_experts [N, k, E] one-hot, routing_weights [N, k])`` and NLLB-MoE's
+  ``(hidden_states, router_mask [N, E] top-1 one-hot, router_probs [N, E] combine weights)``; a
+  token dropped by expert capacity gets "no expert" in that slot. Encoder and decoder layers.
 - ``fused-experts``: any experts module whose ``forward(hidden_states, top_k_index,
   top_k_weights)`` receives the routing, which covers most transformers >= 5 MoE models
   (Mixtral, Qwen2/3-MoE, OLMoE, DeepSeek-V2/V3, GPT-OSS, Granite-MoE, PhiMoE, Ernie 4.5, GLM-4.5...).
 
-The first adapter that matches any module of a model is used for the whole model.
+The first adapter that matches any module of a model is used for the whole model. Models whose
+experts are not chosen per token (``NOT_PER_TOKEN``: diffusion canvases, per-dataset experts,
+product-key retrieval) are refused with one line saying why.
 
 Two places know architectures, for two different jobs. This module reads routing from a *running*
 model (``moeprof record``); expert sizes then come from the loaded tensors. Its sibling,
 :mod:`moeprof.importers.model_config`, computes expert sizes from a ``config.json`` alone, for
 routing captured elsewhere (``moeprof import --model-config``). Supporting a new architecture:
-add an adapter here (plus a case in ``tests/test_record_archs.py``) if ``moeprof record`` cannot
-find its MoE layers; add a config layout there (plus a case in
+add an adapter here if ``moeprof record`` cannot find its MoE layers (every MoE type of the
+installed transformers is recorded by ``tests/test_record_coverage.py``; give one that needs its
+own reference a case in ``tests/test_record_archs.py``); add a config layout there (plus a case in
 ``tests/test_import_model_config.py``) if ``--model-config`` refuses its ``model_type``. A model
 whose experts module takes ``(hidden_states, top_k_index, top_k_weights)`` needs no adapter.
 """
@@ -80,12 +87,15 @@ class MoeLayer:
     index: int  # MoE layer number (0..L-1)
     name: str  # qualified name of the hooked module
     module: nn.Module
-    model_layer: int  # decoder-layer index in the model
+    model_layer: int  # layer index within its stack
     n_experts: int
     expert_bytes: int
     shared_expert_bytes: int
     expert_dtype: str | None
     adapter: Adapter = field(repr=False)
+    # The layer list holding it (``model.layers``; ``encoder.block``/``decoder.block`` in
+    # encoder-decoder models, where both stacks number their layers from 0).
+    stack: str = ""
 
 
 _USER_ADAPTERS: list[Adapter] = []
@@ -287,7 +297,75 @@ JETMOE = Adapter(
     description="JetMoeTopKGating logits of the feed-forward MoE; experts in input/output_linear",
 )
 
-_BUILTIN: list[Adapter] = [LLAMA4, JETMOE, DBRX, FUSED_EXPERTS]
+# ---------------------------------------------------------------------------- one-hot masks
+_MASK_SIGNATURES = {
+    ("selected_experts", "routing_weights"): "slots",  # Switch: [N, k, E] one-hot, [N, k]
+    ("router_mask", "router_probs"): "top2",  # NLLB-MoE: [N, E] top-1 one-hot, [N, E] weights
+}
+
+
+def _mask_kind(cls: type) -> str | None:
+    try:
+        params = list(inspect.signature(_unwrapped_forward(cls)).parameters)
+    except (TypeError, ValueError):
+        return None
+    return _MASK_SIGNATURES.get((params[2], params[3])) if len(params) >= 4 else None
+
+
+def _one_hot_routing(
+    module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any
+) -> Routing:
+    kind = _mask_kind(type(module))
+    mask_name, weight_name = next(k for k, v in _MASK_SIGNATURES.items() if v == kind)
+    mask = args[1] if len(args) > 1 else kwargs[mask_name]
+    weights = args[2] if len(args) > 2 else kwargs[weight_name]
+    n_experts = int(mask.shape[-1])
+    if kind == "slots":
+        chosen = mask.reshape(-1, mask.shape[-2] if mask.dim() >= 3 else 1, n_experts) != 0
+        # argmax of the 0/1 mask is the chosen expert; a slot with none (dropped) is "no expert".
+        ids = torch.where(chosen.any(-1), chosen.to(torch.int8).argmax(-1), n_experts)
+        return ids, weights.reshape(ids.shape)
+    top1 = mask.reshape(-1, n_experts) != 0
+    probs = weights.reshape(-1, n_experts)
+    first = torch.where(top1.any(-1), top1.to(torch.int8).argmax(-1), n_experts)
+    # The second expert is the other one with a non-zero combine weight (capacity may drop it).
+    rest = probs.masked_fill(top1, 0)
+    second = torch.where(rest.gt(0).any(-1), rest.argmax(-1), n_experts)
+    ids = torch.stack([first, second], dim=1)
+    return ids, probs.gather(1, ids.clamp(max=n_experts - 1)).masked_fill(ids == n_experts, 0)
+
+
+def _one_hot_matches(name: str, module: nn.Module, parent: nn.Module | None) -> bool:
+    if _mask_kind(type(module)) is None:
+        return False
+    try:
+        experts_count(module)
+    except MoeprofError:
+        return False
+    return True
+
+
+ONE_HOT = Adapter(
+    name="one-hot",
+    matches=_one_hot_matches,
+    routing=_one_hot_routing,
+    n_experts=lambda module, parent: experts_count(module),
+    hook="pre",
+    description="experts module given a dispatch mask: Switch (selected_experts, routing_weights), "
+    "NLLB-MoE (router_mask, router_probs)",
+)
+
+_BUILTIN: list[Adapter] = [LLAMA4, JETMOE, DBRX, ONE_HOT, FUSED_EXPERTS]
+
+# Modules whose experts are not chosen per token: a trace of per-token routing cannot describe
+# them, so recording refuses them up front rather than writing a trace that misleads.
+NOT_PER_TOKEN: dict[str, str] = {
+    "DiffusionGemmaTextRouter": "it routes a fixed diffusion canvas of positions, not the input "
+    "tokens",
+    "DogeCDMoE": "its experts are product-key retrieval (keys looked up per token), not a routed "
+    "top-k over a fixed set of expert weights",
+    "VitPoseNaiveMoe": "its experts are chosen per dataset (dataset_index), not per token",
+}
 
 
 # ---------------------------------------------------------------------------- discovery
@@ -297,6 +375,12 @@ _LAYER_INDEX = re.compile(r"(?:^|\.)(\d+)(?:\.|$)")
 def _model_layer(name: str) -> int | None:
     m = _LAYER_INDEX.search(name)
     return int(m.group(1)) if m else None
+
+
+def _stack(name: str) -> str:
+    """The path of the layer list holding `name` (``encoder.block`` for ``encoder.block.1.x``)."""
+    m = _LAYER_INDEX.search(name)
+    return name[: m.start(1)].rstrip(".") if m else ""
 
 
 def _decoder_layer(model: nn.Module, name: str) -> nn.Module | None:
@@ -319,6 +403,12 @@ def find_adapter(
     for name, module in modules:
         for child_name, _ in module.named_children():
             parents[f"{name}.{child_name}" if name else child_name] = module
+    for name, module in modules:
+        why = NOT_PER_TOKEN.get(type(module).__name__)
+        if why is not None:
+            raise MoeprofError(
+                f"{type(model).__name__} is not recorded: {why} ({type(module).__name__} at {name})"
+            )
     if isinstance(adapter, Adapter):
         candidates = [adapter]
     elif isinstance(adapter, str):
@@ -372,6 +462,7 @@ def find_moe_layers(model: nn.Module, adapter: str | Adapter | None = None) -> l
                 shared_expert_bytes=sizes.module_bytes(shared),
                 expert_dtype=sizes.expert_dtype(expert_mods),
                 adapter=chosen,
+                stack=_stack(name),
             )
         )
     return layers

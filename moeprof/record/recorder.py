@@ -7,6 +7,11 @@ weights, the attention mask and the token ids are packed into one tensor and cop
 once. So recording adds no host-device synchronisation per layer, only one small copy per step;
 which tokens count and their positions are worked out on the host, from that copy.
 
+Encoder-decoder models (Switch, NLLB-MoE): the encoder and the decoder are hooked as separate
+passes instead of the whole model, since their tokens differ; an encoder pass starts new requests
+(its tokens are prefill), decoder passes continue them (decode), and each token has "no expert" in
+the other stack's MoE layers.
+
 Requests: each batch row is one request. A pass continues the previous pass's requests when it
 runs inside the same ``generate`` call, or (outside ``generate``) when it extends a KV cache with
 the same batch size; otherwise its rows are new requests. Padding (attention_mask 0) is not
@@ -127,6 +132,13 @@ _LITTLE_ENDIAN = sys.byteorder == "little"
 _PENDING_BYTES = 256 << 20
 
 
+def _params(module: nn.Module) -> list[str]:
+    try:
+        return list(inspect.signature(module.forward).parameters)
+    except (TypeError, ValueError):
+        return []
+
+
 def _config_top_k(model: nn.Module) -> int | None:
     config = getattr(model, "config", None)
     seen = [config]
@@ -172,10 +184,17 @@ class Recorder:
         self.on_step = on_step
         self._n_experts = np.array([layer.n_experts for layer in self.layers], dtype=np.int64)
         self._default_k = _config_top_k(model)
-        try:
-            self._forward_params = list(inspect.signature(model.forward).parameters)
-        except (TypeError, ValueError):
-            self._forward_params = []
+        # Modules whose forward passes are steps, with their parameter names and role.
+        self._boundaries: list[tuple[nn.Module, list[str], str | None]] = []
+        config = getattr(model, "config", None)
+        get_encoder = getattr(model, "get_encoder", None)
+        get_decoder = getattr(model, "get_decoder", None)
+        if getattr(config, "is_encoder_decoder", False) and callable(get_encoder):
+            for role, part in (("encoder", get_encoder()), ("decoder", get_decoder())):  # type: ignore[misc]
+                if isinstance(part, nn.Module):
+                    self._boundaries.append((part, _params(part), role))
+        if len(self._boundaries) != 2:
+            self._boundaries = [(model, _params(model), None)]
         self._handles: list[Any] = []
         self._generate_patched = False
         self._generate_prev: Any = None
@@ -185,6 +204,7 @@ class Recorder:
         self._rows: _RowState | None = None
         self._groups = 0
         self._generate_depth = 0
+        self._last_role: str | None = None  # encoder/decoder role of the latest pass
         self._generate_passes = 0
         self._eos = np.zeros(0, np.int64)
         self._next_request = 0
@@ -221,12 +241,15 @@ class Recorder:
                 else:
                     h = layer.module.register_forward_hook(hook, with_kwargs=True)
                 self._handles.append(h)
-            self._handles.append(
-                self.model.register_forward_pre_hook(self._begin_pass, with_kwargs=True)
-            )
-            self._handles.append(
-                self.model.register_forward_hook(self._end_pass, with_kwargs=True, always_call=True)
-            )
+            for module, params, role in self._boundaries:
+                self._handles.append(
+                    module.register_forward_pre_hook(
+                        self._pass_starter(params, role), with_kwargs=True
+                    )
+                )
+                self._handles.append(
+                    module.register_forward_hook(self._end_pass, with_kwargs=True, always_call=True)
+                )
             self._patch_generate()
         except BaseException:
             self.detach()
@@ -312,10 +335,22 @@ class Recorder:
 
         return post
 
+    def _pass_starter(self, params: list[str], role: str | None) -> Callable[..., None]:
+        def begin(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            self._start_pass(params, role, args, kwargs)
+
+        return begin
+
     def _begin_pass(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        """A forward pass of `module` (the whole model) starts."""
+        self._start_pass(_params(module), None, args, kwargs)
+
+    def _start_pass(
+        self, params: list[str], role: str | None, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> None:
         # A pass still marked active here was aborted (an exception or Ctrl-C skipped its end).
         self._active = None
-        named = dict(zip(self._forward_params, args, strict=False))
+        named = dict(zip(params, args, strict=False))
         named.update(kwargs)
         input_ids = named.get("input_ids")
         embeds = named.get("inputs_embeds")
@@ -340,7 +375,9 @@ class Recorder:
                 f"the {batch} x {seq} input tokens"
             )
 
-        if self._generate_depth > 0:
+        if role is not None:  # encoder-decoder: the decoder continues the encoder's requests
+            continuing = role == "decoder"
+        elif self._generate_depth > 0:
             continuing = self._generate_passes > 0
         else:
             has_past = mask2d is not None and int(mask2d.shape[1]) > seq
@@ -356,7 +393,8 @@ class Recorder:
             self._next_request += batch
         requests = self._open
         assert requests is not None
-        decode = continuing and (self._generate_depth > 0 or seq == 1)
+        last_role, self._last_role = self._last_role, role
+        decode = continuing and (self._generate_depth > 0 or seq == 1 or role == "decoder")
         # No tensor work here: validity and positions are computed on the host from the step's copy.
         self._active = _Pass(
             batch=batch,
@@ -368,7 +406,10 @@ class Recorder:
             group=requests.group,
             request_base=requests.base,
             # Counting happens later, maybe after another generate() call set other end tokens.
-            eos=self._eos if decode and self._generate_depth > 0 and self._eos.size else None,
+            # A decoder's first input is its start token, which may be the end token (NLLB).
+            eos=self._eos
+            if decode and self._generate_depth > 0 and self._eos.size and last_role != "encoder"
+            else None,
             captures=[[] for _ in self.layers],
         )
         return None
@@ -584,8 +625,29 @@ class Recorder:
         ks = [c.expert_ids.shape[2] for c in self._chunks]
         return max(ks) if ks else (self._default_k or 1)
 
+    def _kept_layers(self) -> list[MoeLayer]:
+        """The layers that go into the trace: those whose hook fired, once any did.
+
+        A layer that never ran while others did serves a modality the input lacked (the vision
+        experts of a text-only run); it is left out and named in the metadata. No layer firing
+        at all means a kernel bypassed the hooked modules: that is an error.
+        """
+        if not self.n_tokens:
+            return list(self.layers)
+        ran = [layer for layer in self.layers if self._layer_passes[layer.index] > 0]
+        if not ran:
+            raise MoeprofError(
+                f"the routing hook of {self.layers[0].name} never fired although tokens went "
+                "through the model; a fused kernel may bypass the module (e.g. use_kernels=True). "
+                "Load the model without kernels to record it"
+            )
+        return ran
+
     def metadata(self) -> dict[str, Any]:
         """Trace metadata: model, MoE layer placement, shared-expert bytes, how it was recorded."""
+        return self._metadata(self._kept_layers())
+
+    def _metadata(self, layers: list[MoeLayer]) -> dict[str, Any]:
         config = getattr(self.model, "config", None)
         model_id = self.model_id
         if model_id is None:
@@ -594,18 +656,24 @@ class Recorder:
             )
         archs = getattr(config, "architectures", None) or [type(self.model).__name__]
         revision = self.revision or getattr(config, "_commit_hash", None)
-        shared = [layer.shared_expert_bytes for layer in self.layers]
+        shared = [layer.shared_expert_bytes for layer in layers]
         source: dict[str, Any] = {
             "kind": "record",
             "adapter": self.adapter.name,
-            "moe_modules": [layer.name for layer in self.layers],
+            "moe_modules": [layer.name for layer in layers],
             "expert_dtype": self.layers[0].expert_dtype,
             "forward_passes": self.n_passes,
         }
+        stacks = [layer.stack for layer in layers]
+        if len(set(stacks)) > 1:  # encoder-decoder: say which stack each layer index counts in
+            source["moe_layer_stacks"] = stacks
+        left_out = [layer.name for layer in self.layers if layer not in layers]
+        if left_out:
+            source["moe_modules_not_run"] = left_out
         source.update(self.settings)
         return {
             "model": {"id": model_id or None, "architecture": str(archs[0]), "revision": revision},
-            "moe_layer_indices": [layer.model_layer for layer in self.layers],
+            "moe_layer_indices": [layer.model_layer for layer in layers],
             "shared_expert_bytes": max(shared) if shared else 0,
             "shared_expert_bytes_per_layer": shared,
             "source": source,
@@ -613,14 +681,7 @@ class Recorder:
 
     def to_trace(self, *, settings: dict[str, Any] | None = None) -> Trace:
         """Everything recorded so far as a trace (rows request-major). Callable while attached."""
-        if self.n_tokens:
-            silent = [layer.name for layer in self.layers if self._layer_passes[layer.index] == 0]
-            if silent:
-                raise MoeprofError(
-                    f"the routing hook of {silent[0]} never fired although tokens went through "
-                    "the model; a fused kernel may bypass the module (e.g. use_kernels=True). "
-                    "Load the model without kernels to record it"
-                )
+        kept = self._kept_layers()
         top_k = self.top_k  # unpacks the pending steps too
         n_layers = len(self.layers)
         ids_parts, weight_parts = [], []
@@ -667,19 +728,24 @@ class Recorder:
             tokens = None
         if gate_weights is not None and np.isnan(gate_weights).all():
             gate_weights = None  # the adapter exposes no weights
-        meta = self.metadata()
+        if len(kept) < n_layers:
+            cols = [layer.index for layer in kept]
+            expert_ids = expert_ids[:, cols]
+            if gate_weights is not None:
+                gate_weights = gate_weights[:, cols]
+        meta = self._metadata(kept)
         if settings:
             meta["source"].update(settings)
         return Trace.from_arrays(
             expert_ids,
-            n_experts=self._n_experts,
+            n_experts=self._n_experts[[layer.index for layer in kept]],
             request_ids=requests,
             positions=positions,
             gate_weights=gate_weights,
             steps=steps,
             phase=phase,
             token_ids=tokens,
-            expert_bytes=[layer.expert_bytes for layer in self.layers],
+            expert_bytes=[layer.expert_bytes for layer in kept],
             meta=meta,
         )
 

@@ -39,13 +39,15 @@ def routed_expert_bytes(modules: Sequence[nn.Module], n_experts: int) -> int:
 
     Fused layout: every tensor whose leading dimension is E (or a multiple of E, as DBRX stacks
     [E * ffn, hidden]) holds E equal slices; one expert owns 1/E of it. Tensors of another shape
-    are not per-expert and are not counted. Per-expert layout (an ``nn.ModuleList`` of E modules,
-    as older or custom models use): the largest member's bytes.
+    are not per-expert and are not counted. Per-expert layout (an ``nn.ModuleList`` or
+    ``nn.ModuleDict`` of E modules, as older or custom models and Switch/NLLB-MoE use): the largest
+    member's bytes.
     """
     total = 0
     for module in modules:
-        if isinstance(module, nn.ModuleList) and len(module) == n_experts:
-            total += max(sum(tensor_bytes(t) for t in _tensors(m)) for m in module)
+        if isinstance(module, (nn.ModuleList, nn.ModuleDict)) and len(module) == n_experts:
+            members = module.values() if isinstance(module, nn.ModuleDict) else module
+            total += max(sum(tensor_bytes(t) for t in _tensors(m)) for m in members)
             continue
         lists = [
             child
