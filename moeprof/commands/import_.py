@@ -37,7 +37,8 @@ def import_cmd(
         None,
         "--format",
         "-F",
-        help="long-csv, long-jsonl, vllm or sglang (default: from the file endings).",
+        help="long-csv, long-jsonl, vllm, sglang, rtrace or npz-idx (default: from the file "
+        "endings; an .npz holding idx or logits is npz-idx).",
     ),
     request_col: str | None = typer.Option(
         None,
@@ -94,6 +95,11 @@ def import_cmd(
         "--drop-warmup",
         help="Remove runs of 256+ rows that repeat one route (engine warm-up passes).",
     ),
+    top_k: int | None = typer.Option(
+        None,
+        "--top-k",
+        help="Experts each token routes to, taken from router scores (rtrace; npz-idx logits).",
+    ),
     phase: str | None = typer.Option(None, "--phase", help="Label every token prefill or decode."),
     force: bool = force_option,
 ) -> None:
@@ -126,6 +132,8 @@ def import_cmd(
                 request_scope=None if request_scope == "file" else request_scope,
                 step_from_resets=step_from_resets,
                 drop_warmup=drop_warmup,
+                # Only when given: formats without router scores take no top_k.
+                **({"top_k": top_k} if top_k is not None else {}),
             )
     options = {
         name: "--" + name.replace("_", "-")

@@ -55,17 +55,23 @@ _LONG_OPTIONS = (
     "request_scope",
     "step_from_resets",
 )
+_FORMAT_OPTIONS = ("top_k",)  # options a format takes when it lists them in its `options`
 
 
 def detect_format(paths: Sequence[Path]) -> str:
     """The format implied by the files' endings (a folder: by the files it holds)."""
     found: set[str] = set()
     for p in paths:
-        names = [c.name for c in p.iterdir() if c.is_file()] if p.is_dir() else [p.name]
-        for name in names:
-            for fmt, endings in SUFFIXES.items():
-                if name.lower().endswith(endings):
-                    found.add(fmt)
+        files = [c for c in p.iterdir() if c.is_file()] if p.is_dir() else [p]
+        for f in files:
+            matched = [fmt for fmt, ends in SUFFIXES.items() if f.name.lower().endswith(ends)]
+            if len(matched) > 1:
+                # A shared ending (.npz): a format that recognises the contents wins.
+                verdict = {fmt: get_format(fmt).claims(f) for fmt in matched}
+                matched = [m for m, v in verdict.items() if v] or [
+                    m for m, v in verdict.items() if v is None
+                ]
+            found.update(matched)
     if len(found) == 1:
         return found.pop()
     if not found:
@@ -224,19 +230,27 @@ def import_trace(
     ``request_col``, ``position_col``, ``layer_col``, ``experts_col``, ``weights_col`` ("none"
     for an optional one: the source has no such column), ``where`` (``(column, value)`` pairs a
     row must match), ``request_scope`` ("file" or "global") and ``step_from_resets``
-    (docs/import.md). ``drop_warmup`` removes runs of rows that repeat one route
+    (docs/import.md). ``top_k`` routes each token to its top_k highest router scores (rtrace,
+    npz-idx ``logits``). ``drop_warmup`` removes runs of rows that repeat one route
     (:func:`~moeprof.trace.warmup_tokens`).
     """
     given = [src] if isinstance(src, (str, os.PathLike)) else list(src)
     fmt = format if format is not None else detect_format([Path(p) for p in given])
     reader = get_format(fmt)
-    unknown = sorted(set(options) - set(_LONG_OPTIONS))
+    unknown = sorted(set(options) - set(_LONG_OPTIONS) - set(_FORMAT_OPTIONS))
     if unknown:
         raise MoeprofError(f"unknown import option(s): {', '.join(unknown)}")
-    col_options = {k: v for k, v in options.items() if v not in (None, False, (), [])}
+    format_options = {k: v for k, v in options.items() if k in _FORMAT_OPTIONS and v is not None}
+    col_options = {
+        k: v for k, v in options.items() if k in _LONG_OPTIONS and v not in (None, False, (), [])
+    }
     if col_options and not reader.column_options:
         flags = ", ".join(sorted(col_options))
         raise MoeprofError(f"{flags} apply to long-csv and long-jsonl only, not {fmt}")
+    refused = sorted(set(format_options) - set(reader.options))
+    if refused:
+        takers = " and ".join(f for f in FORMATS if refused[0] in get_format(f).options)
+        raise MoeprofError(f"{refused[0]} applies to {takers} only, not {fmt}")
     if experts is not None and not 1 <= int(experts) <= 65535:
         raise MoeprofError("experts must be between 1 and 65535")
     if expert_bytes is not None and model_config is not None:
@@ -253,7 +267,9 @@ def import_trace(
     n_experts = experts if experts is not None else (model.n_experts if model is not None else None)
     files = list_sources(given, fmt)
 
-    routing = reader.read(files, n_experts=n_experts, progress=progress, **col_options)
+    routing = reader.read(
+        files, n_experts=n_experts, progress=progress, **col_options, **format_options
+    )
     trace = build_trace(
         routing,
         fmt=fmt,

@@ -57,6 +57,12 @@ class ImportFormat:
     suffixes: ClassVar[tuple[str, ...]]  # file endings read from a folder and used to guess
     help: ClassVar[str]  # a few words for `--format` help
     column_options: ClassVar[bool] = False  # takes request_col, position_col, ... options
+    options: ClassVar[tuple[str, ...]] = ()  # other keyword options read() takes (top_k)
+
+    def claims(self, path: Path) -> bool | None:
+        """Whether `path`, ending in one of `suffixes`, is this format's, for endings that several
+        formats share (.npz: vllm, npz-idx); None: no opinion (taken when no format claims it)."""
+        return None
 
     def read(
         self,

@@ -75,6 +75,7 @@ COLUMN_NAMES: dict[str, tuple[str, ...]] = {
         "expert_ids",
         "activated_expert_ids",
         "selected_experts",
+        "selected_ids",
         "topk_ids",
         "topk_idx",
         "topk_indices",

@@ -6,6 +6,8 @@ from __future__ import annotations
 from moeprof.errors import MoeprofError
 from moeprof.importers.common import ImportFormat
 from moeprof.importers.long_table import LongCsvFormat, LongJsonlFormat
+from moeprof.importers.npz_idx import NpzIdxFormat
+from moeprof.importers.rtrace import RtraceFormat
 from moeprof.importers.sglang import SglangFormat
 from moeprof.importers.vllm import VllmFormat
 
@@ -16,6 +18,8 @@ REGISTRY: dict[str, ImportFormat] = {
         LongJsonlFormat(),
         VllmFormat(),
         SglangFormat(),
+        RtraceFormat(),
+        NpzIdxFormat(),
     )
 }
 FORMATS = tuple(REGISTRY)
