@@ -5,7 +5,11 @@ on the package front (`moeprof.importers`), which depends on them."""
 from __future__ import annotations
 
 import os
+import struct
+import tokenize
 import warnings
+import zipfile
+import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +23,28 @@ PHASES = {"prefill": PHASE_PREFILL, "decode": PHASE_DECODE}
 
 PathLike = str | os.PathLike[str]
 Progress = Callable[[int, int], None]  # (files done, files in all)
+
+
+# What reading a damaged, hostile or foreign .npy/.npz file can raise (numpy, zipfile, its
+# header parser); the readers turn each into a MoeprofError naming the file.
+READ_ERRORS: tuple[type[BaseException], ...] = (
+    ValueError,
+    TypeError,
+    OSError,
+    EOFError,
+    zipfile.BadZipFile,
+    zlib.error,
+    RuntimeError,
+    NotImplementedError,
+    SyntaxError,
+    RecursionError,
+    OverflowError,
+    KeyError,
+    IndexError,
+    struct.error,
+    MemoryError,
+    tokenize.TokenError,  # numpy parses a .npy header as a Python literal
+)
 
 
 class MoeprofImportWarning(UserWarning):

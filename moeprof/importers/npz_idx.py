@@ -17,10 +17,7 @@ each request; layers are the file's MoE layers in order.
 
 from __future__ import annotations
 
-import struct
-import tokenize
 import zipfile
-import zlib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -28,31 +25,13 @@ from typing import Any
 import numpy as np
 
 from moeprof.errors import MoeprofError
+from moeprof.importers.common import READ_ERRORS as _READ_ERRORS
 from moeprof.importers.common import ImportFormat, Progress, TokenRouting
 from moeprof.importers.rtrace import MAX_EXPERTS, check_top_k, top_k_by_score
 
 IDX, LOGITS, BOUNDS = "idx", "logits", "seq_bounds"
 ROUTING_KEYS = (IDX, LOGITS)
 MAX_MEMBER_BYTES = 1 << 33  # what one member may unpack to (a zip bomb is refused, not read)
-# What reading a damaged, hostile or foreign file can raise; all become MoeprofErrors.
-_READ_ERRORS = (
-    ValueError,
-    TypeError,
-    OSError,
-    EOFError,
-    zipfile.BadZipFile,
-    zlib.error,
-    RuntimeError,
-    NotImplementedError,
-    SyntaxError,
-    RecursionError,
-    OverflowError,
-    KeyError,
-    IndexError,
-    struct.error,
-    MemoryError,
-    tokenize.TokenError,  # numpy parses a .npy header as a Python literal
-)
 
 
 def member_names(path: Path) -> list[str] | None:

@@ -18,9 +18,7 @@ from __future__ import annotations
 
 import math
 import os
-import tokenize
 import zipfile
-import zlib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import IO, Any
@@ -28,6 +26,7 @@ from typing import IO, Any
 import numpy as np
 
 from moeprof.errors import MoeprofError
+from moeprof.importers.common import READ_ERRORS as _READ_ERRORS
 from moeprof.importers.common import ImportFormat, Progress, TokenRouting, warn
 from moeprof.trace import PHASE_DECODE, PHASE_PREFILL
 
@@ -41,22 +40,6 @@ MAX_DECISIONS = 1 << 28  # expert ids (and token ids) one file may hold
 _NPY_MAGIC = b"\x93NUMPY"
 _ZIP_MAGIC = b"PK"
 _HEADER_SLACK = 1 << 20  # bytes a member may hold beyond its data (its header)
-# What reading a damaged, hostile or foreign file can raise; all become MoeprofErrors.
-_READ_ERRORS = (
-    ValueError,
-    TypeError,
-    OSError,
-    EOFError,
-    zipfile.BadZipFile,
-    zlib.error,
-    RuntimeError,
-    NotImplementedError,
-    SyntaxError,
-    RecursionError,
-    OverflowError,
-    KeyError,
-    tokenize.TokenError,  # numpy parses a .npy header as a Python literal
-)
 
 
 class _Budget:
@@ -90,7 +73,7 @@ def _read_npy(
         header = fp.tell()
     except MoeprofError:
         raise
-    except (*_READ_ERRORS, MemoryError) as exc:
+    except _READ_ERRORS as exc:  # MemoryError among them
         raise MoeprofError(f"{path}: {name} has no valid .npy header ({str(exc)[:120]})") from None
     if dtype.hasobject:
         raise MoeprofError(
@@ -111,7 +94,7 @@ def _read_npy(
     budget.take(count, name)
     try:
         data = fp.read(nbytes)
-    except (*_READ_ERRORS, MemoryError) as exc:
+    except _READ_ERRORS as exc:  # MemoryError among them
         raise MoeprofError(f"{path}: cannot read {name} ({str(exc)[:120]})") from None
     if len(data) != nbytes:
         raise MoeprofError(f"{path}: {name} is truncated ({len(data)} of {nbytes} bytes)")
