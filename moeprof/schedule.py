@@ -44,6 +44,7 @@ from moeprof.batching.serve import (
     ServePolicy,
     ServeRun,
     check_max_wait,
+    check_seed,
     request_table,
 )
 from moeprof.errors import MoeprofError
@@ -123,7 +124,7 @@ class RandomAdmission(Admission):
         self.seed = seed
 
     def start(self, n_requests: int) -> None:
-        self.rng = np.random.default_rng(self.seed)
+        self.rng = np.random.default_rng(check_seed(self.seed))
 
     def pick(self, waiting: np.ndarray, lo: int, hi: int) -> int:
         candidates = np.flatnonzero(waiting[lo:hi])
@@ -207,6 +208,9 @@ def check_admissions(names: Iterable[str]) -> tuple[str, ...]:
     return tuple(n for n in ADMISSIONS if n in chosen or n == BASELINE)
 
 
+MAX_CACHE_EXPERTS = 2**31 - 1
+
+
 def parse_cache(text: str) -> tuple[str, int]:
     """'lru:8' -> ('lru', 8): a caching strategy and the experts each layer retains."""
     name, sep, cap = text.partition(":")
@@ -218,7 +222,13 @@ def parse_cache(text: str) -> tuple[str, int]:
     if not isinstance(strategy, RetainingStrategy):
         names = ", ".join(n for n, s in REGISTRY.items() if isinstance(s, RetainingStrategy))
         raise MoeprofError(f"cache strategy {name.strip()!r} keeps no cache; choose from {names}")
-    return name.strip(), int(cap)
+    capacity = int(cap)
+    if capacity > MAX_CACHE_EXPERTS:
+        raise MoeprofError(
+            f"cache {text!r}: at most {MAX_CACHE_EXPERTS:,} experts per layer (a layer has at "
+            "most 65,535)"
+        )
+    return name.strip(), capacity
 
 
 # ---------------------------------------------------------------------- results
@@ -331,6 +341,7 @@ def schedule(
     sizes = check_batch_sizes(batch_sizes)
     chosen = check_admissions(admissions)
     max_wait = check_max_wait(max_wait)
+    seed = check_seed(seed)
     serving = ServePolicy(max_tokens_per_step, arrival_rate, seed)
     if cache is not None:
         cache = parse_cache(f"{cache[0]}:{cache[1]}")

@@ -81,6 +81,10 @@ def test_outputs_are_the_library_result_and_render(
         (["--cache", "lru"], "is not STRATEGY:EXPERTS"),
         (["--cache", "naive:4"], "keeps no cache"),
         (["-a", "group", "--arrival-rate", "1"], "grouping plans a fixed pool"),
+        (["--seed", "-1", "-a", "random"], "seed must be a whole number, 0 or more"),
+        (["--seed", "-1", "--arrival-rate", "1"], "seed must be a whole number, 0 or more"),
+        (["--cache", "lru:99999999999999999999"], "at most 2,147,483,647 experts per layer"),
+        (["--arrival-rate", "1e-300"], "--arrival-rate 1e-300 is too small"),
     ],
 )
 def test_bad_input_one_line_exit_2(

@@ -251,3 +251,11 @@ def test_bad_arrival_rate() -> None:
         ServePolicy(arrival_rate=-1.0)
     with pytest.raises(MoeprofError, match=r"^arrival_rate must be a positive number"):
         ServePolicy(arrival_rate=float("nan"))
+
+
+def test_serve_plans_an_empty_trace_like_decode() -> None:
+    from moeprof.batching.serve import ServePolicy
+
+    empty = Trace.from_arrays(np.zeros((0, 2, 2), np.int64), n_experts=8)
+    plan = ServePolicy().plan(empty, 4)
+    assert plan.n_batches == plan_batches(empty, "decode", 4).n_batches == 0

@@ -79,6 +79,9 @@ def check_max_wait(value: Any) -> int | None:
     return int(value)
 
 
+MAX_ARRIVAL_STEP = 2**62  # arrival steps stay far inside int64
+
+
 def check_arrival_rate(value: Any) -> float | None:
     if value is None:
         return None
@@ -97,8 +100,22 @@ def arrival_steps(n_requests: int, arrival_rate: float | None, seed: int = 0) ->
         return np.zeros(n_requests, dtype=np.int64)
     rate = check_arrival_rate(arrival_rate)
     assert rate is not None
-    gaps = np.random.default_rng(seed).exponential(1.0 / rate, size=n_requests)
-    return np.floor(np.cumsum(gaps)).astype(np.int64)
+    gaps = np.random.default_rng(check_seed(seed)).exponential(1.0 / rate, size=n_requests)
+    arrivals = np.floor(np.cumsum(gaps))
+    if arrivals.size and not arrivals[-1] < MAX_ARRIVAL_STEP:  # a cast past int64 would wrap
+        raise MoeprofError(
+            f"arrival_rate {rate!r} is too small: the requests would arrive over more than "
+            f"{MAX_ARRIVAL_STEP:,} steps"
+        )
+    return arrivals.astype(np.int64)
+
+
+def check_seed(seed: object) -> int:
+    """A seed numpy takes: a whole number, 0 or more."""
+    whole = isinstance(seed, (int, np.integer)) and not isinstance(seed, bool)
+    if not whole or int(seed) < 0:  # type: ignore[call-overload]
+        raise MoeprofError(f"seed must be a whole number, 0 or more, got {seed!r}")
+    return int(seed)  # type: ignore[call-overload]
 
 
 class Admission:
@@ -171,7 +188,9 @@ def simulate_serve(
     table = request_table(trace)
     n_req = table.n_requests
     arrival = np.zeros(n_req, np.int64) if arrivals is None else np.asarray(arrivals, np.int64)
-    if arrival.shape != (n_req,) or (n_req and (np.diff(arrival) < 0).any() or arrival.min() < 0):
+    if arrival.shape != (n_req,) or (
+        n_req > 0 and ((np.diff(arrival) < 0).any() or arrival.min() < 0)
+    ):
         raise MoeprofError("arrivals must be one non-decreasing step (0 or more) per request")
     prompt, length = table.prompt, table.length
     chooser.start(n_req)
