@@ -103,3 +103,11 @@ def test_a_bad_schedule_document_is_refused(tmp_path: Path) -> None:
     path.write_text(json.dumps({"kind": "schedule", "trace": {}, "results": [{"admission": 3}]}))
     with pytest.raises(MoeprofError, match=r"results\[0\] lacks"):
         load_results(path)
+
+
+def test_a_belady_cache_is_called_a_bound(run_cli, trace_file: Path) -> None:
+    res = run_cli("schedule", trace_file, "-b", "2", "-a", "fifo", "--cache", "belady:2")
+    assert res.exit_code == 0, res.stderr
+    assert "its cache columns are a bound" in " ".join(res.stdout.split())
+    res = run_cli("schedule", trace_file, "-b", "2", "-a", "fifo", "--cache", "lru:2")
+    assert "its cache columns are a bound" not in " ".join(res.stdout.split())

@@ -1248,6 +1248,12 @@ def schedule_notes(doc: dict[str, Any]) -> list[str]:
             "Cache columns: loads with the named strategy retaining that many experts per layer "
             "between steps (docs/cache.md), per generated token."
         )
+        cache = (doc.get("schedule") or {}).get("cache")
+        if isinstance(cache, dict) and cache.get("strategy") == "belady":
+            notes.append(
+                "belady reads the future: its cache columns are a bound, not what a runnable "
+                "cache achieves."
+            )
     return notes
 
 
