@@ -19,6 +19,8 @@ profile from another trace).
 from __future__ import annotations
 
 import functools
+import math
+import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -149,6 +151,33 @@ class CacheResult:
 
 
 # ---------------------------------------------------------------------- inputs
+
+
+_WHOLE = re.compile(r"[0-9]{1,9}")
+_TOP_K = re.compile(r"([0-9]{1,6})k")
+_SHARE = re.compile(r"([0-9]{1,3}(?:\.[0-9]{1,6})?)%")
+
+
+def capacity_from_spelling(item: str, top_k: int, n_experts: int) -> int:
+    """One cache size as users spell it -> C experts per layer: a whole number ('4'), a
+    multiple of top-k ('2k' = 2 * top_k) or a share of a layer's experts ('25%' =
+    floor(0.25 * n_experts)); docs/cache.md."""
+    spelled = item.strip().lower()
+    if spelled.startswith("-"):
+        raise MoeprofError(f"cache_experts {item!r}: a cache size must be 0 or more")
+    if _WHOLE.fullmatch(spelled):
+        return int(spelled)
+    if m := _TOP_K.fullmatch(spelled):
+        return int(m.group(1)) * top_k
+    if m := _SHARE.fullmatch(spelled):
+        share = float(m.group(1))
+        if share > 100:
+            raise MoeprofError(f"cache_experts {item!r}: a share must be at most 100%")
+        return math.floor(share * n_experts / 100 + 1e-9)
+    raise MoeprofError(
+        f"cache_experts {item!r} is not a cache size: a whole number (4), a multiple of "
+        "top-k (2k) or a share of the layer's experts (25%)"
+    )
 
 
 def _choice(value: Any, allowed: Sequence[str], name: str) -> str:

@@ -41,7 +41,14 @@ EXPERT_COUNT_FIELDS = (
     "moe_num_experts",
 )
 MOE_SWITCH_FIELDS = ("enable_moe_block", "is_moe")
-TOP_K_FIELDS = ("num_experts_per_tok", "moe_k", "moe_topk", "top_k_experts", "moe_top_k")
+TOP_K_FIELDS = (
+    "num_experts_per_tok",
+    "num_experts_per_token",
+    "moe_k",
+    "moe_topk",
+    "top_k_experts",
+    "moe_top_k",
+)
 N_EXPERTS = 8
 TOP_K = 2
 VOCAB = 256
@@ -79,11 +86,15 @@ SMALL: dict[str, Any] = {
     "qk_nope_head_dim": 8,
     "v_head_dim": 8,
     "out_hidden_size": 32,
+    "vocab_size_per_layer_input": VOCAB,  # Gemma 4's per-layer embeddings
+    "hidden_size_per_layer_input": 8,
+    "expert_ffn_hidden_size": 16,
     "max_position_embeddings": 256,
     "first_k_dense_replace": 0,
     "mlp_only_layers": [],
     "decoder_sparse_step": 1,
     "n_group": 2,
+    "num_expert_group": 2,
     "topk_group": 1,
     "enable_moe_block": True,
     "is_moe": True,
@@ -105,7 +116,88 @@ class Override:
 OVERRIDES: dict[str, Override] = {
     # Part features are carved out of the hidden size (default 256 of 768).
     "vitpose_backbone": Override(config={"part_features": 8, "num_experts": 2}),
+    # The modeling code reads attn_config.rope_theta, which the attention config does not declare.
+    "dbrx": Override(
+        sub={"attn_config": {"kv_n_heads": 2, "rope_theta": 10000.0, "clip_qkv": 8.0}}
+    ),
+    # One attention layer then one Mamba layer with experts (defaults: attention every 8th).
+    "jamba": Override(config={"attn_layer_period": 2, "attn_layer_offset": 0}),
+    # LongCat-Flash routes over its experts plus identity "zero experts" (256 by default).
+    "longcat_flash": Override(config={"zero_expert_num": 2}),
+    "dots1": Override(config={"n_shared_experts": 1}),
+    # Two dense layers by default, and no layer pattern (the model reads it per layer).
+    "lfm2_moe": Override(config={"num_dense_layers": 0, "layer_types": ["conv", "full_attention"]}),
 }
+# Qwen4-Exp's indexed attention needs its sparse-attention indexer sized (all None by default).
+_QWEN4_INDEXER = {
+    "indexer_n_heads": 2,
+    "indexer_kv_heads": 1,
+    "indexer_head_dim": 8,
+    "indexer_budget": 8,
+    "indexer_compress_ratio": 2,
+}
+# Multimodal RoPE sections the modeling code defaults to full size when the config has none;
+# they must add up to half the rotary dims (Ernie: h and w sections equal).
+_ERNIE_ROPE = {"rope_type": "default", "rope_theta": 500000.0, "mrope_section": [1, 1, 2]}
+OVERRIDES["ernie4_5_vl_moe"] = Override(sub={"text_config": {"rope_parameters": _ERNIE_ROPE}})
+_GLM4V_TEXT = {
+    "head_dim": 16,  # rotary dims 8 with the partial factor 0.5: sections add up to 4
+    "rope_parameters": {
+        "rope_type": "default",
+        "rope_theta": 10000.0,
+        "partial_rotary_factor": 0.5,
+        "mrope_section": [2, 1, 1],
+    },
+}
+OVERRIDES["glm4v_moe"] = Override(sub={"text_config": _GLM4V_TEXT})
+OVERRIDES["glm4v_moe_text"] = Override(config=_GLM4V_TEXT)
+OVERRIDES.update(
+    {
+        # Mamba-2 heads must tile expand * hidden (2 * 32).
+        "granitemoehybrid": Override(
+            config={
+                "mamba_n_heads": 4,
+                "mamba_d_head": 16,
+                "mamba_d_state": 16,
+                # All Mamba by default: keep one attention layer so the KV cache has a length.
+                "layer_types": ["full_attention", "linear_attention"],
+            }
+        ),
+        "mistral4": Override(config={"head_dim": 16}),  # rope dims = head_dim * 0.5 = 8
+        "zaya": Override(config={"num_experts_per_tok": 1}),  # it supports top-1 only
+        # Its audio encoder needs one patch size per layer (4 given).
+        "muse_spark": Override(
+            config={"projector_hidden_size": 32},
+            sub={
+                "audio_config": {
+                    "num_hidden_layers": 4,
+                    "hidden_sizes": [16, 16, 16, 16],
+                    "depths": [1, 1, 1, 1],
+                }
+            },
+        ),
+        "inkling2_text": Override(config={"unpadded_vocab_size": VOCAB}),
+        "inkling2_loop_text": Override(config={"unpadded_vocab_size": VOCAB}),
+        "inkling2": Override(
+            sub={
+                "text_config": {"unpadded_vocab_size": VOCAB},
+                "vision_config": {"text_hidden_size": 32},
+            }
+        ),
+        "inkling2_loop": Override(
+            sub={
+                "text_config": {"unpadded_vocab_size": VOCAB},
+                "vision_config": {"text_hidden_size": 32},
+            }
+        ),
+    }
+)
+# GLM-5-Next's sparse-attention layers take no RoPE; its indexer is sized separately.
+_GLM5_TEXT = {"qk_rope_head_dim": 0, "index_head_dim": 8, "index_n_heads": 2, "linear_head_dim": 8}
+OVERRIDES["glm5_next_text"] = Override(config=_GLM5_TEXT)
+OVERRIDES["glm5_next"] = Override(sub={"text_config": _GLM5_TEXT})
+OVERRIDES["qwen4_exp_text"] = Override(config=_QWEN4_INDEXER)
+OVERRIDES["qwen4_exp"] = Override(sub={"text_config": _QWEN4_INDEXER})
 
 # Types whose experts are not chosen per token: moeprof refuses them with a line naming the reason
 # (checked below), and docs/record.md lists them.
@@ -184,9 +276,15 @@ def _small_values(default: Any, extra: dict[str, Any]) -> dict[str, Any]:
     if "kv_lora_rank" in have and "num_key_value_heads" in have:
         kwargs["num_key_value_heads"] = SMALL["num_attention_heads"]  # MLA: one KV head per head
     layers = kwargs.get("num_hidden_layers")
+    if isinstance(have.get("mlp_layer_types"), list) and isinstance(layers, int):
+        kwargs["mlp_layer_types"] = ["sparse"] * layers  # leading dense layers would leave no MoE
     if isinstance(have.get("layer_types"), list) and isinstance(layers, int):
-        # Hybrid patterns end on a full-attention layer; keep one so the KV cache has a length.
-        kwargs["layer_types"] = have["layer_types"][-layers:]
+        # Keep a window of the hybrid pattern ending on an attention layer, so the KV cache has a
+        # length to measure.
+        pattern = have["layer_types"]
+        attention = [i for i, t in enumerate(pattern) if "attention" in t and "linear" not in t]
+        end = attention[-1] + 1 if attention and attention[-1] + 1 >= layers else len(pattern)
+        kwargs["layer_types"] = pattern[end - layers : end]
     kwargs.update(extra)
     return kwargs
 
@@ -247,18 +345,31 @@ def _parent(name: str) -> str:
 
 
 def _routing_from_output(
-    output: Any, n_experts: int | None
+    output: Any,
+    n_experts: int | None,
+    top_k: int | None,
+    block_top_k: int | None = None,
+    p_norm: float | None = None,
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """(ids [N, k], weights [N, k] | None) read from a router's outputs, by dtype and shape.
 
     Routers return their top-k ids (an integer tensor) with the weights (a float tensor of the
     same shape); mask routers (Switch, NLLB-MoE) return a one-hot [.., E] dispatch mask, decoded
-    here token by token (a brute force, separate from the adapter's tensor code).
+    here token by token; Llama 4 returns (scores, logits) [N, E] only, JetMoe expert-sorted
+    dispatch lists, and DBRX logits only (the block, with ``block_top_k`` and ``p_norm``, routes). Each is decoded here by brute force, separately from the adapters' code.
     """
     items = output if isinstance(output, (tuple, list)) else [output]
     tensors = [t.detach() for t in items if torch.is_tensor(t)]
     ints = [t for t in tensors if not t.is_floating_point() and t.dim() >= 1]
     floats = [t.float() for t in tensors if t.is_floating_point()]
+    sizes = [x for x in items if isinstance(x, list)]
+    if len(ints) == 2 and sizes and top_k:
+        return _dispatch_lists(ints[0], ints[1], floats[0], sizes[0], top_k)
+    if not ints and len(floats) == 2 and top_k and floats[0].shape == floats[1].shape:
+        # (scores, logits): the k largest logits in descending order, weights the scores there.
+        scores, logits = floats[0].numpy(), floats[1].numpy()
+        ids = np.argsort(-logits, axis=1, kind="stable")[:, :top_k]
+        return ids, np.take_along_axis(scores, ids, axis=1)
     if ints and n_experts and ints[0].shape[-1] == n_experts > TOP_K:
         mask = ints[0].reshape(-1, n_experts).numpy()
         probs = floats[0].reshape(mask.shape[0], -1).numpy()
@@ -275,6 +386,16 @@ def _routing_from_output(
             ids.append(slots)
             weights.append([float(p[e]) if e < n_experts else 0.0 for e in slots])
         return np.array(ids), np.array(weights, np.float32)
+    if not ints and len(floats) == 1 and block_top_k:
+        # Logits only (DBRX): the block takes softmax, its top-k, then divides by their p-norm.
+        logits = floats[0].reshape(-1, floats[0].shape[-1]).numpy().astype(np.float64)
+        probs = np.exp(logits - logits.max(axis=1, keepdims=True))
+        probs /= probs.sum(axis=1, keepdims=True)
+        ids = np.argsort(-probs, axis=1, kind="stable")[:, :block_top_k]
+        top = np.take_along_axis(probs, ids, axis=1)
+        if p_norm is None:
+            return ids, None
+        return ids, (top / (np.sum(top**p_norm, axis=1, keepdims=True) ** (1 / p_norm)))
     if not ints:
         raise AssertionError(f"router output not understood: {[tuple(t.shape) for t in tensors]}")
     ids_t = ints[-1]
@@ -287,24 +408,63 @@ def _routing_from_output(
     return ids_t.numpy(), same[0] if same else None
 
 
+def _dispatch_lists(
+    sorted_slots: Any, token_of: Any, gates: Any, expert_size: list[int], top_k: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """JetMoe's expert-sorted dispatch: entry j is slot ``sorted_slots[j]`` (token * k + slot) of
+    token ``token_of[j]``, sent to the expert whose run of ``expert_size`` covers j."""
+    slots, tokens, w = sorted_slots.numpy(), token_of.numpy(), gates.numpy()
+    n_tokens = slots.shape[0] // top_k
+    ids = np.full((n_tokens, top_k), -1)
+    weights = np.zeros((n_tokens, top_k), np.float32)
+    j = 0
+    for expert, count in enumerate(expert_size):
+        for _ in range(count):
+            assert slots[j] // top_k == tokens[j]
+            ids[tokens[j], slots[j] % top_k] = expert
+            weights[tokens[j], slots[j] % top_k] = w[j]
+            j += 1
+    return ids, weights
+
+
 class Reference:
-    """Routing seen by forward hooks on the router modules, keyed by the MoE block's name."""
+    """Routing seen by forward hooks on the router modules, keyed by the MoE block's name.
+
+    Outputs are kept raw and decoded only for the blocks the trace names, so other modules
+    called ``*Gate`` (a linear-attention forget gate, say) are hooked but never read.
+    """
 
     def __init__(self, model: Any) -> None:
-        self.calls: dict[str, list[tuple[np.ndarray, np.ndarray | None]]] = {}
+        self.raw: dict[str, list[tuple[Any, Any]]] = {}
+        self.blocks: dict[str, Any] = {}
         self.handles = []
         for name, module in model.named_modules():
             if _ROUTER_NAME.search(type(module).__name__) and any(
                 p.dim() == 2 for p in module.parameters()
             ):
+                self.blocks[_parent(name)] = model.get_submodule(_parent(name))
                 self.handles.append(module.register_forward_hook(self._hook(_parent(name))))
 
     def _hook(self, block: str) -> Any:
         def hook(module: Any, args: tuple[Any, ...], output: Any) -> None:
-            n_experts = getattr(module, "num_experts", None)
-            self.calls.setdefault(block, []).append(_routing_from_output(output, n_experts))
+            items = output if isinstance(output, (tuple, list)) else [output]
+            kept = [x.detach().clone() if torch.is_tensor(x) else x for x in items]
+            self.raw.setdefault(block, []).append((module, kept))
 
         return hook
+
+    def calls(self, block: str) -> list[tuple[np.ndarray, np.ndarray | None]]:
+        parent = self.blocks.get(block)
+        return [
+            _routing_from_output(
+                out,
+                getattr(module, "num_experts", None),
+                getattr(module, "top_k", None),
+                getattr(parent, "top_k", None),
+                getattr(parent, "moe_normalize_expert_weights", None),
+            )
+            for module, out in self.raw.get(block, [])
+        ]
 
     def remove(self) -> None:
         for h in self.handles:
@@ -394,7 +554,7 @@ def record_and_check(model_type: str) -> Outcome:
     assert trace.n_tokens == n_prompt + n_decode
     assert trace.n_requests == 3
     for l_idx, name in enumerate(names):
-        calls: list[Any] = list(ref.calls.get(_parent(name), []))
+        calls: list[Any] = ref.calls(_parent(name))
         assert calls, f"{model_type}: no router hook fired for {name}"
         if encoder_decoder:  # encoder once over the prompt, decoder once per generated token
             assert len(calls) == (1 if "encoder" in name else passes), name
@@ -427,43 +587,19 @@ def record_and_check(model_type: str) -> Outcome:
 # its reason (strict: once one passes, the test fails until it is removed here). These are gaps
 # in this test, not refusals; docs/record.md lists them as untested.
 BUILD_GAPS: dict[str, str] = {
-    "bailing_hybrid": "router returns [B, S, groups, E] group scores; the reference hook does not read them yet",
     "beam": "MoE layers not enabled by the generic tiny config; moeprof finds no MoE layer",
-    "dbrx": "DbrxAttentionConfig lacks rope_theta in the generic build (tested in test_record_archs.py)",
     "deepseek_ocr2": "composite config the generic shrinking breaks (vision/SAM sub-configs)",
     "deepseek_v4": "hash-routed first layers repeat an expert per token; needs an adapter that keeps slots",
-    "dots1": "config needs an explicit value the generic build leaves None",
     "dots3_note": "per-layer heterogeneous vision config; needs an override",
     "dots3_note_text": "tiny build still has 38 M parameters; needs an override",
-    "ernie4_5_vl_moe": "its RoPE sections do not shrink with head_dim in the generic build",
     "gemma4": "MoE switch on but other dims not shrunk (134 M parameters); needs an override",
     "gemma4_text": "MoE switch on but other dims not shrunk (134 M parameters); needs an override",
-    "glm4v_moe": "its RoPE sections do not shrink with the partial rotary dims in the generic build",
-    "glm4v_moe_text": "its RoPE sections do not shrink with the partial rotary dims in the generic build",
-    "glm5_next": "config validation rejects the generic tiny architecture",
-    "glm5_next_text": "config validation rejects the generic tiny architecture",
-    "granitemoehybrid": "config validation rejects the generic tiny architecture",
-    "inkling2": "config validation rejects the generic tiny architecture",
-    "inkling2_loop": "config validation rejects the generic tiny architecture",
-    "inkling2_loop_text": "embedding index out of range in the generic tiny build",
-    "inkling2_text": "embedding index out of range in the generic tiny build",
     "inkling_mm_model": "needs scipy, which is not installed",
-    "jamba": "the tiny layer pattern keeps no attention layer, so generate cannot measure the cache",
-    "jetmoe": "router returns sorted dispatch lists; tested in test_record_archs.py with its own reference",
-    "kimi_linear": "the tiny layer pattern keeps no attention layer, so generate cannot measure the cache",
-    "lfm2_moe": "config needs an explicit value the generic build leaves None",
-    "llama4": "router returns scores and logits only; tested in test_record_archs.py with its own reference",
-    "llama4_text": "router returns scores and logits only; tested in test_record_archs.py with its own reference",
     "longcat_flash": "tiny build still has 70 M parameters; needs an override",
-    "mistral4": "attention shapes break with the generic head sizes",
-    "muse_spark": "config validation rejects the generic tiny architecture",
     "qwen3_omni_moe": "nested talker config lacks shared_expert_intermediate_size in the generic build",
     "qwen3_omni_moe_thinker": "composite config lacks vision_start_token_id in the generic build",
-    "qwen4_exp": "config needs an explicit value the generic build leaves None",
-    "qwen4_exp_text": "config needs an explicit value the generic build leaves None",
     "step3p7": "MoE layers not enabled by the generic tiny config; moeprof finds no MoE layer",
     "unlimited_ocr": "vision sub-configs not shrunk (398 M parameters); needs an override",
-    "zaya": "config validation rejects the generic tiny architecture",
 }
 
 

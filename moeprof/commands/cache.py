@@ -37,9 +37,6 @@ MEMORY_UNITS = {
     "tib": 2**40,
 }
 _MEMORY = re.compile(r"([0-9]{1,15}(?:\.[0-9]{1,9})?)\s*([A-Za-z]*)")
-_WHOLE = re.compile(r"[0-9]{1,9}")
-_TOP_K = re.compile(r"([0-9]{1,6})k")
-_SHARE = re.compile(r"([0-9]{1,3}(?:\.[0-9]{1,6})?)%")
 
 
 def parse_memory(text: str) -> int:
@@ -61,28 +58,14 @@ def parse_capacities(text: str, top_k: int, n_experts: int) -> dict[int, str]:
     """`--cache-experts` text -> {C: how it was spelled}: whole numbers ('4'), multiples of top-k
     ('2k' = 2 * top_k) and shares of a layer's experts ('25%' = floor(0.25 * n_experts)).
     Spellings that give the same C are joined ('2k = 4')."""
+    from moeprof.cache import capacity_from_spelling
+
     items = [s.strip() for s in text.split(",") if s.strip()]
     if not items:
         raise MoeprofError("no --cache-experts given")
     out: dict[int, str] = {}
     for item in items:
-        spelled = item.lower()
-        if spelled.startswith("-"):
-            raise MoeprofError(f"--cache-experts {item!r}: a cache size must be 0 or more")
-        if _WHOLE.fullmatch(spelled):
-            value = int(spelled)
-        elif m := _TOP_K.fullmatch(spelled):
-            value = int(m.group(1)) * top_k
-        elif m := _SHARE.fullmatch(spelled):
-            share = float(m.group(1))
-            if share > 100:
-                raise MoeprofError(f"--cache-experts {item!r}: a share must be at most 100%")
-            value = math.floor(share * n_experts / 100 + 1e-9)
-        else:
-            raise MoeprofError(
-                f"--cache-experts {item!r} is not a cache size: a whole number (4), a multiple of "
-                "top-k (2k) or a share of the layer's experts (25%)"
-            )
+        value = capacity_from_spelling(item, top_k, n_experts)
         out[value] = item if value not in out else f"{out[value]} = {item}"
     return out
 
