@@ -681,6 +681,14 @@ class Recorder:
 
     def to_trace(self, *, settings: dict[str, Any] | None = None) -> Trace:
         """Everything recorded so far as a trace (rows request-major). Callable while attached."""
+        if self.n_passes == 0 and self.orphan_calls:
+            # A wrapper whose generate() runs a sub-model (Qwen3-Omni's thinker): its own forward,
+            # where passes begin, never ran, so no token can be placed. An empty trace would lie.
+            kind = type(self.model).__name__
+            raise MoeprofError(
+                f"{kind}: its MoE layers ran {self.orphan_calls} times outside {kind}.forward "
+                "(its generate() runs a sub-model); record that sub-model instead"
+            )
         kept = self._kept_layers()
         top_k = self.top_k  # unpacks the pending steps too
         n_layers = len(self.layers)
