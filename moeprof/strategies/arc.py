@@ -26,7 +26,7 @@ from moeprof.strategies.retention import (
     AccessSequence,
     Retention,
     check_capacity,
-    compiled,
+    run_loop,
     visit_order,
 )
 
@@ -157,7 +157,8 @@ class ArcStrategy(RetainingStrategy):
                 "arc: blocks of different sizes (a pool sized in bytes) are not supported; "
                 "size the pool in experts"
             )
-        load, dropped = compiled(arc_loop)(
+        return run_loop(
+            arc_loop,
             np.asarray(seq.ptr, dtype=np.int64),
             visit_order(seq),
             np.asarray(seq.block, dtype=np.int64),
@@ -165,4 +166,3 @@ class ArcStrategy(RetainingStrategy):
             int(capacity),
             bool(warm),
         )
-        return Retention(load=load, dropped_after=dropped)

@@ -19,7 +19,7 @@ from moeprof.strategies.retention import (
     AccessSequence,
     Retention,
     check_capacity,
-    compiled,
+    run_loop,
 )
 
 
@@ -114,7 +114,8 @@ class LfudaStrategy(RetainingStrategy):
         popularity: np.ndarray | None = None,
     ) -> Retention:
         check_capacity(capacity)
-        load, dropped = compiled(lfuda_loop)(
+        return run_loop(
+            lfuda_loop,
             np.asarray(seq.ptr, dtype=np.int64),
             np.asarray(seq.block, dtype=np.int64),
             np.asarray(seq.recency, dtype=np.int64),
@@ -122,4 +123,3 @@ class LfudaStrategy(RetainingStrategy):
             int(capacity),
             bool(warm),
         )
-        return Retention(load=load, dropped_after=dropped)

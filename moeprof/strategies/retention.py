@@ -358,9 +358,10 @@ def compiled(loop: Callable[..., Any]) -> Callable[..., Any]:
     return njit(cache=True, nogil=True)(loop)  # type: ignore[no-any-return]
 
 
-def compiled_loop() -> Callable[..., tuple[np.ndarray, np.ndarray]]:
-    """:func:`retain_loop`, compiled (see :func:`compiled`)."""
-    return compiled(retain_loop)  # type: ignore[no-any-return]
+def run_loop(loop: Callable[..., tuple[np.ndarray, np.ndarray]], *args: Any) -> Retention:
+    """Run a strategy's loop (compiled where numba is present) into a Retention."""
+    load, dropped = compiled(loop)(*args)
+    return Retention(load=load, dropped_after=dropped)
 
 
 def map_threads(fn: Callable[[_T], _R], items: Iterable[_T]) -> list[_R]:
@@ -404,7 +405,8 @@ def retain(
         raise MoeprofError("lfu: more than 2**32 requests at one layer are not supported")
     if keep_set is None:
         keep_set = np.zeros(seq.n_blocks, dtype=bool)
-    load, dropped = compiled_loop()(
+    return run_loop(
+        retain_loop,
         np.asarray(seq.ptr, dtype=np.int64),
         np.asarray(seq.block, dtype=np.int64),
         np.asarray(seq.recency, dtype=np.int64),
@@ -414,4 +416,3 @@ def retain(
         int(capacity),
         bool(warm),
     )
-    return Retention(load=load, dropped_after=dropped)

@@ -28,7 +28,7 @@ from moeprof.strategies.retention import (
     AccessSequence,
     Retention,
     check_capacity,
-    compiled,
+    run_loop,
     visit_order,
 )
 
@@ -149,7 +149,8 @@ class S3FifoStrategy(RetainingStrategy):
         popularity: np.ndarray | None = None,
     ) -> Retention:
         check_capacity(capacity)
-        load, dropped = compiled(s3fifo_loop)(
+        return run_loop(
+            s3fifo_loop,
             np.asarray(seq.ptr, dtype=np.int64),
             visit_order(seq),
             np.asarray(seq.block, dtype=np.int64),
@@ -158,4 +159,3 @@ class S3FifoStrategy(RetainingStrategy):
             small_size(int(capacity)),
             bool(warm),
         )
-        return Retention(load=load, dropped_after=dropped)

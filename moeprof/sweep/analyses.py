@@ -7,12 +7,12 @@ A new analysis is one `Analysis` here plus its line in `REGISTRY`.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from moeprof.batching import POLICIES
+from moeprof.errors import MoeprofError
 from moeprof.trace import Trace
 
 Metrics = dict[str, Any]
@@ -31,14 +31,17 @@ def _boolean(value: Any) -> str | None:
     return None if isinstance(value, bool) else "must be true or false"
 
 
-_CAPACITY = re.compile(r"([0-9]{1,9})(k?)|([0-9]{1,3}(?:\.[0-9]{1,6})?)%")
-
-
 def _capacity(value: Any) -> str | None:
     if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
         return None
-    if isinstance(value, str) and _CAPACITY.fullmatch(value.strip().lower()):
-        return None
+    if isinstance(value, str):
+        from moeprof.cache import capacity_from_spelling
+
+        try:  # the spelling alone (top-k and expert counts come with the trace)
+            capacity_from_spelling(value, 1, 1)
+            return None
+        except MoeprofError:
+            pass
     return "must be a cache size: a whole number (4), a multiple of top-k (2k) or a share (25%)"
 
 
