@@ -39,7 +39,7 @@ from moeprof.strategies.retention import (
     layer_sequence,
     map_threads,
 )
-from moeprof.strategies.schedule import Distinct, distinct_per_batch
+from moeprof.strategies.schedule import Distinct, distinct_per_batch, expert_requests
 from moeprof.trace import PHASE_DECODE, PHASE_PREFILL, Trace
 
 BUDGETS = ("per-layer", "global")
@@ -224,12 +224,7 @@ def select_phase(trace: Trace, phase: str) -> Trace:
 
 def requests_per_expert(trace: Trace) -> list[np.ndarray]:
     """Requests of each expert over the whole trace, per layer (static's profile)."""
-    out = []
-    for layer in range(trace.n_layers):
-        n_exp = int(trace.n_experts[layer])
-        ids = np.asarray(trace.expert_ids[:, layer, :]).reshape(-1)
-        out.append(np.bincount(ids, minlength=n_exp + 1)[:n_exp].astype(np.int64))
-    return out
+    return [expert_requests(trace, layer) for layer in range(trace.n_layers)]
 
 
 def _check_profile(trace: Trace, profile: Trace) -> None:

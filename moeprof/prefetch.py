@@ -49,7 +49,7 @@ from moeprof.strategies.registry import (
 )
 from moeprof.strategies.retaining import RetainingStrategy
 from moeprof.strategies.retention import NEVER, AccessSequence, Retention, layer_sequence
-from moeprof.strategies.schedule import distinct_per_batch
+from moeprof.strategies.schedule import distinct_per_batch, expert_requests
 from moeprof.trace import Trace
 
 PREDICTORS = ("prev-token", "prev-layer", "popular")
@@ -499,8 +499,7 @@ def score_plan(
             else:
                 keys = _predict_popular(popular[layer], n_exp, scored)
             predictions[name] = _Prediction.of(keys, needed)
-        ids = np.asarray(profile.expert_ids[:, layer, :], dtype=np.int64).reshape(-1)
-        popularity = np.bincount(ids, minlength=n_exp + 1)[:n_exp]
+        popularity = expert_requests(profile, layer)
         walk: BlockWalk | None = None  # shared by the caches' runs
         for index, (strategy, capacity) in enumerate(caches):
             if strategy is None:

@@ -51,7 +51,7 @@ from moeprof.errors import MoeprofError
 from moeprof.strategies import REGISTRY
 from moeprof.strategies.retaining import RetainingStrategy
 from moeprof.strategies.retention import layer_sequence, map_threads
-from moeprof.strategies.schedule import distinct_per_batch
+from moeprof.strategies.schedule import distinct_per_batch, expert_requests
 from moeprof.trace import PHASE_DECODE, Trace
 
 ADMISSIONS = ("fifo", "random", "affinity", "oracle", "group", "group-oracle")
@@ -365,10 +365,7 @@ def schedule(
     per_gen = max(generated, 1)
     popularity = []
     if cache is not None:
-        for layer in range(trace.n_layers):
-            ids = np.asarray(trace.expert_ids[:, layer, :]).reshape(-1)
-            n_exp = int(trace.n_experts[layer])
-            popularity.append(np.bincount(ids, minlength=n_exp + 1)[:n_exp].astype(np.int64))
+        popularity = [expert_requests(trace, layer) for layer in range(trace.n_layers)]
     sigs: dict[str, Any] = {}
     total, done = len(sizes) * len(chosen), 0
     raw: list[dict[str, Any]] = []

@@ -16,7 +16,12 @@ import numpy as np
 from moeprof.batching import BatchPlan
 from moeprof.strategies.base import CountedLoads, Strategy
 from moeprof.strategies.retention import NEVER, AccessSequence, Retention, layer_sequence, retain
-from moeprof.strategies.schedule import LayerSchedule, Schedule, distinct_per_batch
+from moeprof.strategies.schedule import (
+    LayerSchedule,
+    Schedule,
+    distinct_per_batch,
+    expert_requests,
+)
 from moeprof.trace import Trace
 
 
@@ -43,12 +48,9 @@ class RetainingStrategy(Strategy):
         self, trace: Trace, plan: BatchPlan, layer: int, cache_experts: int
     ) -> LayerSchedule:
         distinct = distinct_per_batch(trace, plan, layer)
-        n_experts = int(trace.n_experts[layer])
-        seq = layer_sequence(distinct, n_experts)
+        seq = layer_sequence(distinct, int(trace.n_experts[layer]))
         # Popularity over the whole trace, even when only its first batches are replayed.
-        ids = np.asarray(trace.expert_ids[:, layer, :]).reshape(-1)
-        popularity = np.bincount(ids, minlength=n_experts + 1)[:n_experts]
-        kept = self.retention(seq, cache_experts, popularity=popularity)
+        kept = self.retention(seq, cache_experts, popularity=expert_requests(trace, layer))
         n_slots = cache_experts + distinct.widest  # survivors + the batch's misses never overflow
         slot = assign_slots(seq, kept, n_slots)
         # Issue hits before misses inside a batch so compute can start while misses are copied.

@@ -81,6 +81,14 @@ def requests_in_order(trace: Trace, plan: BatchPlan, layer: int) -> tuple[np.nda
     return batch[valid], ids[valid]
 
 
+def expert_requests(trace: Trace, layer: int) -> np.ndarray:
+    """Requests of each expert at `layer` over the whole trace, int64 [n_experts] (sentinel
+    slots dropped): the popularity `static` keeps by."""
+    n_experts = int(trace.n_experts[layer])
+    ids = np.asarray(trace.expert_ids[:, layer, :]).reshape(-1)
+    return np.bincount(ids, minlength=n_experts + 1)[:n_experts].astype(np.int64)
+
+
 def batch_ptr(batch_of_item: np.ndarray, n_batches: int) -> np.ndarray:
     """Item offsets of each batch, int64 [n_batches + 1], from items sorted by batch."""
     return np.searchsorted(batch_of_item, np.arange(n_batches + 1)).astype(np.int64)
