@@ -206,7 +206,7 @@ def test_results_json_shape() -> None:
 )
 def test_bad_batch_sizes(bad: str, message: str) -> None:
     """`--batch-sizes` text is parsed at the command boundary; the library takes numbers."""
-    from moeprof.commands.analyze import parse_batch_sizes
+    from moeprof.commands._common import parse_batch_sizes
 
     with pytest.raises(MoeprofError, match=f"^{message}"):
         parse_batch_sizes(bad)

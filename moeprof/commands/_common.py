@@ -12,6 +12,7 @@ from typing import Any, NoReturn
 import typer
 from rich.console import Console
 
+from moeprof.batching.plan import check_batch_size
 from moeprof.errors import MoeprofError
 
 __all__ = [
@@ -25,6 +26,9 @@ __all__ = [
     "markdown_option",
     "note_written",
     "plot_option",
+    "parse_batch_sizes",
+    "parse_names",
+    "parse_whole_numbers",
     "progress_bar",
     "write_outputs",
 ]
@@ -159,3 +163,36 @@ def write_outputs(
     _io.write_all([(path, data) for path, data, _ in rendered])
     for path, _, what in rendered:
         note_written(path, what)
+
+
+# ---------------------------------------------------------------------- argument text
+
+
+def _clip(text: str, limit: int = 40) -> str:
+    return text if len(text) <= limit else f"{text[: limit - 3]}..."
+
+
+def parse_whole_numbers(text: str, noun: str) -> list[int]:
+    """Comma-separated whole numbers, in the order given; errors call each one a `noun`."""
+    items = [s.strip() for s in text.split(",")]
+    if not any(items):
+        raise MoeprofError(f"no {noun}s given")
+    if not all(items):
+        # '1,,2' is more likely a slip than a wish for 1 and 2: say so rather than guess.
+        raise MoeprofError(
+            f"{noun}s {_clip(text)!r} have an empty item (two commas in a row, or one at an end)"
+        )
+    for item in items:
+        if not re.fullmatch(r"[+-]?[0-9]{1,19}", item):
+            raise MoeprofError(f"{noun} {item!r} is not a whole number")
+    return [int(item) for item in items]
+
+
+def parse_batch_sizes(text: str) -> list[int]:
+    """`--batch-sizes` text, '1,2,4' -> sorted distinct positive ints; else a MoeprofError."""
+    return sorted({check_batch_size(b) for b in parse_whole_numbers(text, "batch size")})
+
+
+def parse_names(text: str) -> list[str]:
+    """Comma-separated names, 'naive,dedup' -> ['naive', 'dedup'] (the library checks them)."""
+    return [s.strip() for s in text.split(",") if s.strip()]

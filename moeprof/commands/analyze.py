@@ -2,46 +2,20 @@
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import typer
 
-from moeprof.batching import check_batch_size, policy_help
+from moeprof.batching import policy_help
 from moeprof.commands._common import (
-    MoeprofError,
     console,
     force_option,
     layers_option,
     markdown_option,
+    parse_batch_sizes,
     plot_option,
     write_outputs,
 )
-
-
-def _clip(text: str, limit: int = 40) -> str:
-    return text if len(text) <= limit else f"{text[: limit - 3]}..."
-
-
-def parse_whole_numbers(text: str, noun: str) -> list[int]:
-    """Comma-separated whole numbers, in the order given; errors call each one a `noun`."""
-    items = [s.strip() for s in text.split(",")]
-    if not any(items):
-        raise MoeprofError(f"no {noun}s given")
-    if not all(items):
-        # '1,,2' is more likely a slip than a wish for 1 and 2: say so rather than guess.
-        raise MoeprofError(
-            f"{noun}s {_clip(text)!r} have an empty item (two commas in a row, or one at an end)"
-        )
-    for item in items:
-        if not re.fullmatch(r"[+-]?[0-9]{1,19}", item):
-            raise MoeprofError(f"{noun} {item!r} is not a whole number")
-    return [int(item) for item in items]
-
-
-def parse_batch_sizes(text: str) -> list[int]:
-    """`--batch-sizes` text, '1,2,4' -> sorted distinct positive ints; else a MoeprofError."""
-    return sorted({check_batch_size(b) for b in parse_whole_numbers(text, "batch size")})
 
 
 def analyze_cmd(

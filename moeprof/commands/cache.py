@@ -18,11 +18,11 @@ from moeprof.commands._common import (
     force_option,
     layers_option,
     markdown_option,
+    parse_batch_sizes,
+    parse_names,
     progress_bar,
     write_outputs,
 )
-from moeprof.commands.analyze import parse_batch_sizes
-from moeprof.commands.replay import parse_names
 
 # Decimal and binary units of --gpu-memory, by lower-cased name; a plain number is bytes.
 MEMORY_UNITS = {

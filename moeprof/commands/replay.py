@@ -12,16 +12,13 @@ from moeprof.commands._common import (
     console,
     force_option,
     info,
+    parse_batch_sizes,
+    parse_names,
+    parse_whole_numbers,
     progress_bar,
     write_outputs,
 )
-from moeprof.commands.analyze import parse_batch_sizes, parse_whole_numbers
 from moeprof.strategies import DEFAULT_STRATEGIES, REGISTRY, strategy_help
-
-
-def parse_names(text: str) -> list[str]:
-    """`--strategies` text, 'naive,dedup' -> ['naive', 'dedup'] (checked by replay)."""
-    return [s.strip() for s in text.split(",") if s.strip()]
 
 
 def parse_layers(text: str | None) -> list[int] | None:

@@ -12,11 +12,11 @@ from moeprof.commands._common import (
     console,
     force_option,
     markdown_option,
+    parse_batch_sizes,
+    parse_names,
     progress_bar,
     write_outputs,
 )
-from moeprof.commands.analyze import parse_batch_sizes
-from moeprof.commands.replay import parse_names
 
 
 def schedule_cmd(
