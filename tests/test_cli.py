@@ -222,11 +222,11 @@ def test_system_path_errors_are_one_line(tmp_path: Path, run_cli) -> None:
 def test_ctrl_c_inside_a_command_says_interrupted(
     run_cli, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    import moeprof.trace
+    import moeprof.shards
 
     def interrupt(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(moeprof.trace, "load_trace", interrupt)
+    monkeypatch.setattr(moeprof.shards, "load_trace", interrupt)
     result = run_cli("info", "traces/mixtral-like.moe")
     assert result.exit_code == 130 and result.stderr == "moeprof: error: interrupted\n"

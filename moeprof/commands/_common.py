@@ -30,6 +30,7 @@ __all__ = [
     "parse_names",
     "parse_whole_numbers",
     "progress_bar",
+    "traces_argument",
     "write_outputs",
 ]
 
@@ -42,6 +43,13 @@ plot_option = typer.Option(
     None, "--plot", help="Write a PNG plot of savings against batch size here."
 )
 layers_option = typer.Option(False, "--layers", help="Also show per-layer savings.")
+# The TRACE argument of every verb that reads a trace: one file, or shards read as one trace.
+traces_argument = typer.Argument(
+    ...,
+    metavar="TRACE...",
+    help="Trace file (.moe); or several, a folder of .moe files, or a quoted glob: shards read "
+    "as one trace (requests of different shards stay distinct).",
+)
 
 
 def as_options(message: str, options: dict[str, str]) -> str:
@@ -90,16 +98,28 @@ class _Rate:
 
 @contextlib.contextmanager
 def progress_bar(
-    description: str, *, unit: str = "", rate: bool = False, transient: bool = True
+    description: str,
+    *,
+    unit: str = "",
+    rate: bool = False,
+    transient: bool = True,
+    eta: bool = False,
 ) -> Iterator[Callable[..., None]]:
     """The one progress bar: rich, on stderr (a transient one only on a terminal).
 
     Yields ``update(done, total, label=None)``: each distinct ``label`` (default: `description`)
     is its own bar. Nothing is drawn before the first update, so work refused up front prints
     only its error line. ``rate=True`` shows the count and its rate in `unit` per second
-    instead of done/total.
+    instead of done/total; ``eta=True`` adds the estimated time left.
     """
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
     columns: list[Any] = [TextColumn("[bold]{task.description}"), BarColumn()]
     if rate:
@@ -109,6 +129,8 @@ def progress_bar(
         if unit:
             columns.append(TextColumn(unit))
     columns.append(TimeElapsedColumn())
+    if eta:
+        columns += [TextColumn("eta"), TimeRemainingColumn()]
     bar = Progress(
         *columns,
         console=err_console,

@@ -6,11 +6,17 @@ from pathlib import Path
 
 import typer
 
-from moeprof.commands._common import MoeprofError, force_option, note_written, progress_bar
+from moeprof.commands._common import (
+    MoeprofError,
+    force_option,
+    note_written,
+    progress_bar,
+    traces_argument,
+)
 
 
 def export_cmd(
-    trace_path: Path = typer.Argument(..., metavar="TRACE", help="Trace file (.moe)."),
+    trace_paths: list[Path] = traces_argument,
     output: Path = typer.Option(..., "--output", "-o", help="Table to write."),
     fmt: str = typer.Option("parquet", "--format", "-F", help="parquet or csv."),
     force: bool = force_option,
@@ -21,14 +27,14 @@ def export_cmd(
     """
     from moeprof import _io
     from moeprof.export import EXPORT_FORMATS, export_trace
-    from moeprof.trace import load_trace
+    from moeprof.shards import load_traces
 
     if fmt not in EXPORT_FORMATS:
         raise MoeprofError(
             f"unknown export format {fmt!r}; choose one of {', '.join(EXPORT_FORMATS)}"
         )
     _io.check_outputs([output], force=force)
-    trace = load_trace(trace_path)
+    trace = load_traces(trace_paths)
     with progress_bar("exporting") as progress:
         rows = export_trace(trace, output, fmt, progress=progress)
     note_written(output, f"{fmt} table ({rows:,} rows)")

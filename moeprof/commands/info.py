@@ -7,18 +7,20 @@ from pathlib import Path
 
 import typer
 
-from moeprof.commands._common import console, err_console
+from moeprof.commands._common import console, err_console, traces_argument
 
 
 def info_cmd(
-    trace_path: Path = typer.Argument(..., metavar="TRACE", help="Trace file."),
+    trace_paths: list[Path] = traces_argument,
     as_json: bool = typer.Option(False, "--json", help="Print the metadata as JSON."),
 ) -> None:
     """Show a trace's shape, model, source and metadata."""
     from moeprof.analyze import trace_summary
-    from moeprof.trace import describe_warmup, load_trace, warmup_tokens
+    from moeprof.shards import Shards, shard_paths
+    from moeprof.trace import describe_warmup, warmup_tokens
 
-    trace = load_trace(trace_path)
+    paths = shard_paths(trace_paths)
+    trace = Shards(paths).to_trace()
     warmup = warmup_tokens(trace.expert_ids)
     if warmup.any():
         err_console.print(
@@ -27,14 +29,15 @@ def info_cmd(
             highlight=False,
         )
     doc = trace_summary(trace)
-    doc["file_bytes"] = trace_path.stat().st_size
+    doc["file_bytes"] = sum(p.stat().st_size for p in paths)
     if as_json:
         console.print_json(json.dumps(doc))
         return
     from moeprof.report.rows import trace_info_items
     from moeprof.report.terminal import kv_table
 
-    console.print(kv_table(str(trace_path), trace_info_items(trace, doc)))
+    title = str(paths[0]) if len(paths) == 1 else f"{len(paths)} shards: {paths[0]} ..."
+    console.print(kv_table(title, trace_info_items(trace, doc)))
 
 
 def register(app: typer.Typer) -> None:

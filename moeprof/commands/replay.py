@@ -16,6 +16,7 @@ from moeprof.commands._common import (
     parse_names,
     parse_whole_numbers,
     progress_bar,
+    traces_argument,
     write_outputs,
 )
 from moeprof.strategies import DEFAULT_STRATEGIES, REGISTRY, strategy_help
@@ -32,7 +33,7 @@ def _cache_help() -> str:
 
 
 def replay_cmd(
-    trace_path: Path = typer.Argument(..., metavar="TRACE", help="Trace file (.moe)."),
+    trace_paths: list[Path] = traces_argument,
     device: str = typer.Option(
         "cpu",
         "--device",
@@ -85,18 +86,18 @@ def replay_cmd(
     from moeprof.batching import get_policy
     from moeprof.replay import ReplayInterrupted, replay
     from moeprof.report.terminal import render_terminal
+    from moeprof.shards import load_traces
     from moeprof.strategies import check_strategies
-    from moeprof.trace import load_trace
 
     get_policy(policy)
     sizes = parse_batch_sizes(batch_sizes)
     chosen = check_strategies(parse_names(strategies))
     replayed_layers = parse_layers(layers)
     _io.check_outputs([json_out, markdown_out], force=force)
-    trace = load_trace(trace_path)
+    trace = load_traces(trace_paths)
 
     def show_and_write(doc: dict[str, Any]) -> None:
-        doc["trace"]["path"] = str(trace_path)
+        doc["trace"]["path"] = ", ".join(str(p) for p in trace_paths)
         console.print(render_terminal(doc))  # includes the replay tables
         write_outputs(
             doc, json_out=json_out, markdown_out=markdown_out, title="moeprof replay report"
