@@ -1,12 +1,14 @@
-"""All markdown: the analysis report and its replay section, as text.
+"""All markdown: the analysis report and its replay section, the cache and schedule reports, and
+the sweep report, as text.
 
-Rows come from :mod:`moeprof.report.rows`, the same the terminal view shows.
+Rows come from :mod:`moeprof.report.rows` (a sweep's from :mod:`moeprof.sweep.summary`), the
+same the terminal view shows.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from moeprof.report.rows import (
     batch_table_rows,
@@ -35,6 +37,9 @@ from moeprof.report.rows import (
     schedule_timing_rows,
     summary_items,
 )
+
+if TYPE_CHECKING:  # the sweep's summary loads only when a sweep is rendered
+    from moeprof.sweep.summary import SummaryTable, SweepSummary
 
 
 def md_table(header: Sequence[str], rows: Sequence[Sequence[str]], align: str = "") -> str:
@@ -149,4 +154,70 @@ def schedule_markdown(doc: dict[str, Any], title: str) -> str:
     parts += ["", "## Scheduling time", "", md_table(t_header, t_rows, align="llrrr")]
     parts += ["", "## Definitions", ""]
     parts += [f"- {line}" for line in schedule_notes(doc)]
+    return "\n".join(parts) + "\n"
+
+
+def _summary_table(table: SummaryTable, level: str = "###") -> list[str]:
+    # A pipe inside a cell (an error message) would end the cell early.
+    rows = [[cell.replace("|", "\\|") for cell in row] for row in table.rows]
+    parts = [f"{level} {table.title}", "", md_table(table.header, rows, align=table.align), ""]
+    if table.note:
+        parts += [table.note, ""]
+    return parts
+
+
+def sweep_markdown(
+    summary: SweepSummary, title: str = "Sweep report", plot_name: str | None = None
+) -> str:
+    """The report of a sweep's rows (`moeprof.sweep.summary`); `plot_name`: a PNG written beside
+    it, shown under "Plots"."""
+    from moeprof.sweep.summary import (
+        DEFINITIONS,
+        batch_size_table,
+        executive_items,
+        failure_table,
+        pattern_tables,
+        totals_items,
+    )
+
+    parts = [f"# {title}", "", "## Experiments", ""]
+    parts += [f"- **{k}:** {v}" for k, v in totals_items(summary)]
+    parts += ["", "## Executive Summary", ""]
+    parts += [f"- **{k}:** {v}" for k, v in executive_items(summary)]
+    parts += [""]
+    if summary.by_batch_size:
+        parts += _summary_table(batch_size_table(summary), "##")
+    parts += ["## Observed Patterns", ""]
+    tables = pattern_tables(summary)
+    if not tables:
+        parts += [
+            "No parameter was swept with more than one value among the rows without error.",
+            "",
+        ]
+    for table in tables:
+        parts += _summary_table(table)
+        analysis = table.title.split(":", 1)[0]
+        parts += [f"- {p.sentence}" for p in summary.patterns if p.analysis == analysis]
+        parts += [""]
+    parts += ["## Recommendations", ""]
+    parts += [f"{i}. {text}" for i, text in enumerate(summary.recommendations, 1)]
+    if not summary.recommendations:
+        parts += ["None: the rows hold no sweep of batch size, parameters or strategies."]
+    parts += [""]
+    if summary.tables:
+        parts += ["## Per-analysis Tables", ""]
+        for table in summary.tables:
+            parts += _summary_table(table)
+    if summary.failures:
+        parts += _summary_table(failure_table(summary), "##")
+    if plot_name is not None and summary.panels:
+        by = summary.panels[0].curve_by
+        parts += [
+            "## Plots",
+            "",
+            f"![headline metric against batch size, one curve per {by or 'sweep'}]({plot_name})",
+            "",
+        ]
+    parts += ["## Definitions", ""]
+    parts += [f"- {line}" for line in DEFINITIONS]
     return "\n".join(parts) + "\n"

@@ -1,10 +1,11 @@
-"""All figures as PNG bytes: savings against batch size (with the uniform-routing curve), and
-expert-cache hit rate and bytes per token against capacity."""
+"""All figures as PNG bytes: savings against batch size (with the uniform-routing curve),
+expert-cache hit rate and bytes per token against capacity, admission policies, and a sweep's
+facets (each analysis's headline metric against batch size, one curve per parameter value)."""
 
 from __future__ import annotations
 
 import io
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from moeprof.report.rows import (
     build_report,
@@ -13,6 +14,9 @@ from moeprof.report.rows import (
     is_schedule,
     schedule_batch_sizes,
 )
+
+if TYPE_CHECKING:  # the sweep's summary loads only when a sweep is plotted
+    from moeprof.sweep.summary import SweepSummary
 
 _BYTE_UNITS = (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10), ("bytes", 1))
 
@@ -152,6 +156,48 @@ def render_schedule_plot(doc: dict[str, Any]) -> bytes:
     ax.set_title(f"Admission policies — {model}")
     ax.grid(True, alpha=0.3)
     ax.legend(loc="best", fontsize="small")
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", bbox_inches="tight")
+    return buf.getvalue()
+
+
+def render_sweep_plot(summary: SweepSummary) -> bytes:
+    """One panel per analysis of the sweep: its headline metric (averaged over every other axis)
+    against batch size, one curve per value of `summary.curve_by`."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    from moeprof.errors import MoeprofError
+
+    if not summary.panels:
+        raise MoeprofError("no experiment without error to plot")
+    n = len(summary.panels)
+    fig = Figure(figsize=(5.2 * n, 4.2), dpi=120, layout="constrained")
+    axes = fig.subplots(1, n, squeeze=False)[0]
+    styles = ["o-", "s--", "^:", "d-.", "v-", "x--"]
+    for ax, panel in zip(axes, summary.panels):
+        sizes = sorted({b for c in panel.curves for b in c.batch_sizes})
+        for i, curve in enumerate(panel.curves):
+            ax.plot(
+                curve.batch_sizes,
+                [100 * m for m in curve.means],
+                styles[i % len(styles)],
+                color=f"C{i % 10}",
+                label=curve.label,
+            )
+        if len(sizes) > 1 and max(sizes) / max(min(sizes), 1) >= 8:
+            ax.set_xscale("log", base=2)
+        ax.set_xticks(sizes)
+        ax.set_xticklabels([str(s) for s in sizes])
+        ax.set_ylim(0, 100)
+        ax.set_xlabel("batch size")
+        ax.set_ylabel(f"{panel.metric_label} (%)")
+        by = f", by {panel.curve_by}" if panel.curve_by else ""
+        ax.set_title(f"{panel.analysis}: {panel.metric_label}{by}")
+        ax.grid(True, alpha=0.3)
+        ax.legend(loc="best", fontsize="small")
     buf = io.BytesIO()
     fig.savefig(buf, format="png", bbox_inches="tight")
     return buf.getvalue()

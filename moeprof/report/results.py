@@ -291,3 +291,60 @@ def validate_schedule_results(doc: dict[str, Any], source: str = "results") -> d
             raise MoeprofError(f"{source}: results[{i}] is not an object")
         _check_fields(row, _SCHEDULE_ROW_TYPES, _SCHEDULE_ROW_OPTIONAL, f"{source}: results[{i}]")
     return doc
+
+
+# A sweep's `results.jsonl` (docs/sweep.md, "Running"): one JSON object per line, one per
+# experiment run; a rerun appends, so the last row of a key is the one that counts.
+SWEEP_ROW_KEYS: dict[str, Callable[[Any], bool]] = {
+    "key": _is_str,
+    "analysis": _is_str,
+    "batch_size": _is_int,
+}
+
+
+def is_sweep_rows_path(path: str | os.PathLike[str]) -> bool:
+    """Whether `path` names a sweep's rows: a `.jsonl` file, or a folder holding
+    `results.jsonl`."""
+    p = Path(path)
+    return p.suffix == ".jsonl" or (p.is_dir() and (p / "results.jsonl").is_file())
+
+
+def load_sweep_rows(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """The rows of a sweep's results.jsonl (or of the folder holding it), the latest per key.
+
+    A last line cut short by an interruption (no newline after it) is left out, as the sweep's
+    resume does; any other line that is not a JSON object with a key, an analysis and a batch
+    size is refused, as is a file without rows.
+    """
+    p = Path(path)
+    if p.is_dir():
+        p = p / "results.jsonl"
+    if not p.exists():
+        raise MoeprofError(f"sweep results {p} not found")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise MoeprofError(f"{p}: not a sweep results file (not UTF-8 text)") from None
+    except OSError as exc:
+        raise MoeprofError(f"cannot read {p}: {exc.strerror}") from None
+    lines = text.split("\n")
+    by_key: dict[str, dict[str, Any]] = {}
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except (ValueError, RecursionError):
+            if number == len(lines):  # the last line, without its newline: cut short
+                continue
+            raise MoeprofError(f"{p}:{number}: not valid JSON") from None
+        if not isinstance(row, dict):
+            raise MoeprofError(f"{p}:{number}: not a sweep row (not a JSON object)")
+        _check_fields(row, SWEEP_ROW_KEYS, {}, f"{p}:{number}: the row")
+        if not (row.get("error") is None or isinstance(row["error"], str)):
+            raise MoeprofError(f"{p}:{number}: the row's error is not text or null")
+        by_key.pop(row["key"], None)  # a retried failure replaces its error row
+        by_key[row["key"]] = row
+    if not by_key:
+        raise MoeprofError(f"{p} holds no sweep rows")
+    return list(by_key.values())

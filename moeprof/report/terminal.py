@@ -1,5 +1,5 @@
-"""All rich output: the analysis and replay views of a results dict, trace and record summaries,
-doctor's findings. Renderers return rich renderables and never print.
+"""All rich output: the analysis and replay views of a results dict, a sweep's summary, trace and
+record summaries, doctor's findings. Renderers return rich renderables and never print.
 
 Every table comes from one of the helpers below, so all commands' tables look alike. Rows come
 from :mod:`moeprof.report.rows`, the same the markdown report shows.
@@ -8,7 +8,7 @@ from :mod:`moeprof.report.rows`, the same the markdown report shows.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich import box
 from rich.console import Group
@@ -41,6 +41,10 @@ from moeprof.report.rows import (
     schedule_table_rows,
     summary_items,
 )
+
+if TYPE_CHECKING:  # the sweep's summary loads only when a sweep is rendered
+    from moeprof.sweep.summary import SummaryTable, SweepSummary
+
 
 # Same columns as the markdown table, with headers short enough for an 80-column terminal.
 TERMINAL_HEADER = ["Batch", "Batches", "Memory", "Bandwidth", "Max reuse", "Saved", "Uniform"]
@@ -354,3 +358,44 @@ def schedule_renderables(doc: dict[str, Any]) -> list[Any]:
     out.append(list_table("Findings", schedule_findings(doc)))
     out.append(Markdown("\n".join(f"- {n}" for n in schedule_notes(doc))))
     return out
+
+
+# ---------------------------------------------------------------------- sweeps
+
+SWEEP_FAILURES_SHOWN = 10  # the terminal lists this many failures; the markdown more
+
+
+def _summary_grid(table: SummaryTable) -> Table:
+    return grid_table(table.title, table.header, table.rows, table.align)
+
+
+def sweep_renderables(summary: SweepSummary) -> Group:
+    """A sweep's summary (`moeprof.sweep.summary`): totals, executive summary, savings by batch
+    size, patterns, recommendations, per-analysis tables and the first failures."""
+    from moeprof.sweep.summary import (
+        batch_size_table,
+        executive_items,
+        failure_table,
+        pattern_tables,
+        totals_items,
+    )
+
+    parts: list[Any] = [
+        kv_table("Sweep", totals_items(summary)),
+        kv_table("Executive Summary", executive_items(summary)),
+    ]
+    if summary.by_batch_size:
+        parts.append(_summary_grid(batch_size_table(summary)))
+    parts += [_summary_grid(t) for t in pattern_tables(summary)]
+    if summary.recommendations:
+        parts.append(list_table("Recommendations", summary.recommendations))
+    for table in summary.tables:
+        parts.append(_summary_grid(table))
+        if table.note:
+            parts.append(f"[dim]{table.note}[/dim]")
+    if summary.failures:
+        failures = failure_table(summary, SWEEP_FAILURES_SHOWN)
+        parts.append(_summary_grid(failures))
+        if failures.note:
+            parts.append(failures.note)
+    return Group(*parts)
