@@ -1,5 +1,5 @@
-"""`moeprof sweep`: every experiment of a sweep file, in a local process pool, resumable
-(docs/sweep.md)."""
+"""`moeprof sweep`: every experiment of a sweep file, in a local process pool or as Ray tasks,
+resumable (docs/sweep.md)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 import typer
 
 from moeprof.commands._common import MoeprofError, console, info, progress_bar
-from moeprof.formatting import pct
+from moeprof.executors import EXECUTORS, executor_help
 
 _DRY_RUN_ROWS = 5
 
@@ -19,7 +19,21 @@ def sweep_cmd(
         None, "--output", "-o", help="Results folder (default: sweep-results/NAME)."
     ),
     workers: int | None = typer.Option(
-        None, "--workers", "-w", help="Worker processes (default: every core)."
+        None,
+        "--workers",
+        "-w",
+        help="Tasks run at once, one trace configuration each (default: every core; with "
+        "--ray-address, every CPU of the cluster).",
+    ),
+    executor: str = typer.Option(
+        "local", "--executor", "-e", help=executor_help(), metavar="|".join(EXECUTORS)
+    ),
+    ray_address: str | None = typer.Option(
+        None,
+        "--ray-address",
+        metavar="ADDR",
+        help="A running Ray cluster (HOST:6379, or auto) for --executor ray; default: a local "
+        "Ray runtime.",
     ),
     dry_run: bool = typer.Option(
         False, "--dry-run", help="Print the number of experiments and a few of them; run nothing."
@@ -27,19 +41,35 @@ def sweep_cmd(
     force: bool = typer.Option(
         False, "--force", "-f", help="Discard the results already in the folder and run all."
     ),
+    curve_by: str | None = typer.Option(
+        None,
+        "--curve-by",
+        help="Report plot: the swept parameter whose values are the curves (default: the "
+        "strongest lever).",
+    ),
 ) -> None:
     """Run a grid of traces x analysis settings x batch sizes; a rerun skips stored results.
 
     Example: moeprof sweep sweeps/seed.yaml -o out/seed --workers 2
+
+    On a Ray cluster: moeprof sweep sweeps/seed.yaml --executor ray --ray-address HOST:6379
     """
     import json
 
-    from moeprof.sweep import load_sweep, run_sweep, savings_by_batch_size
+    from moeprof.executors import check_executor
+    from moeprof.sweep import load_sweep, run_sweep
     from moeprof.sweep.runner import RESULTS_JSONL, RESULTS_PARQUET, pending
 
     if workers is not None and workers < 1:
         raise MoeprofError(f"--workers must be 1 or more, got {workers}")
+    check_executor(executor)  # before reading anything: an unknown name, or Ray not installed
+    if ray_address is not None and executor != "ray":
+        raise MoeprofError("--ray-address is only for --executor ray")
     sweep = load_sweep(sweep_file)
+    from moeprof.sweep.summary import resolve_curve_by
+
+    # A wrong name fails before anything runs.
+    resolve_curve_by(curve_by, [e.columns() for e in sweep.experiments])
     out = out_dir if out_dir is not None else Path("sweep-results") / sweep.name
     if out.exists() and not out.is_dir():
         raise MoeprofError(f"{out} exists and is not a folder")
@@ -53,17 +83,31 @@ def sweep_cmd(
         for e in todo[:_DRY_RUN_ROWS]:
             console.print(json.dumps(e.columns(), default=str), markup=False, soft_wrap=True)
         return
-    with progress_bar(f"sweep {sweep.name}", unit="experiments") as update:
-        run = run_sweep(sweep, out, workers=workers, force=force, on_progress=update)
+    with progress_bar(f"sweep {sweep.name}", unit="experiments", eta=True) as update:
+        run = run_sweep(
+            sweep,
+            out,
+            workers=workers,
+            executor=executor,
+            address=ray_address,
+            force=force,
+            on_progress=update,
+        )
     console.print(
         f"{sweep.name}: {run.total} experiments: {run.ran} run ({run.failed} failed), "
         f"{run.skipped} already stored; {run.seconds:.1f} s"
     )
-    table = savings_by_batch_size(list(run.rows))
-    if table:
-        console.print("batch size  experiments  avg memory savings  max reuse factor")
-        for b, (n, mean, best) in table.items():
-            console.print(f"{b:>10}  {n:>11}  {pct(mean):>18}  {best:>16.3f}")
+    if run.rows:
+        from moeprof.commands.report import write_sweep_report
+
+        # The folder belongs to the sweep: its report is rewritten after every run.
+        write_sweep_report(
+            list(run.rows),
+            markdown_out=out / "report.md",
+            plot_out=out / "report.png",
+            curve_by=curve_by,
+            plot_if_any=True,
+        )
     if run.failed:
         first = next(r for r in run.rows if r.get("error") is not None)
         info(f"{run.failed} experiments failed; the first: {first['error']}")

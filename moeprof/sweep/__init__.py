@@ -4,7 +4,7 @@ process pool, resumable (docs/sweep.md)."""
 from __future__ import annotations
 
 from moeprof.sweep.analyses import REGISTRY, Analysis
-from moeprof.sweep.runner import SweepRun, run_source, run_sweep, savings_by_batch_size
+from moeprof.sweep.runner import SweepRun, run_source, run_sweep
 from moeprof.sweep.spec import Experiment, Sweep, TraceSource, load_sweep, parse_sweep
 
 __all__ = [
@@ -18,5 +18,4 @@ __all__ = [
     "parse_sweep",
     "run_source",
     "run_sweep",
-    "savings_by_batch_size",
 ]

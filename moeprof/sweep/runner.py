@@ -1,21 +1,24 @@
-"""Running a sweep: experiments grouped by trace (each trace made or read once), a local process
-pool, rows appended to `results.jsonl` as they finish, `results.parquet` at the end
-(docs/sweep.md, "Running")."""
+"""Running a sweep: experiments grouped by trace (each trace made or read once), run on an
+executor (a local process pool or Ray tasks, moeprof/executors/), rows appended to
+`results.jsonl` as they finish, `results.parquet` at the end (docs/sweep.md, "Running")."""
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
 import json
 import os
 import time
-from collections.abc import Callable, Iterator
-from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from collections.abc import Callable, Generator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from moeprof._version import __version__
 from moeprof.errors import MoeprofError
+from moeprof.executors import Executor, check_executor, get_executor
+from moeprof.executors.base import check_workers
 from moeprof.sweep.analyses import REGISTRY
 from moeprof.sweep.spec import Experiment, Sweep, TraceSource, synth_kwargs
 from moeprof.trace import Trace
@@ -160,25 +163,36 @@ def _by_source(experiments: list[Experiment]) -> list[list[Experiment]]:
     return list(groups.values())
 
 
+def failed_rows(sweep_name: str, experiments: list[Experiment], error: str) -> list[dict[str, Any]]:
+    """Rows of experiments whose task died before it could make them (a worker killed, a node
+    lost): each with the one-line error, retried by the next run like any failure."""
+    base = {"sweep": sweep_name, "moeprof_version": __version__}
+    return [
+        base
+        | e.columns()
+        | {
+            "trace_hash": e.source.file_hash,
+            "error": error,
+            "trace_seconds": None,
+            "analysis_seconds": None,
+            "analysis_batch_sizes": None,
+        }  # fmt: skip
+        for e in experiments
+    ]
+
+
 def _results(
-    sweep: Sweep, tasks: list[list[Experiment]], workers: int
-) -> Iterator[list[dict[str, Any]]]:
-    if workers == 1:  # no pool to start: one process does it all, in order
-        for task in tasks:
-            yield run_source(sweep.name, task)
-        return
-    with ProcessPoolExecutor(max_workers=workers) as pool:
-        running: set[Future[list[dict[str, Any]]]] = {
-            pool.submit(run_source, sweep.name, task) for task in tasks
-        }
-        try:
-            while running:
-                finished, running = wait(running, return_when=FIRST_COMPLETED)
-                for future in finished:
-                    yield future.result()
-        finally:  # Ctrl-C, or the caller stopping: start nothing more
-            for future in running:
-                future.cancel()
+    sweep: Sweep, tasks: list[list[Experiment]], executor: Executor
+) -> Generator[list[dict[str, Any]], None, None]:
+    """Each task's rows as it finishes, on `executor`; stopping early starts nothing more."""
+    finished = executor.imap_unordered(
+        functools.partial(run_source, sweep.name), tasks, return_exceptions=True
+    )
+    with contextlib.closing(finished):
+        for index, rows in finished:
+            if isinstance(rows, Exception):
+                rows = failed_rows(sweep.name, tasks[index], _one_line(rows))
+            yield rows
 
 
 def run_sweep(
@@ -186,14 +200,21 @@ def run_sweep(
     out_dir: Path,
     *,
     workers: int | None = None,
+    executor: str = "local",
+    address: str | None = None,
     force: bool = False,
     on_progress: Callable[[int, int], None] | None = None,
 ) -> SweepRun:
-    """Run the experiments `out_dir` does not hold yet (all of them with `force`), appending each
-    finished trace's rows to results.jsonl, then write results.parquet (also when interrupted)."""
-    workers = (os.cpu_count() or 1) if workers is None else workers
-    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
-        raise MoeprofError(f"workers must be 1 or more, got {workers!r}")
+    """Run the experiments `out_dir` does not hold yet (all of them with `force`) on `executor`
+    (`local`: a process pool of `workers`, default every core; `ray`: Ray tasks on the cluster at
+    `address`, or on a local Ray runtime of `workers` CPUs), appending each finished trace's rows
+    to results.jsonl, then write results.parquet (also when interrupted)."""
+    # Refused before any file is touched (a missing Ray must not cost a --force'd folder).
+    check_executor(executor)
+    if workers is not None:
+        check_workers(workers)
+    if executor != "ray" and address is not None:
+        raise MoeprofError("address is only for the ray executor")
     start = time.perf_counter()
     out_dir.mkdir(parents=True, exist_ok=True)
     jsonl = out_dir / RESULTS_JSONL
@@ -206,15 +227,23 @@ def run_sweep(
     if on_progress is not None:
         on_progress(0, len(todo))
     try:
-        with jsonl.open("a", encoding="utf-8") as sink:
-            for rows in _results(sweep, tasks, min(workers, max(len(tasks), 1))):
-                for row in rows:
-                    sink.write(json.dumps(row, default=str) + "\n")
-                sink.flush()  # finished rows survive Ctrl-C and crashes
-                done += len(rows)
-                failed += sum(r["error"] is not None for r in rows)
-                if on_progress is not None:
-                    on_progress(done, len(todo))
+        if tasks:
+            # A local pool has no use for more processes than traces; a cluster sizes itself.
+            sized = workers if executor == "ray" else min(check_workers(workers), len(tasks))
+            with (
+                get_executor(executor, workers=sized, address=address) as runner,
+                jsonl.open("a", encoding="utf-8") as sink,
+                # Closed first on Ctrl-C or an error: tasks not started are cancelled.
+                contextlib.closing(_results(sweep, tasks, runner)) as results,
+            ):
+                for rows in results:
+                    for row in rows:
+                        sink.write(json.dumps(row, default=str) + "\n")
+                    sink.flush()  # finished rows survive Ctrl-C and crashes
+                    done += len(rows)
+                    failed += sum(r["error"] is not None for r in rows)
+                    if on_progress is not None:
+                        on_progress(done, len(todo))
     finally:
         keys = {e.key for e in sweep.experiments}
         stored = [r for r in latest_rows(read_rows(jsonl)) if r["key"] in keys]
@@ -229,19 +258,3 @@ def run_sweep(
         seconds=time.perf_counter() - start,
     )
 
-
-def savings_by_batch_size(rows: list[dict[str, Any]]) -> dict[int, tuple[int, float, float]]:
-    """analyze rows without error -> {batch size: (experiments, mean memory savings, max reuse
-    factor)}."""
-    out: dict[int, list[dict[str, Any]]] = {}
-    for r in rows:
-        if r.get("analysis") == "analyze" and r.get("error") is None:
-            out.setdefault(int(r["batch_size"]), []).append(r)
-    return {
-        b: (
-            len(rs),
-            sum(float(r["memory_savings"]) for r in rs) / len(rs),
-            max(float(r["max_reuse_factor"]) for r in rs),
-        )
-        for b, rs in sorted(out.items())
-    }
