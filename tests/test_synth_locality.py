@@ -1,92 +1,34 @@
-"""Temporal locality in synthetic traces: kept slots carry the previous token's *final* expert,
-fresh slots avoid the kept ones, locality stops at request boundaries, results are exact and
-deterministic however the work is chunked."""
+"""Temporal locality in synthetic traces (generator version 2): kept slots repeat the previous
+token's final expert at the rate the locality asks, fresh slots avoid the kept ones, locality
+stops at request boundaries, and the trace does not depend on chunks, threads or numba."""
 
 from __future__ import annotations
+
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 
 import moeprof
 from moeprof import synth
-from moeprof.synth import _apply_locality
 
 
-def reference(cand: np.ndarray, keep: np.ndarray) -> np.ndarray:
-    """The specification, one token at a time: a kept slot repeats the previous token's final
-    expert in that slot; the fresh slots, in slot order, take the best-ranked draws that no kept
-    slot holds."""
-    n, top_k = cand.shape
-    out = np.empty_like(cand)
-    for t in range(n):
-        kept = {k: int(out[t - 1, k]) for k in range(top_k) if t > 0 and keep[t, k]}
-        free = iter(int(c) for c in cand[t] if int(c) not in kept.values())
-        for k in range(top_k):
-            out[t, k] = kept[k] if k in kept else next(free)
-    return out
+def repeat_rate(trace: moeprof.Trace) -> float:
+    """Fraction of (token, layer, slot) whose expert equals the previous token's in that slot,
+    over tokens that are not a request's first."""
+    ids = trace.expert_ids.astype(int)
+    same_req = trace.request_ids[1:] == trace.request_ids[:-1]
+    return float((ids[1:] == ids[:-1])[same_req].mean())
 
 
-def random_case(
-    rng: np.random.Generator, n: int, n_experts: int, top_k: int, p: float, n_requests: int = 1
-) -> tuple[np.ndarray, np.ndarray]:
-    """Ranked distinct draws and keep flags, with keep False at each request's first token."""
-    cand = np.argsort(rng.random((n, n_experts)), axis=1)[:, :top_k]
-    keep = rng.random((n, top_k)) < p
-    starts = np.sort(rng.choice(np.arange(1, n), size=n_requests - 1, replace=False))
-    keep[np.concatenate(([0], starts))] = False
-    return cand, keep
-
-
-def test_carries_the_final_value_not_the_drawn_one() -> None:
-    # Token 1 keeps slot 0 (expert 3), which its fresh slot 1 also drew, so slot 1 takes its
-    # other draw (5). Token 2 keeps both slots: it must repeat token 1's final experts [3, 5],
-    # not slot 1's drawn 3 (which would collide again).
-    cand = np.array([[3, 1], [5, 3], [7, 6]])
-    keep = np.array([[False, False], [True, False], [True, True]])
-    out = _apply_locality(cand, keep)
-    assert out.tolist() == [[3, 1], [3, 5], [3, 5]]
-    assert np.array_equal(out, reference(cand, keep))
-
-
-@pytest.mark.parametrize(
-    "n_experts, top_k, p",
-    [(8, 2, 0.3), (8, 2, 0.9), (6, 4, 0.5), (8, 8, 0.5), (4, 4, 0.95), (5, 4, 0.8), (16, 1, 0.7)],
-)
-def test_matches_token_by_token_reference(n_experts: int, top_k: int, p: float) -> None:
-    rng = np.random.default_rng(n_experts * 100 + top_k)
-    cand, keep = random_case(rng, 3000, n_experts, top_k, p, n_requests=7)
-    out = _apply_locality(cand, keep)
-    assert np.array_equal(out, reference(cand, keep))
-    # Kept slots hold the previous token's final value; no token names an expert twice.
-    assert (out[1:][keep[1:]] == out[:-1][keep[1:]]).all()
-    assert (np.diff(np.sort(out, axis=1), axis=1) > 0).all()
-
-
-def test_streams_chunks_and_windows_do_not_change_the_result(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    rng = np.random.default_rng(5)
-    cases = [random_case(rng, 2000, 6, 4, 0.8, n_requests=3) for _ in range(3)]
-    expected = np.stack([reference(c, k) for c, k in cases], axis=1)  # [T, streams, top_k]
-    cand = np.stack([c for c, _ in cases], axis=1)
-    keep = np.stack([k for _, k in cases], axis=1)
-    assert np.array_equal(_apply_locality(cand, keep), expected)
-    # In chunks, each continuing from the previous chunk's last final row.
-    parts, carry = [], None
-    for lo in range(0, 2000, 333):
-        parts.append(_apply_locality(cand[lo : lo + 333], keep[lo : lo + 333], carry))
-        carry = parts[-1][-1]
-    assert np.array_equal(np.concatenate(parts), expected)
-    for lo_w, hi_w in ((1, 1), (2, 8), (4096, 4096)):
-        monkeypatch.setattr(synth, "_WINDOW_MIN", lo_w)
-        monkeypatch.setattr(synth, "_WINDOW_MAX", hi_w)
-        assert np.array_equal(_apply_locality(cand, keep), expected)
-
-
-def test_kept_fraction_is_the_locality() -> None:
-    n_experts, p = 256, 0.5
+@pytest.mark.parametrize("p", [0.0, 0.3, 0.8])
+def test_kept_fraction_is_the_locality(p: float) -> None:
+    # Uniform popularity over 256 experts: a fresh slot repeats its previous expert only by
+    # chance, about 1/256 (less: it avoids the token's other experts), so the rate is about
+    # p + (1 - p) / 256.
     t = moeprof.synthesize(
-        n_experts=n_experts,
+        n_experts=256,
         top_k=4,
         n_layers=2,
         n_requests=20,
@@ -95,12 +37,30 @@ def test_kept_fraction_is_the_locality() -> None:
         locality=p,
         seed=11,
     )
-    ids = t.expert_ids.astype(int)
-    same_req = t.request_ids[1:] == t.request_ids[:-1]
-    repeat = (ids[1:] == ids[:-1])[same_req].mean()
-    # A fresh slot repeats its previous expert only by chance (about top_k/experts, ~1.6%).
-    assert p - 0.01 <= repeat <= p + 0.02, repeat
-    assert (np.diff(np.sort(ids, axis=2), axis=2) > 0).all()
+    expected = p + (1 - p) / 256
+    assert repeat_rate(t) == pytest.approx(expected, abs=0.01)
+    assert (np.diff(np.sort(t.expert_ids.astype(int), axis=2), axis=2) > 0).all()
+
+
+def test_locality_with_skew_counts_chance_repeats() -> None:
+    # top-1 of 4 experts with popularity [0.4, 0.3, 0.2, 0.1]: a fresh draw repeats the previous
+    # expert x with probability p_x, and the previous expert is x with probability p_x (the
+    # stationary law of this chain is the popularity), so repeat = L + (1 - L) sum p_x^2.
+    pop = [[4, 3, 2, 1]]
+    t = moeprof.synthesize(
+        n_experts=4,
+        top_k=1,
+        n_layers=1,
+        n_requests=4,
+        tokens_per_request=20_000,
+        popularity=pop,
+        locality=0.5,
+        seed=5,
+    )
+    expected = 0.5 + 0.5 * (0.16 + 0.09 + 0.04 + 0.01)
+    assert repeat_rate(t) == pytest.approx(expected, abs=0.01)
+    share = np.bincount(t.expert_ids[:, 0, 0], minlength=4) / t.n_tokens
+    assert share == pytest.approx([0.4, 0.3, 0.2, 0.1], abs=0.015)
 
 
 def test_locality_never_crosses_requests() -> None:
@@ -134,16 +94,47 @@ def test_synthesized_experts_distinct_and_deterministic(
     assert np.array_equal(a.expert_ids, b.expert_ids)
     ids = a.expert_ids.astype(int)
     assert (np.diff(np.sort(ids, axis=2), axis=2) > 0).all()
+    assert ids.max() < n_experts
     assert not np.array_equal(ids, moeprof.synthesize(**kwargs, seed=5).expert_ids)
+    assert a.meta["source"]["generator_version"] == synth.GENERATOR_VERSION == 2
 
 
-def test_locality_chunks_do_not_change_the_trace(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_chunks_and_threads_do_not_change_the_trace(monkeypatch: pytest.MonkeyPatch) -> None:
     kwargs = dict(
-        n_experts=6, top_k=3, n_layers=2, n_requests=3, tokens_per_request=500, locality=0.8
+        n_experts=6, top_k=3, n_layers=5, n_requests=3, tokens_per_request=500, locality=0.8
     )
     whole = moeprof.synthesize(**kwargs, seed=1).expert_ids
-    monkeypatch.setattr(synth, "_LOCALITY_DECISIONS", 6 * 37)  # 37 tokens per chunk
+    monkeypatch.setattr(synth, "_CHUNK_DECISIONS", 15 * 37)  # 37 tokens per chunk
     assert np.array_equal(moeprof.synthesize(**kwargs, seed=1).expert_ids, whole)
+    monkeypatch.setattr(synth.os, "cpu_count", lambda: 1)  # one thread for all layers
+    assert np.array_equal(moeprof.synthesize(**kwargs, seed=1).expert_ids, whole)
+    monkeypatch.setattr(synth.os, "cpu_count", lambda: 4)  # layers split 1/1/2/1 or so
+    assert np.array_equal(moeprof.synthesize(**kwargs, seed=1).expert_ids, whole)
+
+
+def test_plain_python_gives_the_compiled_trace() -> None:
+    # Where numba is missing the same loop runs as plain Python: same trace, bit for bit.
+    kwargs = dict(
+        n_experts=10,
+        top_k=4,
+        n_layers=2,
+        n_requests=3,
+        tokens_per_request=40,
+        zipf=2.0,
+        locality=0.6,
+        seed=7,
+    )
+    code = (
+        "import sys; sys.modules['numba'] = None\n"
+        "import moeprof, moeprof.synth as s\n"
+        f"t = moeprof.synthesize(**{kwargs!r})\n"
+        "assert s._compiled_fill()[1] is False\n"
+        "sys.stdout.write(t.expert_ids.tobytes().hex())\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout
+    assert bytes.fromhex(out) == moeprof.synthesize(**kwargs).expert_ids.tobytes()
 
 
 def test_popularity_with_locality() -> None:

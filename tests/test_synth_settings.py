@@ -87,8 +87,10 @@ def test_limits_are_accepted() -> None:
         {"n_requests": 1, "tokens_per_request": 10**40},
         {"n_requests": 10**30, "tokens_per_request": 1},
         {"tokens_per_request": 2**24, "n_layers": 32, "top_k": 8, "n_experts": 64},
-        # Few decisions but the Gumbel draws would be tokens x layers x 65535 experts.
-        {"n_experts": 65535, "top_k": 1, "n_layers": 64, "tokens_per_request": 2**12},
+        # Few decisions but popularity tables of layers x 65535 experts.
+        {"n_experts": 65535, "top_k": 1, "n_layers": 512, "tokens_per_request": 1},
+        # Few decisions per token but more tokens than int32 request ids and positions hold.
+        {"n_layers": 1, "top_k": 1, "n_requests": 2**16, "tokens_per_request": 2**15},
     ],
 )
 def test_absurd_sizes_refused_before_allocating(
@@ -105,10 +107,10 @@ def test_absurd_sizes_refused_before_allocating(
 
 
 def test_size_limit_counts_length_spread() -> None:
-    # 16 requests x 2**22 tokens x 2 layers x top-2 = 2**28 decisions: over the limit only once
+    # 16 requests x 2**24 tokens x 4 layers x top-4 = 2**32 decisions: over the limit only once
     # lengths can grow by the spread (and rounding).
-    kwargs = dict(n_experts=8, top_k=2, n_layers=2, n_requests=16, tokens_per_request=2**22)
-    assert 16 * 2**22 * 2 * 2 == synth.MAX_DECISIONS
+    kwargs = dict(n_experts=8, top_k=4, n_layers=4, n_requests=16, tokens_per_request=2**24)
+    assert 16 * 2**24 * 4 * 4 == synth.MAX_DECISIONS
     with pytest.raises(MoeprofError, match="too large"):
         moeprof.synthesize(**kwargs, length_spread=0.5)
 

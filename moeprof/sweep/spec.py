@@ -17,6 +17,7 @@ from moeprof._version import __version__
 from moeprof.batching import check_batch_size
 from moeprof.errors import MoeprofError
 from moeprof.sweep.analyses import REGISTRY
+from moeprof.synth import GENERATOR_VERSION
 
 TOP_KEYS = ("name", "traces", "analyses", "repeats")
 # Sweep-file names of `synthesize` settings -> (keyword, kind, lowest value).
@@ -83,11 +84,15 @@ class Sweep:
 
 def experiment_key(source: TraceSource, analysis: str, settings: Any, batch_size: int) -> str:
     """Stable across runs and machines: the parameters, the trace's identity (a file's content
-    hash; a synthetic trace is determined by its settings and the version) and the version."""
+    hash; a synthetic trace is determined by its settings and the generator's version) and the
+    moeprof version."""
     # A file counts by its name and content, not by the folder it was reached from.
     params = [[k, os.path.basename(v) if k == "path" else v] for k, v in source.params]
+    # A synthetic trace also depends on the generator's version (a new generator, new draws).
+    generator = {"generator_version": GENERATOR_VERSION} if source.kind == "synth" else {}
     identity = {
         "trace": [source.kind, params, source.file_hash, source.repeat],
+        **generator,
         "analysis": analysis,
         "settings": [list(s) for s in settings],
         "batch_size": batch_size,
