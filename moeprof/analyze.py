@@ -54,11 +54,16 @@ def expert_masks(trace: Trace) -> np.ndarray:
     The sentinel maps to an empty set, so skipped slots cost nothing.
     """
     check_expert_ids(trace)
-    ids = trace.expert_ids
-    n_exp = trace.n_experts
+    return masks_from_ids(trace.expert_ids, trace.n_experts)
+
+
+def masks_from_ids(ids: np.ndarray, n_exp: np.ndarray) -> np.ndarray:
+    """:func:`expert_masks` of expert ids [T, L, K] already checked (a whole trace or a chunk of
+    its rows: streaming builds one chunk's bitsets at a time)."""
+    top_k = ids.shape[2]
     e_max = int(n_exp.max())
     n_words = (e_max + _WORD - 1) // _WORD
-    n_layers = trace.n_layers
+    n_layers = ids.shape[1]
     if n_layers * (e_max + 1) * n_words * 8 > _MAX_TABLE_BYTES:
         return _masks_direct(ids, n_exp, n_words)
     # Lookup table [L, e_max + 1, W]: bit e of word e // 64; row n_experts[l] (sentinel) stays empty.
@@ -74,13 +79,13 @@ def expert_masks(trace: Trace) -> np.ndarray:
     if uniform:
         lut = table[0]  # [e_max + 1, W]
         masks = lut[ids[:, :, 0]]
-        for k in range(1, trace.top_k):
+        for k in range(1, top_k):
             masks |= lut[ids[:, :, k]]
     else:
         flat = table.reshape(n_layers * (e_max + 1), n_words)
         offset = (np.arange(n_layers, dtype=np.int64) * (e_max + 1))[None, :]
         masks = flat[offset + ids[:, :, 0]]
-        for k in range(1, trace.top_k):
+        for k in range(1, top_k):
             masks |= flat[offset + ids[:, :, k]]
     return masks
 
@@ -204,8 +209,13 @@ def slots_per_token(trace: Trace, masks: np.ndarray | None = None) -> np.ndarray
     Sentinel slots ("no expert") are not routed, so a token's k can be below top_k. With the
     token bitsets at hand this is their popcount (a token's experts are distinct).
     """
-    ids = trace.expert_ids
-    n_exp = trace.n_experts
+    return routed_slots(trace.expert_ids, trace.n_experts, masks)
+
+
+def routed_slots(
+    ids: np.ndarray, n_exp: np.ndarray, masks: np.ndarray | None = None
+) -> np.ndarray | None:
+    """:func:`slots_per_token` of expert ids [T, L, K] (a trace's, or a chunk of its rows)."""
     if ids.size == 0 or int(ids.max()) < int(n_exp.min()):  # no sentinel anywhere
         return None
     if masks is not None:
@@ -214,54 +224,155 @@ def slots_per_token(trace: Trace, masks: np.ndarray | None = None) -> np.ndarray
     return (ids != sentinel).sum(axis=2, dtype=np.uint16)
 
 
-def _sum_per_batch(values: np.ndarray, plan: BatchPlan) -> np.ndarray:
-    """Σ of per-row values [T, ...] within each batch of `plan`, [n_batches, ...]."""
-    n_rows = plan.n_rows  # a plan may cover only the first batches (replay)
-    if plan.equal_contiguous:
-        # Consecutive equal batches: a reshape and one sum, faster than reduceat.
-        b = min(plan.batch_size, max(n_rows, 1))
-        n_full = n_rows // b
-        full = values[: n_full * b].reshape(n_full, b, *values.shape[1:]).sum(axis=1)
-        if n_full * b == n_rows:
-            return full
-        return np.concatenate((full, values[n_full * b : n_rows].sum(axis=0, keepdims=True)))
-    grouped = values[:n_rows] if plan.is_identity else values[plan.order[:n_rows]]
-    return np.add.reduceat(grouped, plan.starts[:-1], axis=0)
+def batch_of_row(plan: BatchPlan, n_tokens: int) -> np.ndarray:
+    """The batch of each row, int64 [T] (-1 for rows the plan leaves out)."""
+    out = np.full(n_tokens, -1, dtype=np.int64)
+    out[plan.order[: plan.n_rows]] = np.repeat(
+        np.arange(plan.n_batches, dtype=np.int64), plan.batch_tokens
+    )
+    return out
 
 
-def log_miss_per_token(slots: np.ndarray, n_experts: np.ndarray, top_k: int) -> np.ndarray:
-    """log(1 − k_t/E) per token and layer, float64 [T, L], from k_t = `slots` [T, L].
-
-    Summed per batch it is the log of the chance that uniform routing misses one given expert: a
-    product without underflow or a Python loop. k_t = E gives −inf (every expert is touched).
-    Built once per trace and shared by every batch size.
-    """
-    e = n_experts.astype(np.float64)[None, :]
-    with np.errstate(divide="ignore"):
-        table = np.log1p(-np.arange(top_k + 1, dtype=np.float64)[:, None] / e)  # [K+1, L]
-    return table[slots, np.arange(n_experts.shape[0])[None, :]]
+# ------------------------------------------------- uniform expectation with empty slots
+#
+# With sentinels, a batch's chance of missing one expert is a product over its tokens of
+# (1 - k_t/E). It depends only on how many of the batch's tokens route to each k, so it is counted
+# as a histogram of k per (batch, layer): integer counts, exact in any order. That is what lets a
+# streamed trace (chunks, shards) give the same float as the whole trace at once: the float
+# arithmetic runs once, at the end, on the same histograms in the same (sorted) order. Only the
+# (batch, layer) pairs with a token below top_k are stored; every other pair is all top_k.
 
 
-def uniform_unique_per_layer(
-    plan: BatchPlan, n_experts: np.ndarray, top_k: int, log_miss: np.ndarray | None = None
+def short_cell_keys(
+    slots: np.ndarray, batch_of: np.ndarray, top_k: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """The (batch, layer, k) of every token-layer cell routing fewer than top_k experts, as
+    sorted keys ``(batch * L + layer) * top_k + k`` with their counts (int64 each)."""
+    n_layers = slots.shape[1]
+    t_idx, l_idx = np.nonzero(slots < top_k)
+    keys = (batch_of[t_idx] * n_layers + l_idx) * top_k + slots[t_idx, l_idx]
+    uniq, counts = np.unique(keys, return_counts=True)
+    return uniq.astype(np.int64), counts.astype(np.int64)
+
+
+def merge_counts(
+    keys_a: np.ndarray, counts_a: np.ndarray, keys_b: np.ndarray, counts_b: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Two sorted key -> count tables added (keys sorted, counts summed)."""
+    if keys_a.size == 0:
+        return keys_b, counts_b
+    if keys_b.size == 0:
+        return keys_a, counts_a
+    uniq, inverse = np.unique(np.concatenate((keys_a, keys_b)), return_inverse=True)
+    summed = np.zeros(uniq.shape[0], dtype=np.int64)
+    np.add.at(summed, inverse, np.concatenate((counts_a, counts_b)))
+    return uniq, summed
+
+
+def histogram_rows(
+    keys: np.ndarray, counts: np.ndarray, n_layers: int, top_k: int, batch_tokens: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Cell keys of complete batches -> distinct rows ``(layer, batch tokens, n_0..n_{K-1})``
+    (int64 [p, 2 + K], sorted) and how many (batch, layer) pairs have each."""
+    if keys.size == 0:
+        return np.zeros((0, 2 + top_k), dtype=np.int64), np.zeros(0, dtype=np.int64)
+    pair, k = keys // top_k, keys % top_k
+    uniq_pair, inverse = np.unique(pair, return_inverse=True)
+    hist = np.zeros((uniq_pair.shape[0], top_k), dtype=np.int64)
+    hist[inverse, k] = counts  # (pair, k) keys are distinct
+    rows = np.column_stack((uniq_pair % n_layers, batch_tokens[uniq_pair // n_layers], hist))
+    return unique_rows(rows, np.ones(rows.shape[0], dtype=np.int64))
+
+
+def unique_rows(rows: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Distinct rows (sorted) with their counts summed."""
+    if rows.shape[0] == 0:
+        return rows, counts
+    uniq, inverse = np.unique(rows, axis=0, return_inverse=True)
+    summed = np.zeros(uniq.shape[0], dtype=np.int64)
+    np.add.at(summed, inverse.reshape(-1), counts)
+    return uniq, summed
+
+
+def plan_uniform(
+    slots: np.ndarray | None,
+    plan: BatchPlan,
+    n_experts: np.ndarray,
+    top_k: int,
+    short: bool,
 ) -> np.ndarray:
-    """Expected Σ_b distinct experts per layer if each token drew its k experts uniformly.
+    """Expected Σ_b distinct experts per layer under uniform routing, float64 [L], as analyze
+    computes it: the closed form per batch size unless `short` (some token of the trace routes
+    fewer than top_k), then from per-(batch, layer) histograms of the routed slots `slots`
+    [T, L] (:func:`uniform_from_histograms`). A plan may cover only its first rows."""
+    if slots is None or not short:
+        return uniform_unique_per_layer(plan, n_experts, top_k)
+    bid = batch_of_row(plan, slots.shape[0])
+    covered = bid >= 0
+    if not covered.all():
+        slots, bid = slots[covered], bid[covered]
+    keys, counts = short_cell_keys(slots, bid, top_k)
+    rows, row_counts = histogram_rows(keys, counts, slots.shape[1], top_k, plan.batch_tokens)
+    return uniform_from_histograms(rows, row_counts, plan.batch_tokens, n_experts, top_k)
 
-    Token t picks k_t distinct experts of E, so misses expert e with probability 1 − k_t/E; a
-    batch touches E·(1 − Π_t (1 − k_t/E)) distinct experts in expectation, E·(1 − (1 − k/E)^n)
-    when all n tokens route to k. `log_miss` is :func:`log_miss_per_token` (None: k = top_k
-    for every token, the closed form per batch size).
-    """
+
+def uniform_from_histograms(
+    rows: np.ndarray,
+    counts: np.ndarray,
+    batch_tokens: np.ndarray,
+    n_experts: np.ndarray,
+    top_k: int,
+) -> np.ndarray:
+    """Expected Σ_b distinct experts per layer under uniform routing (float64 [L]) from the
+    histograms of the (batch, layer) pairs with short tokens (:func:`histogram_rows`); every
+    other pair's tokens all route top_k. Deterministic in the histograms, whatever order or
+    chunks they were counted in."""
+    n_layers = n_experts.shape[0]
+    sizes, per_size = np.unique(batch_tokens, return_counts=True)
+    full = np.zeros((n_layers * sizes.shape[0], 2 + top_k), dtype=np.int64)
+    full[:, 0] = np.repeat(np.arange(n_layers), sizes.shape[0])
+    full[:, 1] = np.tile(sizes, n_layers)
+    full_count = np.tile(per_size, n_layers).astype(np.int64)
+    if rows.shape[0]:
+        # Pairs with short tokens are not all-top_k pairs: take them off their size's count.
+        at = rows[:, 0] * sizes.shape[0] + np.searchsorted(sizes, rows[:, 1])
+        np.subtract.at(full_count, at, counts)
+    all_rows, all_counts = unique_rows(
+        np.concatenate((full, rows)), np.concatenate((full_count, counts))
+    )
+    keep = all_counts > 0
+    all_rows, all_counts = all_rows[keep], all_counts[keep]
+    layer = all_rows[:, 0]
+    e = n_experts.astype(np.float64)[layer]
+    hist = all_rows[:, 2:]
+    n_top = all_rows[:, 1] - hist.sum(axis=1)
+    log_miss = np.zeros(all_rows.shape[0], dtype=np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        # Σ_k n_k · log(1 − k/E), in a fixed k order; k = E gives −inf (every expert touched).
+        for k in range(top_k + 1):
+            n_k = hist[:, k] if k < top_k else n_top
+            term = n_k * np.log1p(-k / e)
+            log_miss += np.where(n_k > 0, term, 0.0)
+    per_row = e * -np.expm1(log_miss) * all_counts
+    out = np.zeros(n_layers, dtype=np.float64)
+    for layer_index in range(n_layers):  # a sequential sum in row order: the same every time
+        mine = per_row[layer == layer_index]
+        if mine.size:
+            out[layer_index] = np.cumsum(mine)[-1]
+    return out
+
+
+def uniform_unique_per_layer(plan: BatchPlan, n_experts: np.ndarray, top_k: int) -> np.ndarray:
+    """Expected Σ_b distinct experts per layer if each of a batch's n tokens drew top_k distinct
+    experts uniformly: E·(1 − (1 − k/E)^n) per batch, the closed form per batch size. Traces
+    where some token routes fewer than top_k use :func:`plan_uniform`'s histograms instead."""
     e = n_experts.astype(np.float64)[None, :]
     if plan.n_batches == 0:
         return np.zeros(n_experts.shape[0], dtype=np.float64)
-    if log_miss is None:
-        sizes, count = np.unique(plan.batch_tokens, return_counts=True)
-        k = np.minimum(float(top_k), e)
-        per_size = e * (1.0 - np.power(1.0 - k / e, sizes.astype(np.float64)[:, None]))
-        return (per_size * count[:, None]).sum(axis=0)
-    per_batch = _sum_per_batch(log_miss, plan)
-    return (e * -np.expm1(per_batch)).sum(axis=0)
+    sizes, count = np.unique(plan.batch_tokens, return_counts=True)
+    k = np.minimum(float(top_k), e)
+    per_size = e * (1.0 - np.power(1.0 - k / e, sizes.astype(np.float64)[:, None]))
+    return (per_size * count[:, None]).sum(axis=0)
 
 
 # ---------------------------------------------------------------------- results
@@ -340,14 +451,16 @@ def summarize(
     n_experts: np.ndarray,
     top_k: int,
     model_layers: Sequence[int],
-    log_miss: np.ndarray | None = None,
+    uniform: np.ndarray | None = None,
 ) -> BatchSizeResult:
     """Totals and per-layer rows for one batching, from per-layer requests and unique counts.
 
-    `log_miss` (:func:`log_miss_per_token`) makes the uniform expectation use each token's real
-    number of routed experts; the same requests are its denominator.
+    `uniform` (float64 [L]) is the uniform expectation when the caller has it
+    (:func:`plan_uniform`, which counts each token's real number of routed experts); None: the
+    closed form, every token routing to top_k.
     """
-    uniform = uniform_unique_per_layer(plan, n_experts, top_k, log_miss)
+    if uniform is None:
+        uniform = uniform_unique_per_layer(plan, n_experts, top_k)
     # Python ints: byte products cannot overflow, whatever the trace's size.
     req_list, uni_list = [int(x) for x in requests], [int(x) for x in unique]
     sizes = [int(x) for x in expert_bytes]
@@ -438,35 +551,48 @@ def _analyze(trace: Trace, sizes: list[int], batching: Any) -> AnalysisResult:
     slots = slots_per_token(trace, masks)
     if slots is None:  # no empty slot: every token requests top_k experts in every layer
         requests = np.full(trace.n_layers, trace.n_tokens * trace.top_k, dtype=np.int64)
-        log_miss = None
     else:  # sentinels present: requests and the uniform expectation from routed slots
         requests = slots.sum(axis=0, dtype=np.int64)
-        log_miss = log_miss_per_token(slots, trace.n_experts, trace.top_k)
+    # Uniform from per-token k only where some token routes fewer than top_k (else closed form).
+    short = slots is not None and bool((slots < trace.top_k).any())
     layers = trace.moe_layer_indices
     plans = list(batching.plans(trace, sizes))
-    results = tuple(
-        summarize(
-            plan,
-            requests,
+    results = []
+    for plan in plans:
+        uniform = plan_uniform(slots, plan, trace.n_experts, trace.top_k, short)
+        unique = (
             unique_per_layer(masks, plan)
             if masks is not None
-            else sparse_unique_per_layer(trace, plan),
-            trace.expert_bytes,
-            trace.n_experts,
-            trace.top_k,
-            layers,
-            log_miss,
+            else sparse_unique_per_layer(trace, plan)
         )
-        for plan in plans
-    )
+        results.append(
+            summarize(
+                plan,
+                requests,
+                unique,
+                trace.expert_bytes,
+                trace.n_experts,
+                trace.top_k,
+                layers,
+                uniform=uniform,
+            )
+        )
+    notes = analysis_notes(batching, plans, trace.n_requests, trace.n_tokens)
+    return AnalysisResult(trace=trace_summary(trace), results=tuple(results), notes=notes)
+
+
+def analysis_notes(
+    batching: Any, plans: Sequence[BatchPlan], n_requests: int, n_tokens: int
+) -> tuple[str, ...]:
+    """Sentences about the results as a whole (batch sizes no batch ever filled)."""
     notes: list[str] = []
     if batching.takes_batch_size:
         short = [p for p in plans if p.n_batches and int(p.batch_tokens.max()) < p.batch_size]
         if short:
             most = max(int(p.batch_tokens.max()) for p in short)
             why = (
-                f" (one per request, and the trace has {_count(trace.n_requests, 'request')})"
-                if most == trace.n_requests and most < trace.n_tokens
+                f" (one per request, and the trace has {_count(n_requests, 'request')})"
+                if most == n_requests and most < n_tokens
                 else ""
             )
             unfilled = ", ".join(str(p.batch_size) for p in short)
@@ -474,4 +600,4 @@ def _analyze(trace: Trace, sizes: list[int], batching: Any) -> AnalysisResult:
                 f"{batching.name} batches hold at most {_count(most, 'token')}{why}: "
                 f"batch size{'s' if len(short) > 1 else ''} {unfilled} never filled"
             )
-    return AnalysisResult(trace=trace_summary(trace), results=results, notes=tuple(notes))
+    return tuple(notes)

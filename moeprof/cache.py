@@ -22,13 +22,13 @@ import functools
 import math
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import numpy as np
 
 from moeprof._version import __version__
-from moeprof.analyze import expert_masks, trace_summary, unique_per_batch
+from moeprof.analyze import masks_from_ids, unique_per_batch
 from moeprof.batching import check_batch_sizes, get_policy
 from moeprof.errors import MoeprofError
 from moeprof.strategies import REGISTRY, check_cache_experts, check_strategies
@@ -40,7 +40,8 @@ from moeprof.strategies.retention import (
     map_threads,
 )
 from moeprof.strategies.schedule import Distinct, distinct_per_batch, expert_requests
-from moeprof.trace import PHASE_DECODE, PHASE_PREFILL, Trace
+from moeprof.stream import TraceSource, as_source, source_summary
+from moeprof.trace import PHASE_DECODE, PHASE_PREFILL, Trace, out_of_range_id
 
 BUDGETS = ("per-layer", "global")
 COUNTS = ("batch", "access")
@@ -222,6 +223,42 @@ def select_phase(trace: Trace, phase: str) -> Trace:
     )
 
 
+def select_phase_rows(columns: Trace, phase: str) -> tuple[Trace, np.ndarray | None]:
+    """:func:`select_phase` of a trace's per-token columns only (its expert ids are not read:
+    they may be a placeholder), and the rows kept (None: all)."""
+    _choice(phase, PHASES, "phase")
+    if phase == "all" or (columns.phase is None and phase == "decode"):
+        return columns, None
+    if columns.phase is None:
+        raise MoeprofError(
+            "phase 'prefill': the trace records no phases, so all its rows count as decode"
+        )
+    keep = np.flatnonzero(columns.phase == (PHASE_DECODE if phase == "decode" else PHASE_PREFILL))
+    if keep.size == 0:
+        raise MoeprofError(f"phase {phase!r}: the trace has no {phase} rows")
+    if keep.size == columns.n_tokens:
+        return columns, None
+
+    def rows(arr: np.ndarray | None) -> np.ndarray | None:
+        return None if arr is None else np.ascontiguousarray(arr[keep])
+
+    placeholder = np.broadcast_to(
+        np.zeros((1, columns.n_layers, columns.top_k), dtype=columns.expert_ids.dtype),
+        (keep.size, columns.n_layers, columns.top_k),
+    )
+    sub = Trace(
+        expert_ids=placeholder,
+        request_ids=np.ascontiguousarray(columns.request_ids[keep]),
+        positions=np.ascontiguousarray(columns.positions[keep]),
+        n_experts=columns.n_experts,
+        expert_bytes=columns.expert_bytes,
+        steps=rows(columns.steps),
+        phase=rows(columns.phase),
+        meta=columns.meta,
+    )
+    return sub, keep
+
+
 def requests_per_expert(trace: Trace) -> list[np.ndarray]:
     """Requests of each expert over the whole trace, per layer (static's profile)."""
     return [expert_requests(trace, layer) for layer in range(trace.n_layers)]
@@ -271,14 +308,35 @@ def _ratio(part: float, whole: float) -> float:
 # ---------------------------------------------------------------------- memory
 
 
-def widest_working_sets(trace: Trace, batch_sizes: Sequence[int], policy: str) -> np.ndarray:
+def widest_working_sets(
+    trace: Trace | TraceSource,
+    batch_sizes: Sequence[int],
+    policy: str,
+    keep: np.ndarray | None = None,
+    columns: Trace | None = None,
+) -> np.ndarray:
     """Per layer, the most distinct experts one batch uses, over every batch size given
-    (int64 [L]): what the device holds for the running batch whatever the cache keeps."""
-    masks = expert_masks(trace)
-    widest = np.zeros(trace.n_layers, dtype=np.int64)
-    for plan in get_policy(policy).plans(trace, check_batch_sizes(batch_sizes)):
-        per_batch = unique_per_batch(masks, plan)
-        widest = np.maximum(widest, per_batch.max(axis=0, initial=0))
+    (int64 [L]): what the device holds for the running batch whatever the cache keeps.
+
+    One layer's bitsets at a time; `keep` (rows) and `columns` (their per-token columns, as
+    :func:`select_phase_rows` gives) restrict it to some rows."""
+    source = as_source(trace)
+    if columns is None:
+        columns = source.columns()
+    plans = get_policy(policy).plans(columns, check_batch_sizes(batch_sizes))
+    widest = np.zeros(source.n_layers, dtype=np.int64)
+    for layer in range(source.n_layers):
+        ids = source.layer_ids(layer)
+        if keep is not None:
+            ids = ids[keep]
+        one = ids[:, None, :]
+        problem = out_of_range_id(one, source.n_experts[layer : layer + 1])
+        if problem:
+            raise MoeprofError(problem)
+        masks = masks_from_ids(one, source.n_experts[layer : layer + 1])
+        for plan in plans:
+            per_batch = unique_per_batch(masks, plan)
+            widest[layer] = max(int(widest[layer]), int(per_batch.max(initial=0)))
     return widest
 
 
@@ -293,21 +351,27 @@ class MemoryFit:
 
 
 def capacity_for_memory(
-    trace: Trace, memory_bytes: int, batch_sizes: Sequence[int], policy: str, *, phase: str = "all"
+    trace: Trace | TraceSource,
+    memory_bytes: int,
+    batch_sizes: Sequence[int],
+    policy: str,
+    *,
+    phase: str = "all",
 ) -> MemoryFit:
     """C per layer that `memory_bytes` of device memory holds under the per-layer budget: each
     layer keeps C retained experts plus its widest batch's working set,
     C = floor((memory - sum_l W_l * bytes_l) / sum_l bytes_l)."""
-    if not trace.expert_bytes_known:
+    source = as_source(trace)
+    if not bool((source.expert_bytes > 0).all()):
         raise MoeprofError(
             "memory_bytes needs every layer's expert size, and the trace does not record them "
             "(set them when importing or recording)"
         )
     if memory_bytes <= 0:
         raise MoeprofError(f"memory_bytes must be positive, got {memory_bytes}")
-    sub = select_phase(trace, phase)
-    widest = widest_working_sets(sub, batch_sizes, policy)
-    sizes = [int(b) for b in trace.expert_bytes]
+    columns, keep = select_phase_rows(source.columns(), phase)
+    widest = widest_working_sets(source, batch_sizes, policy, keep, columns)
+    sizes = [int(b) for b in source.expert_bytes]
     working = sum(int(w) * b for w, b in zip(widest.tolist(), sizes))
     per_expert = sum(sizes)
     if memory_bytes < working:
@@ -316,14 +380,14 @@ def capacity_for_memory(
         raise MoeprofError(
             f"{human_bytes(memory_bytes)} cannot hold one batch's working set: the widest batch "
             f"needs {human_bytes(working)} ({working:,} bytes) of experts across the "
-            f"{trace.n_layers} MoE layers before any expert is cached"
+            f"{source.n_layers} MoE layers before any expert is cached"
         )
     # Beyond every expert of the widest layer more room retains nothing more.
     fits = (int(memory_bytes) - working) // per_expert
     return MemoryFit(
         memory_bytes=int(memory_bytes),
-        cache_experts=min(fits, int(trace.n_experts.max())),
-        all_experts_fit=fits >= int(trace.n_experts.max()),
+        cache_experts=min(fits, int(source.n_experts.max())),
+        all_experts_fit=fits >= int(source.n_experts.max()),
         working_set_bytes=working,
         bytes_per_cached_expert=per_expert,
         widest=tuple(int(w) for w in widest),
@@ -435,7 +499,7 @@ class _Counts:
 
 
 def simulate_cache(
-    trace: Trace,
+    trace: Trace | TraceSource,
     strategies: Sequence[str] = DEFAULT_CACHE_STRATEGIES,
     capacities: Sequence[int] = (0, 1, 2, 4),
     batch_sizes: Sequence[int] = (1, 8),
@@ -450,6 +514,7 @@ def simulate_cache(
     capacity_spellings: Mapping[int, str] | None = None,
     link_gbps: float | None = None,
     on_progress: Callable[[int, int], None] | None = None,
+    stream: bool = False,
 ) -> CacheResult:
     """Loads of each strategy x capacity x batch size on `trace` (docs/cache.md).
 
@@ -460,6 +525,10 @@ def simulate_cache(
     ``capacity_spellings`` names how each C was asked for (the results say it).
     ``link_gbps`` adds a projection of each row's link time per token. ``on_progress(done,
     total)`` is called after each simulation.
+
+    `trace` may be shards (:mod:`moeprof.shards`). ``stream=True`` with the per-layer budget reads
+    one layer's expert ids at a time (memory: one layer and the plans, docs/scale.md); the
+    results are identical. A global pool spans every layer, so it is simulated in memory.
     """
     get_policy(policy)
     sizes = check_batch_sizes(batch_sizes)
@@ -474,57 +543,77 @@ def simulate_cache(
         raise MoeprofError("no capacities given")
     if link_gbps is not None and not (isinstance(link_gbps, (int, float)) and link_gbps > 0):
         raise MoeprofError(f"link_gbps must be a positive number, got {link_gbps!r}")
-    if trace.n_tokens == 0:
+    source = as_source(trace)
+    if source.n_tokens == 0:
         raise MoeprofError("the trace is empty (no tokens)")
-    if budget == "global" and capacity_unit == "bytes" and not trace.expert_bytes_known:
+    expert_bytes = source.expert_bytes
+    bytes_known = bool((expert_bytes > 0).all())
+    if budget == "global" and capacity_unit == "bytes" and not bytes_known:
         raise MoeprofError("capacity_unit 'bytes' needs every layer's expert size")
-    sub = select_phase(trace, phase)
+    streamed = stream and budget == "per-layer"
     if popularity_from is not None:
-        _check_profile(trace, popularity_from)
-        profile = requests_per_expert(popularity_from)
-    else:
-        profile = requests_per_expert(sub)
+        _check_profile(source.columns(), popularity_from)
     spellings = {int(k): str(v) for k, v in (capacity_spellings or {}).items()}
     simulated = [
         n for n in REGISTRY if REGISTRY[n].uses_cache and (n in chosen or n in (GAP_FROM, GAP_TO))
     ]
-    n_layers = sub.n_layers
-    ebytes = [int(b) for b in sub.expert_bytes]
-    bytes_known = sub.expert_bytes_known
+    ebytes = [int(b) for b in expert_bytes]
     weights_differ = len(set(ebytes)) > 1
-    model_layers = sub.moe_layer_indices
-    total = len(sizes) * len(simulated) * len(caps)
-    done = 0
+    batching = get_policy(policy)
+    if streamed:
+        columns, keep = select_phase_rows(source.columns(), phase)
+        profile = None if popularity_from is None else requests_per_expert(popularity_from)
+        counted = _layer_streamed_counts(
+            source,
+            columns,
+            keep,
+            batching,
+            sizes,
+            simulated,
+            caps,
+            warm,
+            count,
+            profile,
+            on_progress,
+        )
+        tokens_simulated = columns.n_tokens
+    else:
+        sub = select_phase(source.to_trace(), phase)
+        profile = (
+            requests_per_expert(popularity_from)
+            if popularity_from is not None
+            else requests_per_expert(sub)
+        )
+        counted = _in_memory_counts(
+            sub,
+            batching,
+            sizes,
+            simulated,
+            caps,
+            warm,
+            count,
+            budget,
+            capacity_unit,
+            profile,
+            on_progress,
+        )
+        tokens_simulated = sub.n_tokens
+    model_layers = source.columns().moe_layer_indices
     rows: list[CacheRow] = []
     working_sets: list[WorkingSet] = []
     gaps: list[GapRow] = []
-    batching = get_policy(policy)
-
-    for plan in batching.plans(sub, sizes):
-        distinct = [distinct_per_batch(sub, plan, layer) for layer in range(n_layers)]
-        tokens = int(plan.batch_tokens.sum())
-        requests = np.array([int(d.tokens.sum()) for d in distinct], dtype=np.int64)
-        unique = np.array([d.expert.shape[0] for d in distinct], dtype=np.int64)
-        working_sets += _working_sets(distinct, plan.batch_size, model_layers)
-        first = [_first_use(d) for d in distinct]
-        # References: no cache. Warm: the device starts with what first uses need.
-        dedup = unique - (np.array([int(f.sum()) for f in first]) if warm else 0)
-        naive = requests - (
-            np.array([int(d.tokens[f].sum()) for d, f in zip(distinct, first)]) if warm else 0
-        )
-        lookups = requests if count == "access" else unique
-        built = _build(distinct, sub, budget, capacity_unit, profile)
-
+    for plan_counts in counted:
+        working_sets += plan_counts.working_sets
         ctx = _Counts(
-            batch_size=plan.batch_size,
-            policy=plan.policy,
-            n_batches=plan.n_batches,
-            tokens=tokens,
-            requests=requests,
-            unique=unique,
-            naive=naive,
-            dedup=dedup,
-            lookups=lookups,
+            batch_size=plan_counts.batch_size,
+            policy=plan_counts.policy,
+            n_batches=plan_counts.n_batches,
+            tokens=plan_counts.tokens,
+            requests=plan_counts.requests,
+            unique=plan_counts.unique,
+            naive=plan_counts.naive,
+            dedup=plan_counts.dedup,
+            lookups=plan_counts.requests if count == "access" else plan_counts.unique,
             budget=budget,
             capacity_unit=capacity_unit,
             ebytes=tuple(ebytes),
@@ -533,10 +622,137 @@ def simulate_cache(
             spellings=spellings,
             link_gbps=link_gbps,
         )
-        row = ctx.row
-        for name in REFERENCES:
-            if name in chosen:
-                rows.append(row(name, 0, naive if name == "naive" else dedup, None))
+        rows += _plan_rows(ctx, plan_counts.loads_of, chosen, simulated, caps, gaps)
+
+    settings = {
+        "strategies": list(chosen),
+        "capacities": [{"cache_experts": c, "spelling": spellings.get(c, str(c))} for c in caps],
+        "batch_sizes": sizes,
+        "policy": policy,
+        "budget": budget,
+        "capacity_unit": capacity_unit,
+        "count": count,
+        "lookups": "requests" if count == "access" else "unique",
+        "warm": bool(warm),
+        "phase": phase,
+        "tokens_simulated": tokens_simulated,
+        "popularity_from": None
+        if popularity_from is None
+        else str((popularity_from.meta.get("model") or {}).get("id") or "another trace"),
+        "belady_is_bound": not (budget == "global" and capacity_unit == "bytes" and weights_differ),
+        "link_gbps": None if link_gbps is None else float(link_gbps),
+    }
+    return CacheResult(
+        trace=source_summary(source),
+        settings=settings,
+        rows=tuple(rows),
+        working_sets=tuple(working_sets),
+        gaps=tuple(gaps),
+    )
+
+
+@dataclass
+class _PlanCounts:
+    """One batch size's counts, however they were gathered (all layers at once, or one by one)."""
+
+    batch_size: int
+    policy: str
+    n_batches: int
+    tokens: int
+    requests: np.ndarray  # int64 [L]
+    unique: np.ndarray  # int64 [L]
+    naive: np.ndarray  # int64 [L]
+    dedup: np.ndarray  # int64 [L]
+    working_sets: list[WorkingSet]
+    loads_of: dict[str, dict[int, np.ndarray]]  # strategy -> C -> loads per layer
+
+
+def _plan_rows(
+    ctx: _Counts,
+    loads_of: dict[str, dict[int, np.ndarray]],
+    chosen: Sequence[str],
+    simulated: Sequence[str],
+    caps: Sequence[int],
+    gaps: list[GapRow],
+) -> list[CacheRow]:
+    """One batch size's rows (references, then each C's strategies); its gap rows go to `gaps`."""
+    rows: list[CacheRow] = []
+    row = ctx.row
+    for name in REFERENCES:
+        if name in chosen:
+            rows.append(row(name, 0, ctx.naive if name == "naive" else ctx.dedup, None))
+    have_gap = GAP_FROM in loads_of and GAP_TO in loads_of
+    for cap in caps:
+        lru = int(loads_of[GAP_FROM][cap].sum()) if have_gap else 0
+        bel = int(loads_of[GAP_TO][cap].sum()) if have_gap else 0
+        captured: dict[str, float | None] = {}
+        for name in simulated:
+            if name not in chosen:
+                continue
+            loads = int(loads_of[name][cap].sum())
+            share = (lru - loads) / (lru - bel) if have_gap and lru != bel else None
+            captured[name] = share
+            rows.append(row(name, cap, loads_of[name][cap], share))
+        if have_gap:
+            total_lookups = int(ctx.lookups.sum())
+            lru_hit = 1.0 - _ratio(lru, total_lookups)
+            bel_hit = 1.0 - _ratio(bel, total_lookups)
+            gaps.append(
+                GapRow(
+                    batch_size=ctx.batch_size,
+                    cache_experts=cap,
+                    lru_loads=lru,
+                    belady_loads=bel,
+                    lru_hit_rate=lru_hit,
+                    belady_hit_rate=bel_hit,
+                    gap_loads=lru - bel,
+                    gap_points=100.0 * (bel_hit - lru_hit),
+                    captured=captured,
+                )
+            )
+    return rows
+
+
+def _reference_counts(
+    distinct: Sequence[Distinct], warm: bool
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """requests, unique, naive and dedup loads per layer of the layers in `distinct`."""
+    requests = np.array([int(d.tokens.sum()) for d in distinct], dtype=np.int64)
+    unique = np.array([d.expert.shape[0] for d in distinct], dtype=np.int64)
+    first = [_first_use(d) for d in distinct]
+    # References: no cache. Warm: the device starts with what first uses need.
+    dedup = unique - (np.array([int(f.sum()) for f in first]) if warm else 0)
+    naive = requests - (
+        np.array([int(d.tokens[f].sum()) for d, f in zip(distinct, first)]) if warm else 0
+    )
+    return requests, unique, naive, dedup
+
+
+def _in_memory_counts(
+    sub: Trace,
+    batching: Any,
+    sizes: list[int],
+    simulated: Sequence[str],
+    caps: Sequence[int],
+    warm: bool,
+    count: str,
+    budget: str,
+    capacity_unit: str,
+    profile: Sequence[np.ndarray],
+    on_progress: Callable[[int, int], None] | None,
+) -> list[_PlanCounts]:
+    """Every layer's sequences of one batch size at once, layers simulated side by side."""
+    n_layers = sub.n_layers
+    ebytes = [int(b) for b in sub.expert_bytes]
+    model_layers = sub.moe_layer_indices
+    total = len(sizes) * len(simulated) * len(caps)
+    done = 0
+    out: list[_PlanCounts] = []
+    for plan in batching.plans(sub, sizes):
+        distinct = [distinct_per_batch(sub, plan, layer) for layer in range(n_layers)]
+        requests, unique, naive, dedup = _reference_counts(distinct, warm)
+        working = _working_sets(distinct, plan.batch_size, model_layers)
+        built = _build(distinct, sub, budget, capacity_unit, profile)
         loads_of: dict[str, dict[int, np.ndarray]] = {}
         for name in simulated:
             strategy = REGISTRY[name]
@@ -555,62 +771,117 @@ def simulate_cache(
                 done += 1
                 if on_progress is not None:
                     on_progress(done, total)
-        have_gap = GAP_FROM in loads_of and GAP_TO in loads_of
-        for cap in caps:
-            lru = int(loads_of[GAP_FROM][cap].sum()) if have_gap else 0
-            bel = int(loads_of[GAP_TO][cap].sum()) if have_gap else 0
-            captured: dict[str, float | None] = {}
-            for name in simulated:
-                if name not in chosen:
-                    continue
-                loads = int(loads_of[name][cap].sum())
-                share = (lru - loads) / (lru - bel) if have_gap and lru != bel else None
-                captured[name] = share
-                rows.append(row(name, cap, loads_of[name][cap], share))
-            if have_gap:
-                total_lookups = int(lookups.sum())
-                lru_hit = 1.0 - _ratio(lru, total_lookups)
-                bel_hit = 1.0 - _ratio(bel, total_lookups)
-                gaps.append(
-                    GapRow(
-                        batch_size=plan.batch_size,
-                        cache_experts=cap,
-                        lru_loads=lru,
-                        belady_loads=bel,
-                        lru_hit_rate=lru_hit,
-                        belady_hit_rate=bel_hit,
-                        gap_loads=lru - bel,
-                        gap_points=100.0 * (bel_hit - lru_hit),
-                        captured=captured,
-                    )
-                )
+        out.append(
+            _PlanCounts(
+                plan.batch_size,
+                plan.policy,
+                plan.n_batches,
+                int(plan.batch_tokens.sum()),
+                requests,
+                unique,
+                naive,
+                dedup,
+                working,
+                loads_of,
+            )
+        )
         del distinct, built  # one batch size's sequences at a time
+    return out
 
-    settings = {
-        "strategies": list(chosen),
-        "capacities": [{"cache_experts": c, "spelling": spellings.get(c, str(c))} for c in caps],
-        "batch_sizes": sizes,
-        "policy": policy,
-        "budget": budget,
-        "capacity_unit": capacity_unit,
-        "count": count,
-        "lookups": "requests" if count == "access" else "unique",
-        "warm": bool(warm),
-        "phase": phase,
-        "tokens_simulated": sub.n_tokens,
-        "popularity_from": None
-        if popularity_from is None
-        else str((popularity_from.meta.get("model") or {}).get("id") or "another trace"),
-        "belady_is_bound": not (budget == "global" and capacity_unit == "bytes" and weights_differ),
-        "link_gbps": None if link_gbps is None else float(link_gbps),
-    }
-    return CacheResult(
-        trace=trace_summary(trace),
-        settings=settings,
-        rows=tuple(rows),
-        working_sets=tuple(working_sets),
-        gaps=tuple(gaps),
+
+def layer_trace(columns: Trace, ids: np.ndarray, layer: int) -> Trace:
+    """One layer of a trace as a one-layer Trace (ids [T, K]; the columns' rows)."""
+    return Trace(
+        expert_ids=ids[:, None, :],
+        request_ids=columns.request_ids,
+        positions=columns.positions,
+        steps=columns.steps,
+        phase=columns.phase,
+        n_experts=columns.n_experts[layer : layer + 1],
+        expert_bytes=columns.expert_bytes[layer : layer + 1],
+        meta={},
     )
+
+
+def _layer_streamed_counts(
+    source: TraceSource,
+    columns: Trace,
+    keep: np.ndarray | None,
+    batching: Any,
+    sizes: list[int],
+    simulated: Sequence[str],
+    caps: Sequence[int],
+    warm: bool,
+    count: str,
+    profile: Sequence[np.ndarray] | None,
+    on_progress: Callable[[int, int], None] | None,
+) -> list[_PlanCounts]:
+    """The per-layer budget one layer at a time: each layer's ids are read once and serve every
+    batch size, strategy and capacity (layers are independent under this budget)."""
+    n_layers = source.n_layers
+    model_layers = columns.moe_layer_indices
+    plans = batching.plans(columns, sizes)
+    n_plans = len(plans)
+    requests = np.zeros((n_plans, n_layers), dtype=np.int64)
+    unique, naive, dedup = np.zeros_like(requests), np.zeros_like(requests), np.zeros_like(requests)
+    working: list[list[WorkingSet]] = [[] for _ in plans]
+    loads = {
+        name: {cap: np.zeros((n_plans, n_layers), dtype=np.int64) for cap in caps}
+        for name in simulated
+    }
+    jobs_per_layer = n_plans * len(simulated) * len(caps)
+    total, done = n_layers * jobs_per_layer, 0
+    for layer in range(n_layers):
+        ids = source.layer_ids(layer)
+        if keep is not None:
+            ids = ids[keep]
+        one = layer_trace(columns, ids, layer)
+        n_exp = int(columns.n_experts[layer])
+        popularity = expert_requests(one, 0) if profile is None else profile[layer]
+        jobs: list[tuple[int, str, int, AccessSequence, np.ndarray, np.ndarray]] = []
+        for p, plan in enumerate(plans):
+            d = distinct_per_batch(one, plan, 0)
+            r, u, nv, dd = _reference_counts([d], warm)
+            requests[p, layer], unique[p, layer] = r[0], u[0]
+            naive[p, layer], dedup[p, layer] = nv[0], dd[0]
+            (ws,) = _working_sets([d], plan.batch_size, [model_layers[layer]])
+            working[p].append(replace(ws, layer=layer))
+            seq = layer_sequence(d, n_exp)
+            item_layer = np.zeros(d.expert.shape[0], dtype=np.int64)
+            for name in simulated:
+                for cap in caps:
+                    jobs.append((p, name, cap, seq, item_layer, popularity))
+        del ids, one
+
+        def run(job: tuple[int, str, int, AccessSequence, np.ndarray, np.ndarray]) -> int:
+            _, name, cap, seq, item_layer, popularity = job
+            strategy = REGISTRY[name]
+            assert isinstance(strategy, RetainingStrategy)
+            counted = _simulate_one(
+                strategy, cap, warm, 1, count == "access", (seq, item_layer, popularity)
+            )
+            return int(counted[0])
+
+        for job, counted in zip(jobs, map_threads(run, jobs)):  # simulations side by side
+            loads[job[1]][job[2]][job[0], layer] = counted
+        done += jobs_per_layer
+        if on_progress is not None:
+            on_progress(done, total)
+    return [
+        _PlanCounts(
+            plan.batch_size,
+            plan.policy,
+            plan.n_batches,
+            int(plan.batch_tokens.sum()),
+            requests[p],
+            unique[p],
+            naive[p],
+            dedup[p],
+            working[p],
+            {name: {cap: loads[name][cap][p] for cap in caps} for name in simulated},
+        )
+        for p, plan in enumerate(plans)
+    ]
 
 
 def _pool(cap: int, budget: str, unit: str, n_layers: int, ebytes: Sequence[int]) -> int:

@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 
 from moeprof._version import __version__
-from moeprof.analyze import expert_masks, trace_summary, unique_per_batch
+from moeprof.analyze import masks_from_ids, unique_per_batch
 from moeprof.batching import check_batch_sizes
 from moeprof.batching.serve import (
     DEFAULT_MAX_TOKENS_PER_STEP,
@@ -47,12 +47,14 @@ from moeprof.batching.serve import (
     check_seed,
     request_table,
 )
+from moeprof.cache import layer_trace
 from moeprof.errors import MoeprofError
 from moeprof.strategies import REGISTRY
 from moeprof.strategies.retaining import RetainingStrategy
 from moeprof.strategies.retention import layer_sequence, map_threads
 from moeprof.strategies.schedule import distinct_per_batch, expert_requests
-from moeprof.trace import PHASE_DECODE, Trace
+from moeprof.stream import TraceSource, as_source, source_summary
+from moeprof.trace import PHASE_DECODE, Trace, out_of_range_id
 
 ADMISSIONS = ("fifo", "random", "affinity", "oracle", "group", "group-oracle")
 BASELINE = "fifo"
@@ -73,23 +75,25 @@ GRAM_MAX_REQUESTS = 8192
 # ---------------------------------------------------------------------- signatures
 
 
-def signatures(trace: Trace, table: Requests, *, future: bool) -> np.ndarray:
+def signatures(trace: Trace | TraceSource, table: Requests, *, future: bool) -> np.ndarray:
     """Per-request expert histograms, float32 [R, L·E_max], each row summing to 1 (0 when the
-    request has no rows counted): over the prompt rows, or over every row when `future`."""
+    request has no rows counted): over the prompt rows, or over every row when `future`.
+    Reads one layer's expert ids at a time."""
+    source = as_source(trace)
     n_req = table.n_requests
-    e_max = int(trace.n_experts.max())
-    width = trace.n_layers * e_max
+    e_max = int(source.n_experts.max())
+    width = source.n_layers * e_max
     if n_req == 0:
         return np.zeros((0, width), dtype=np.float32)
     req_index = np.repeat(np.arange(n_req, dtype=np.int64), table.length)
-    rank = np.arange(trace.n_tokens, dtype=np.int64) - table.first[req_index]
-    counted = np.ones(trace.n_tokens, bool) if future else rank < table.prompt[req_index]
+    rank = np.arange(source.n_tokens, dtype=np.int64) - table.first[req_index]
+    counted = np.ones(source.n_tokens, bool) if future else rank < table.prompt[req_index]
     rows = np.flatnonzero(counted)
     owner = req_index[rows][:, None]
     out = np.zeros((n_req, width), dtype=np.float32)
-    for layer in range(trace.n_layers):  # one layer's histogram at a time bounds the memory
-        ids = np.asarray(trace.expert_ids[rows, layer, :], dtype=np.int64)
-        routed = ids != int(trace.n_experts[layer])
+    for layer in range(source.n_layers):  # one layer's histogram at a time bounds the memory
+        ids = np.asarray(source.layer_ids(layer)[rows], dtype=np.int64)
+        routed = ids != int(source.n_experts[layer])
         keys = (owner * e_max + ids)[routed]
         counts = np.bincount(keys, minlength=n_req * e_max).reshape(n_req, e_max)
         out[:, layer * e_max : (layer + 1) * e_max] = counts
@@ -292,7 +296,12 @@ def _ratio(part: float, whole: float) -> float:
 
 
 def admission_for(
-    name: str, trace: Trace, table: Requests, batch_size: int, seed: int, sigs: dict[str, Any]
+    name: str,
+    trace: Trace | TraceSource,
+    table: Requests,
+    batch_size: int,
+    seed: int,
+    sigs: dict[str, Any],
 ) -> Admission:
     """The admission object for `name` (signatures built once per trace, in `sigs`)."""
     if name == "fifo":
@@ -325,8 +334,36 @@ def cache_loads(
     return np.asarray(map_threads(one, range(trace.n_layers)), dtype=np.int64)
 
 
+def _layer_loads(
+    source: TraceSource, runs: Sequence[ServeRun], cache: tuple[str, int] | None
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Distinct experts (dedup loads) and cache loads, int64 [runs, L], one layer's expert ids
+    at a time: a layer's bitsets, and its sequences, serve every run."""
+    columns = source.columns()
+    n_layers = source.n_layers
+    loads = np.zeros((len(runs), n_layers), dtype=np.int64)
+    cached = None if cache is None else np.zeros_like(loads)
+    for layer in range(n_layers):
+        ids = source.layer_ids(layer)
+        n_exp = source.n_experts[layer : layer + 1]
+        problem = out_of_range_id(ids[:, None, :], n_exp)
+        if problem:
+            raise MoeprofError(problem)
+        masks = masks_from_ids(ids[:, None, :], n_exp)
+        for r, run in enumerate(runs):
+            loads[r, layer] = int(unique_per_batch(masks, run.plan).sum())
+        del masks
+        if cache is not None and cached is not None:
+            one = layer_trace(columns, ids, layer)
+            popularity = [expert_requests(one, 0)]
+            cached[:, layer] = [
+                int(cache_loads(one, run, cache[0], cache[1], popularity)[0]) for run in runs
+            ]
+    return loads, cached
+
+
 def schedule(
-    trace: Trace,
+    trace: Trace | TraceSource,
     batch_sizes: Sequence[int] = (8, 32),
     admissions: Sequence[str] = ("fifo", "random", "affinity", "oracle"),
     *,
@@ -337,7 +374,11 @@ def schedule(
     cache: tuple[str, int] | None = None,
     on_progress: Callable[[int, int], None] | None = None,
 ) -> ScheduleResult:
-    """Serve `trace` under each admission policy and B (module docstring; docs/schedule.md)."""
+    """Serve `trace` under each admission policy and B (module docstring; docs/schedule.md).
+
+    `trace` may be shards (:mod:`moeprof.shards`): the simulation reads the per-token columns,
+    and expert ids are read one layer at a time (signatures, loads, cache), so memory holds one
+    layer's ids, the runs' plans and the signatures (R x L x E floats), never the whole trace."""
     sizes = check_batch_sizes(batch_sizes)
     chosen = check_admissions(admissions)
     max_wait = check_max_wait(max_wait)
@@ -345,6 +386,8 @@ def schedule(
     serving = ServePolicy(max_tokens_per_step, arrival_rate, seed)
     if cache is not None:
         cache = parse_cache(f"{cache[0]}:{cache[1]}")
+    source = as_source(trace)
+    trace = source.columns()  # per-token columns; expert ids only through `source`
     if trace.n_tokens == 0:
         raise MoeprofError("the trace is empty (no tokens)")
     if arrival_rate is not None and any(n.startswith("group") for n in chosen):
@@ -352,7 +395,6 @@ def schedule(
             "grouping plans a fixed pool: leave out arrival_rate, or the group admissions"
         )
     table = request_table(trace)
-    masks = expert_masks(trace)
     ebytes = [int(b) for b in trace.expert_bytes]
     bytes_known = trace.expert_bytes_known
     decode_rows = (
@@ -363,30 +405,18 @@ def schedule(
     # A prefill-only trace generates nothing: its per-token figures are then per prompt token.
     generated = decode_rows or trace.n_tokens
     per_gen = max(generated, 1)
-    popularity = []
-    if cache is not None:
-        popularity = [expert_requests(trace, layer) for layer in range(trace.n_layers)]
     sigs: dict[str, Any] = {}
     total, done = len(sizes) * len(chosen), 0
     raw: list[dict[str, Any]] = []
+    runs: list[ServeRun] = []
     for b in sizes:
         for name in chosen:
             t0 = time.perf_counter()
-            admission = admission_for(name, trace, table, b, seed, sigs)
+            admission = admission_for(name, source, table, b, seed, sigs)
             run = serving.run(trace, b, admission, max_wait)
             elapsed = time.perf_counter() - t0
-            per_layer = unique_per_batch(masks, run.plan).sum(axis=0)
-            loads = int(per_layer.sum())
-            bytes_loaded = (
-                sum(int(n) * e for n, e in zip(per_layer.tolist(), ebytes)) if bytes_known else None
-            )
-            c_loads = c_bytes = None
-            if cache is not None:
-                c_layer = cache_loads(trace, run, cache[0], cache[1], popularity)
-                c_loads = int(c_layer.sum())
-                if bytes_known:
-                    c_bytes = sum(int(n) * e for n, e in zip(c_layer.tolist(), ebytes)) / per_gen
             waits = run.wait_steps
+            runs.append(run)
             raw.append(
                 {
                     "admission": name,
@@ -395,14 +425,6 @@ def schedule(
                     "n_batches": run.plan.n_batches,
                     "tokens": int(run.plan.batch_tokens.sum()),
                     "generated_tokens": generated,
-                    "loads": loads,
-                    "bytes_loaded": bytes_loaded,
-                    "loads_per_generated_token": loads / per_gen,
-                    "bytes_per_generated_token": None
-                    if bytes_loaded is None
-                    else bytes_loaded / per_gen,
-                    "cache_loads": c_loads,
-                    "cache_bytes_per_generated_token": c_bytes,
                     "wait_mean": float(waits.mean()) if waits.size else 0.0,
                     "wait_p95": _nearest_rank(waits, WAIT_PERCENTILE),
                     "wait_max": int(waits.max(initial=0)),
@@ -415,6 +437,27 @@ def schedule(
             done += 1
             if on_progress is not None:
                 on_progress(done, total)
+    layer_loads, layer_cache = _layer_loads(source, runs, cache)
+    for r, entry in enumerate(raw):
+        per_layer = layer_loads[r]
+        loads = int(per_layer.sum())
+        bytes_loaded = (
+            sum(int(n) * e for n, e in zip(per_layer.tolist(), ebytes)) if bytes_known else None
+        )
+        c_loads = c_bytes = None
+        if layer_cache is not None:
+            c_layer = layer_cache[r]
+            c_loads = int(c_layer.sum())
+            if bytes_known:
+                c_bytes = sum(int(n) * e for n, e in zip(c_layer.tolist(), ebytes)) / per_gen
+        entry.update(
+            loads=loads,
+            bytes_loaded=bytes_loaded,
+            loads_per_generated_token=loads / per_gen,
+            bytes_per_generated_token=None if bytes_loaded is None else bytes_loaded / per_gen,
+            cache_loads=c_loads,
+            cache_bytes_per_generated_token=c_bytes,
+        )
     rows = _compare(raw)
     settings = {
         "admissions": list(chosen),
@@ -428,7 +471,7 @@ def schedule(
         "prompt_rows": int(table.prompt.sum()),
         "n_requests": table.n_requests,
     }
-    return ScheduleResult(trace=trace_summary(trace), settings=settings, rows=tuple(rows))
+    return ScheduleResult(trace=source_summary(source), settings=settings, rows=tuple(rows))
 
 
 def _compare(raw: list[dict[str, Any]]) -> list[ScheduleRow]:

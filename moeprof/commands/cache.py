@@ -23,6 +23,7 @@ from moeprof.commands._common import (
     progress_bar,
     write_outputs,
 )
+from moeprof.commands.analyze import TRACE_HELP, trace_label
 
 # Decimal and binary units of --gpu-memory, by lower-cased name; a plain number is bytes.
 MEMORY_UNITS = {
@@ -71,7 +72,7 @@ def parse_capacities(text: str, top_k: int, n_experts: int) -> dict[int, str]:
 
 
 def cache_cmd(
-    trace_path: Path = typer.Argument(..., metavar="TRACE", help="Trace file (.moe)."),
+    trace_paths: list[Path] = typer.Argument(..., metavar="TRACE...", help=TRACE_HELP),
     strategies: str = typer.Option(
         "lru,lfu,static,belady",
         "--strategies",
@@ -94,7 +95,8 @@ def cache_cmd(
         "per-layer",
         "--budget",
         help="per-layer: each layer retains its own C experts; global: one pool of the same "
-        "memory (C x layers experts, or their bytes) shared by all layers.",
+        "memory (C x layers experts, or their bytes) shared by all layers (always simulated in "
+        "memory).",
     ),
     count: str = typer.Option(
         "batch",
@@ -139,6 +141,13 @@ def cache_cmd(
         help="Learn prev-layer's co-activations and popular's list on this trace (default: "
         "the first half of the batches, scoring the second half).",
     ),
+    chunk_tokens: int | None = typer.Option(
+        None,
+        "--chunk-tokens",
+        help="N > 0: stream, reading one layer's expert ids at a time (the per-layer budget; "
+        "--budget global and --prefetch stay in memory); 0 = the whole trace in memory. "
+        "Default: in memory when its bitsets take at most 256 MiB. Results are identical.",
+    ),
     json_out: Path | None = typer.Option(None, "--json", help="Write the results JSON here."),
     markdown_out: Path | None = markdown_option,
     plot_out: Path | None = typer.Option(
@@ -165,7 +174,9 @@ def cache_cmd(
     )
     from moeprof.prefetch import check_predictors, score_prefetch
     from moeprof.report.terminal import render_terminal
+    from moeprof.shards import open_shards
     from moeprof.strategies import REGISTRY
+    from moeprof.stream import check_chunk_tokens, default_chunk_tokens
     from moeprof.trace import load_trace
 
     get_policy(policy)
@@ -189,14 +200,23 @@ def cache_cmd(
     memory = None if gpu_memory is None else parse_memory(gpu_memory)
     if link_gbps is not None and not (math.isfinite(link_gbps) and link_gbps > 0):
         raise MoeprofError(f"--link-gbps must be a positive number, got {link_gbps}")
+    if chunk_tokens is not None:
+        check_chunk_tokens(chunk_tokens)
     _io.check_outputs([json_out, markdown_out, plot_out], force=force)
-    trace = load_trace(trace_path)
+    shards = open_shards(trace_paths)
+    chunk = (
+        default_chunk_tokens(shards.n_tokens, shards.n_layers, shards.n_experts)
+        if chunk_tokens is None
+        else chunk_tokens
+    )
+    stream = chunk > 0 and budget == "per-layer"
+    trace = shards if stream else shards.to_trace()
     profile = None if popularity_from is None else load_trace(popularity_from)
     train_trace = None if train is None else load_trace(train)
     capacities = parse_capacities(cache_experts, trace.top_k, int(trace.n_experts.min()))
     fit = None
     if memory is not None:
-        if not trace.expert_bytes_known:
+        if not bool((trace.expert_bytes > 0).all()):
             raise MoeprofError(
                 "--gpu-memory needs the trace's expert sizes, and it does not record them "
                 "(import it with --expert-bytes)"
@@ -205,7 +225,8 @@ def cache_cmd(
         c = fit.cache_experts
         spelled = gpu_memory.strip() if gpu_memory else str(c)
         capacities[c] = f"{capacities[c]} = {spelled}" if c in capacities else spelled
-    with progress_bar("cache", unit="simulations") as update:
+    how = "cache (streaming, one layer at a time)" if stream else "cache (in memory)"
+    with progress_bar(how, unit="simulations") as update:
         result = simulate_cache(
             trace,
             chosen,
@@ -217,18 +238,22 @@ def cache_cmd(
             warm=warm,
             phase=phase,
             popularity_from=profile,
-            capacity_unit="bytes" if budget == "global" and trace.expert_bytes_known else "experts",
+            capacity_unit="bytes"
+            if budget == "global" and bool((trace.expert_bytes > 0).all())
+            else "experts",
             capacity_spellings=capacities,
             link_gbps=link_gbps,
             on_progress=lambda done, total: update(done, total),
+            stream=stream,
         )
     doc = result.to_dict()
     if predictors is not None:
         with err_console.status("scoring prefetch..."):
+            in_memory = shards.to_trace()  # prefetch scoring needs the whole trace
             scored = score_prefetch(
-                select_phase(trace, phase),
+                select_phase(in_memory, phase),
                 predictors,
-                trace.top_k if prefetch_experts is None else prefetch_experts,
+                in_memory.top_k if prefetch_experts is None else prefetch_experts,
                 batch_sizes=sizes,
                 policy=policy,
                 train=None if train_trace is None else select_phase(train_trace, phase),
@@ -239,7 +264,7 @@ def cache_cmd(
         doc["prefetch"] = scored.to_dict()
         if train is not None:
             doc["prefetch"]["train"] = str(train)
-    doc["trace"]["path"] = str(trace_path)
+    doc["trace"]["path"] = trace_label(trace_paths)
     if popularity_from is not None:
         doc["cache"]["popularity_from"] = str(popularity_from)
     if fit is not None:

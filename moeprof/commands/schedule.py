@@ -17,10 +17,11 @@ from moeprof.commands._common import (
     progress_bar,
     write_outputs,
 )
+from moeprof.commands.analyze import TRACE_HELP, trace_label
 
 
 def schedule_cmd(
-    trace_path: Path = typer.Argument(..., metavar="TRACE", help="Trace file (.moe)."),
+    trace_paths: list[Path] = typer.Argument(..., metavar="TRACE...", help=TRACE_HELP),
     batch_sizes: str = typer.Option(
         "8,32", "--batch-sizes", "-b", help="Comma-separated B: requests running at once."
     ),
@@ -54,6 +55,13 @@ def schedule_cmd(
         "--cache",
         help="Also count loads with an expert cache, STRATEGY:EXPERTS per layer (lru:8).",
     ),
+    chunk_tokens: int | None = typer.Option(
+        None,
+        "--chunk-tokens",
+        help="N > 0: stream, reading one layer's expert ids at a time (signatures, loads, "
+        "cache); 0 = the whole trace in memory. Default: in memory when its bitsets take at "
+        "most 256 MiB. Results are identical.",
+    ),
     json_out: Path | None = typer.Option(None, "--json", help="Write the results JSON here."),
     markdown_out: Path | None = markdown_option,
     plot_out: Path | None = typer.Option(
@@ -74,7 +82,8 @@ def schedule_cmd(
     )
     from moeprof.report.terminal import render_terminal
     from moeprof.schedule import check_admissions, parse_cache, schedule
-    from moeprof.trace import load_trace
+    from moeprof.shards import open_shards
+    from moeprof.stream import check_chunk_tokens, default_chunk_tokens
 
     sizes = parse_batch_sizes(batch_sizes)
     chosen = check_admissions(parse_names(admission))
@@ -82,11 +91,19 @@ def schedule_cmd(
     check_max_wait(max_wait)
     check_arrival_rate(arrival_rate)
     cached = None if cache is None else parse_cache(cache)
+    if chunk_tokens is not None:
+        check_chunk_tokens(chunk_tokens)
     _io.check_outputs([json_out, markdown_out, plot_out], force=force)
-    trace = load_trace(trace_path)
-    with progress_bar("schedule", unit="runs") as update:
+    shards = open_shards(trace_paths)
+    chunk = (
+        default_chunk_tokens(shards.n_tokens, shards.n_layers, shards.n_experts)
+        if chunk_tokens is None
+        else chunk_tokens
+    )
+    how = "schedule (streaming, one layer at a time)" if chunk else "schedule (in memory)"
+    with progress_bar(how, unit="runs") as update:
         result = schedule(
-            trace,
+            shards if chunk else shards.to_trace(),
             sizes,
             chosen,
             max_tokens_per_step=max_tokens_per_step,
@@ -97,7 +114,7 @@ def schedule_cmd(
             on_progress=lambda done, total: update(done, total),
         )
     doc = result.to_dict()
-    doc["trace"]["path"] = str(trace_path)
+    doc["trace"]["path"] = trace_label(trace_paths)
     console.print(render_terminal(doc))
     write_outputs(
         doc,

@@ -21,7 +21,7 @@ from moeprof.analyze import (
     AnalysisResult,
     BatchSizeResult,
     expert_masks,
-    log_miss_per_token,
+    plan_uniform,
     slots_per_token,
     summarize,
     trace_summary,
@@ -164,9 +164,13 @@ def _counted(
         trace.n_experts[sel],
         trace.top_k,
         [trace.moe_layer_indices[layer] for layer in sel],
-        None
-        if slots is None
-        else log_miss_per_token(slots[:, sel], trace.n_experts[sel], trace.top_k),
+        uniform=plan_uniform(
+            None if slots is None else slots[:, sel],
+            plan,
+            trace.n_experts[sel],
+            trace.top_k,
+            slots is not None and bool((slots < trace.top_k).any()),
+        ),
     )
     # Layer numbers are the trace's MoE layer indices, not positions in the selection.
     layers = tuple(dataclasses.replace(lr, layer=sel[i]) for i, lr in enumerate(row.layers))

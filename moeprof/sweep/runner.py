@@ -257,4 +257,3 @@ def run_sweep(
         rows=tuple(stored),
         seconds=time.perf_counter() - start,
     )
-
