@@ -169,6 +169,7 @@ def warmup_tokens(expert_ids: np.ndarray, min_rows: int = WARMUP_MIN_ROWS) -> np
         new_run[1:] = (route[1:] != route[:-1]).any(axis=1)
         run = np.cumsum(new_run) - 1
         found |= (np.bincount(run) >= min_rows)[run]
+        release_pages(expert_ids)  # a mapped file's pages: one layer's read at a time
     return found
 
 
@@ -231,10 +232,7 @@ def semantic_problem(
         ids = ids.astype(_ids_dtype(n_experts))
     dup = duplicate_expert(ids, n_experts)
     if dup:
-        return (
-            f"token {dup[0]} names expert {dup[2]} twice in layer {dup[1]}; a token's experts "
-            "in a layer must be distinct"
-        )
+        return _duplicate_message(*dup)
     if request_ids.size > 1:
         # Request-major: strictly increasing (request, position). O(T), cheap.
         r0, r1 = request_ids[:-1], request_ids[1:]
@@ -253,6 +251,13 @@ def semantic_problem(
         if lo < PHASE_PREFILL or hi > PHASE_DECODE:
             return f"phase must be 0 (prefill) or 1 (decode), got values in {lo}..{hi}"
     return _meta_problem(meta, ids.shape[1])
+
+
+def _duplicate_message(token: int, layer: int, expert: int) -> str:
+    return (
+        f"token {token} names expert {expert} twice in layer {layer}; a token's experts in a "
+        "layer must be distinct"
+    )
 
 
 def _expert_ids_array(expert_ids: np.ndarray | Sequence[Any]) -> np.ndarray:
@@ -619,10 +624,7 @@ def _chunked_semantic_problem(
         if problem is None:
             dup = duplicate_expert(chunk, n_experts)
             if dup:
-                problem = (
-                    f"token {dup[0] + start} names expert {dup[2]} twice in layer {dup[1]}; a "
-                    "token's experts in a layer must be distinct"
-                )
+                problem = _duplicate_message(dup[0] + start, dup[1], dup[2])
         else:
             problem = _shift_token_index(problem, start)
         release_pages(ids)
