@@ -13,15 +13,23 @@ numbers, the machine and the date.
 
     .venv/bin/python benchmarks/bench_record.py                  # CPU
     .venv/bin/python benchmarks/bench_record.py --device cuda    # GPU
+
+``--memory N`` measures something else: the peak RSS of ``moeprof record`` (the demo model, N
+prompts built from the demo set) run as a child process without and with ``--shard-tokens``,
+read from the child's resource usage (``os.wait4``: ru_maxrss of that child alone).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -52,6 +60,64 @@ def generate_all(
     return outs
 
 
+def _peak_rss_mib(cmd: list[str]) -> tuple[float, float]:
+    """Run `cmd` as a child; its peak resident memory (MiB) and wall seconds."""
+    t0 = time.perf_counter()
+    child = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    _, status, usage = os.wait4(child.pid, 0)
+    child.returncode = os.waitstatus_to_exitcode(status)
+    if child.returncode != 0:
+        sys.exit(f"{' '.join(cmd)} exited with {child.returncode}")
+    return usage.ru_maxrss / 1024, time.perf_counter() - t0  # ru_maxrss: KiB on Linux
+
+
+def memory(args: argparse.Namespace) -> None:
+    """Peak RSS of `moeprof record` over many prompts, without and with --shard-tokens."""
+    base = demo.prompts()
+    # Long prompts (4 demo prompts each) so that prefill-heavy runs hold many tokens.
+    prompts = [" ".join(base[(i + j) % len(base)] for j in range(4)) for i in range(args.memory)]
+    with tempfile.TemporaryDirectory() as tmp:
+        prompt_file = Path(tmp) / "prompts.txt"
+        prompt_file.write_text("\n".join(p.replace("\n", " ") for p in prompts) + "\n")
+        common = [sys.executable, "-m", "moeprof", "record", "--prompts", str(prompt_file)]
+        common += ["-b", str(args.batch_size), "-n", str(args.max_new_tokens)]
+        common += ["--device", args.device]
+        rows = []
+        for shard in (None, args.shard_tokens):
+            out = Path(tmp) / ("whole.moe" if shard is None else "sharded.moe")
+            cmd = common + ["-o", str(out)]
+            if shard is not None:
+                cmd += ["--shard-tokens", str(shard)]
+            peak, seconds = _peak_rss_mib(cmd)
+            files = [out] if shard is None else sorted(Path(tmp).glob("sharded-*.moe"))
+            tokens = sum(moeprof.load_trace(f).n_tokens for f in files)
+            label = "no sharding" if shard is None else f"--shard-tokens {shard:,}"
+            rows.append(
+                (label, f"{peak:,.0f} MiB", f"{tokens:,}", str(len(files)), f"{seconds:.0f}")
+            )
+            print(
+                f"{label}: peak RSS {peak:,.0f} MiB, {tokens:,} tokens, {len(files)} file(s), "
+                f"{seconds:.0f} s",
+                flush=True,
+            )
+    print()
+    head = ("moeprof record (demo model)", "peak RSS", "tokens", "files", "seconds")
+    print("| " + " | ".join(head) + " |")
+    print("|" + " --- |" * len(head))
+    for row in rows:
+        print("| " + " | ".join(row) + " |")
+    print()
+    workload = (
+        f"{args.device}; {args.memory} prompts of 4 demo prompts, batch {args.batch_size}, "
+        f"{args.max_new_tokens} new tokens"
+    )
+    print(
+        markdown_table(
+            ("machine", ""), machine_rows({"torch": torch.__version__, "workload": workload})
+        )
+    )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--device", default="cpu")
@@ -67,7 +133,18 @@ def main() -> None:
         action="store_true",
         help=f"exit 1 when the median slowdown exceeds {TARGET_SLOWDOWN:.0%}",
     )
+    ap.add_argument(
+        "--memory",
+        type=int,
+        default=0,
+        metavar="N",
+        help="instead: peak RSS of `moeprof record` over N prompts, without and with shards",
+    )
+    ap.add_argument("--shard-tokens", type=int, default=100_000, help="for --memory")
     args = ap.parse_args()
+    if args.memory:
+        memory(args)
+        return
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -631,11 +631,7 @@ def record_and_check(model_type: str) -> Outcome:
 # Types the generic tiny build or reference does not handle yet: each is an expected failure with
 # its reason (strict: once one passes, the test fails until it is removed here). These are gaps
 # in this test, not refusals; docs/record.md lists them as untested.
-BUILD_GAPS: dict[str, str] = {
-    "inkling_mm_model": "its model code imports scipy, which is not installed",
-    "qwen3_omni_moe": "generate() runs model.thinker outside the wrapper's forward: moeprof "
-    "refuses the wrapper (record model.thinker, as qwen3_omni_moe_thinker does, exactly)",
-}
+BUILD_GAPS: dict[str, str] = {}
 
 
 def _sub_config_parent(model_type: str, types: list[str]) -> str | None:
@@ -747,22 +743,32 @@ if __name__ == "__main__":
     print(f"{time.perf_counter() - start:.1f} s", file=sys.stderr)
 
 
-def test_a_wrapper_whose_generate_runs_a_sub_model_is_refused_not_recorded_empty() -> None:
-    # Qwen3-Omni's generate() calls thinker.generate(): the MoE layers run, but never inside the
-    # wrapper's forward where passes begin, so no token can be placed.
+def _same_routing(a: Any, b: Any) -> None:
+    for name in ("expert_ids", "request_ids", "positions", "steps", "phase", "token_ids"):
+        np.testing.assert_array_equal(getattr(a, name), getattr(b, name), err_msg=name)
+    np.testing.assert_array_equal(a.gate_weights, b.gate_weights)
+    assert a.n_experts.tolist() == b.n_experts.tolist()
+    assert a.expert_bytes.tolist() == b.expert_bytes.tolist()
+
+
+def test_a_wrapper_that_generates_with_a_sub_model_records_that_sub_model() -> None:
+    # Qwen3-Omni has no forward of its own: its generate() runs thinker.generate() (text), then
+    # the talker (speech codes). The thinker's passes are recorded, as recording it directly does.
     model, _ = build("qwen3_omni_moe")
     ids, mask = _prompt_batch()
     with torch.no_grad(), record(model) as rec:
         model.generate(
             input_ids=ids,
             attention_mask=mask,
-            max_new_tokens=NEW_TOKENS,
             thinker_max_new_tokens=NEW_TOKENS,
+            thinker_min_new_tokens=NEW_TOKENS,
             do_sample=False,
             pad_token_id=0,
         )
-    with pytest.raises(MoeprofError, match=r"outside .*forward .*record that sub-model instead"):
-        rec.to_trace()
+    wrapped = rec.to_trace()
+    source = wrapped.meta["source"]
+    assert source["recorded_sub_model"] == "thinker"
+    assert all(name.startswith("thinker.") for name in source["moe_modules"])
     with torch.no_grad(), record(model.thinker) as rec:
         model.thinker.generate(
             input_ids=ids,
@@ -771,5 +777,54 @@ def test_a_wrapper_whose_generate_runs_a_sub_model_is_refused_not_recorded_empty
             min_new_tokens=NEW_TOKENS,
             do_sample=False,
             pad_token_id=0,
+            eos_token_id=151645,  # what the wrapper passes its thinker by default
         )
-    assert rec.to_trace().n_tokens == int(mask.sum()) + 3 * (NEW_TOKENS - 1)
+    direct = rec.to_trace()
+    assert direct.n_tokens == int(mask.sum()) + 3 * (NEW_TOKENS - 1)
+    _same_routing(wrapped, direct)
+    # With the talker built, its MoE layers (speech codes, not text tokens) are left out.
+    model.enable_talker()
+    rec = record(model)
+    assert rec.sub_model == "thinker" and rec.sub_models_not_recorded == ["talker"]
+    assert [layer.name for layer in rec.layers] == source["moe_modules"]
+
+
+class _ForwardlessWrapper(torch.nn.Module):
+    """Holds a causal LM and generates with it, with no forward of its own (as Qwen3-Omni)."""
+
+    def __init__(self, inner: Any) -> None:
+        super().__init__()
+        self.lm = inner
+
+    def generate(self, **kwargs: Any) -> Any:
+        return self.lm.generate(**kwargs)
+
+
+class _WrapperWithForward(_ForwardlessWrapper):
+    def forward(self, **kwargs: Any) -> Any:
+        return self.lm(**kwargs)
+
+
+def test_wrappers_of_the_demo_model() -> None:
+    from moeprof import demo
+
+    inner, tokenizer = demo.load()
+    enc = tokenizer(demo.prompts()[:3], padding=True, return_tensors="pt")
+    kwargs = {"max_new_tokens": 4, "do_sample": False, "pad_token_id": tokenizer.pad_token_id}
+    with torch.no_grad(), record(inner) as rec:
+        inner.generate(**enc, **kwargs)
+    direct = rec.to_trace()
+    wrapper = _ForwardlessWrapper(inner)
+    with torch.no_grad(), record(wrapper) as rec:
+        wrapper.generate(**enc, **kwargs)
+    wrapped = rec.to_trace()
+    assert wrapped.meta["source"]["recorded_sub_model"] == "lm"
+    _same_routing(wrapped, direct)
+    assert "generate" not in wrapper.__dict__ and "generate" not in inner.__dict__  # unpatched
+    # A wrapper with a forward of its own whose generate() bypasses it: the MoE layers run
+    # outside every recorded pass, so no token can be placed; refused, not recorded empty.
+    other = _WrapperWithForward(inner)
+    with torch.no_grad(), record(other) as rec:
+        other.generate(**enc, **kwargs)
+    with pytest.raises(MoeprofError, match=r"outside .*forward .*record that sub-model instead"):
+        rec.to_trace()

@@ -17,7 +17,7 @@ from moeprof.commands._common import (
 )
 
 if TYPE_CHECKING:
-    from moeprof.record.run import LoadedModel, RecordRun
+    from moeprof.record.run import LoadedModel, RecordRun, ShardFiles
 
 
 def _check_arguments(
@@ -29,13 +29,26 @@ def _check_arguments(
     limit: int | None,
     device_map: str | None,
     dtype: str,
+    shard_tokens: int | None = None,
 ) -> None:
     """Everything that can be checked before loading a model is checked first."""
     from moeprof import _io
     from moeprof.errors import MoeprofError
-    from moeprof.record.run import resolve_dtype
+    from moeprof.record.run import existing_shards, resolve_dtype, shard_path
 
-    _io.check_outputs([output], force=force)
+    if shard_tokens is not None:
+        if shard_tokens < 1:
+            raise MoeprofError("--shard-tokens must be at least 1")
+        # Shards are OUT-00000.moe, OUT-00001.moe...; an older run's would join this recording
+        # when the shards are read as one trace, so they count as outputs to overwrite.
+        _io.check_outputs([shard_path(output, 0)], force=force)
+        old = existing_shards(output)
+        if old and not force:
+            raise MoeprofError(
+                f"{old[0]} exists ({len(old)} shard file(s) of {output}); use --force to replace"
+            )
+    else:
+        _io.check_outputs([output], force=force)
     if batch_size < 1:
         raise MoeprofError("--batch-size must be at least 1")
     if max_new_tokens < 0:
@@ -97,6 +110,8 @@ def _record_with_progress(
     batch_size: int,
     max_new_tokens: int,
     prompts_name: str,
+    shard_tokens: int | None = None,
+    shards: ShardFiles | None = None,
 ) -> RecordRun:
     """Record every prompt, showing tokens done against the expected total."""
     from moeprof.record.run import count_prompt_tokens, record_prompts
@@ -118,8 +133,11 @@ def _record_with_progress(
             max_new_tokens=max_new_tokens,
             settings={"prompts": prompts_name},
             on_step=on_step,
+            shard_tokens=shard_tokens,
+            on_shard=shards,
         )
-        update(run.trace.n_tokens, max(run.trace.n_tokens, 1))
+        done = sum(s.tokens for s in shards.written) if shards else run.trace.n_tokens
+        update(done, max(done, 1))
     return run
 
 
@@ -136,6 +154,51 @@ def _save_and_summarise(run: RecordRun, output: Path, n_prompts: int) -> None:
         err_console.print(
             f"[yellow]interrupted[/yellow]: saved the {run.trace.n_tokens:,} tokens recorded "
             f"before Ctrl-C ({run.prompts_done} of {n_prompts} prompts complete) to {output}"
+        )
+        raise typer.Exit(130)
+
+
+def _summarise_shards(run: RecordRun, shards: ShardFiles, output: Path, n_prompts: int) -> None:
+    """Show the totals over the shards written; remove an older run's surplus shards (the
+    arguments were checked with --force); exit 130 after a Ctrl-C (the shards are kept)."""
+    from moeprof.formatting import human_bytes
+    from moeprof.record.run import existing_shards
+    from moeprof.report.rows import recorded_items
+    from moeprof.report.terminal import kv_table
+
+    written = shards.written
+    mine = {s.path for s in written}
+    for stale in existing_shards(output):
+        if stale not in mine:
+            stale.unlink(missing_ok=True)
+    tokens = sum(s.tokens for s in written)
+    decode = sum(s.decode_tokens for s in written)
+    size = sum(s.file_bytes for s in written)
+    files = f"{written[0].path}" + (f" .. {written[-1].path}" if len(written) > 1 else "")
+    totals = {
+        "tokens": f"{tokens:,} (prefill {tokens - decode:,}, decode {decode:,})",
+        "requests": f"{sum(s.requests for s in written):,}",
+        "forward passes": f"{sum(s.forward_passes for s in written):,}",
+        "time": f"{run.seconds:.1f} s ({tokens / run.seconds if run.seconds > 0 else 0:,.0f} "
+        "tokens/s)",
+        "trace file": f"{len(written)} shard(s): {files} ({human_bytes(size)})",
+    }
+    items = [(k, totals.get(k, v)) for k, v in recorded_items(run.trace, run.seconds, "", 0)]
+    console.print(kv_table("recorded", items))
+    note_written(written[-1].path, f"{len(written)} shard(s), {tokens:,} tokens; the last")
+    if run.interrupted:
+        last = written[-1]
+        if run.trace.n_tokens:  # the tokens held at Ctrl-C went into a last, partial shard
+            what = (
+                f"{len(written) - 1} finished shard(s) kept and the partial shard {last.path} "
+                f"({last.tokens:,} tokens recorded before Ctrl-C) written"
+            )
+        else:
+            what = f"{len(written)} finished shard(s) kept (up to {last.path}), no partial one"
+        err_console.print(
+            f"[yellow]interrupted[/yellow]: {what}; {tokens:,} tokens in all "
+            f"({run.prompts_done} of {n_prompts} prompts complete)",
+            soft_wrap=True,  # one line, however narrow the terminal
         )
         raise typer.Exit(130)
 
@@ -177,6 +240,12 @@ def record_cmd(
         False, "--trust-remote-code", help="Allow the model's own Python code from the hub."
     ),
     output: Path = typer.Option(Path("trace.moe"), "--output", "-o", help="Trace file to write."),
+    shard_tokens: int | None = typer.Option(
+        None,
+        "--shard-tokens",
+        help="Bounded memory: write OUT-00000.moe, OUT-00001.moe... (from -o OUT.moe), one shard "
+        "of whole requests each time N tokens are held, at the end of that batch.",
+    ),
     force: bool = force_option,
 ) -> None:
     """Record which experts every token is routed to, per MoE layer, into a trace file.
@@ -191,6 +260,7 @@ def record_cmd(
         limit=limit,
         device_map=device_map,
         dtype=dtype,
+        shard_tokens=shard_tokens,
     )
     prompt_list, prompts_name = _load_prompts(prompts, limit)
     loaded = _load_model(
@@ -201,14 +271,22 @@ def record_cmd(
         revision=revision,
         trust_remote_code=trust_remote_code,
     )
+    from moeprof.record.run import ShardFiles
+
+    shards = ShardFiles(output) if shard_tokens is not None else None
     run = _record_with_progress(
         loaded,
         prompt_list,
         batch_size=batch_size,
         max_new_tokens=max_new_tokens,
         prompts_name=prompts_name,
+        shard_tokens=shard_tokens,
+        shards=shards,
     )
-    _save_and_summarise(run, output, len(prompt_list))
+    if shards is not None:
+        _summarise_shards(run, shards, output, len(prompt_list))
+    else:
+        _save_and_summarise(run, output, len(prompt_list))
 
 
 def register(app: typer.Typer) -> None:

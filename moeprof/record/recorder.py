@@ -17,10 +17,14 @@ runs inside the same ``generate`` call, or (outside ``generate``) when it extend
 the same batch size; otherwise its rows are new requests. Padding (attention_mask 0) is not
 recorded, nor are the tokens ``generate`` keeps feeding a row after it produced its end token
 (that row has finished; a server would have dropped it).
+
+Shards (``shard_tokens``/``on_shard``): held tokens are handed over as a trace of whole requests,
+at a request boundary once there are enough of them, and freed, so memory stays bounded.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import math
 import sys
@@ -156,11 +160,39 @@ def _config_top_k(model: nn.Module) -> int | None:
     return None
 
 
+def _has_own_forward(module: nn.Module) -> bool:
+    return type(module).forward is not nn.Module.forward
+
+
+def _generating_sub_models(model: nn.Module, layers: list[MoeLayer]) -> list[tuple[str, nn.Module]]:
+    """The children a forward-less wrapper generates with, in attribute order, that hold MoE layers.
+
+    A model without a forward of its own cannot run a pass: its generate() must run a sub-model
+    (Qwen3-Omni: the thinker generates the text, then the talker the speech codes from it).
+    Empty for every model with a forward.
+    """
+    if _has_own_forward(model):
+        return []
+    found = []
+    for name, child in model.named_children():
+        if not _has_own_forward(child) or not callable(getattr(child, "generate", None)):
+            continue
+        if any(layer.name.startswith(name + ".") for layer in layers):
+            found.append((name, child))
+    return found
+
+
 class Recorder:
     """Records routing while attached; build with :func:`record` and use as a context manager.
 
     ``on_step(recorder)`` is called after every recorded forward pass (e.g. to drive a progress
     bar from :attr:`n_tokens`). ``settings`` land in the trace's ``source`` metadata.
+
+    ``shard_tokens=N`` with ``on_shard(trace)``: once N tokens are held, the recording is cut at
+    the next request boundary (a ``generate`` call returns, or a pass starts new requests): the
+    held tokens go to ``on_shard`` as one trace of whole requests and are then freed, so memory
+    stays bounded by N plus one batch of requests. :meth:`to_trace` then gives what was not
+    handed over yet (the last, partial shard).
     """
 
     def __init__(
@@ -172,32 +204,54 @@ class Recorder:
         revision: str | None = None,
         settings: dict[str, Any] | None = None,
         on_step: Callable[[Recorder], None] | None = None,
+        shard_tokens: int | None = None,
+        on_shard: Callable[[Trace], None] | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise MoeprofError("record() takes a torch.nn.Module (a loaded model)")
+        if shard_tokens is not None and (isinstance(shard_tokens, bool) or shard_tokens < 1):
+            raise MoeprofError("shard_tokens must be at least 1")
+        if shard_tokens is not None and on_shard is None:
+            raise MoeprofError("shard_tokens needs on_shard, the function that stores each shard")
         self.model = model
-        self.layers: list[MoeLayer] = find_moe_layers(model, adapter)
+        layers = find_moe_layers(model, adapter)
+        # A wrapper with no forward of its own whose generate() runs a generating sub-model
+        # (Qwen3-Omni: thinker, then talker): record that sub-model's passes, its layers only.
+        self.sub_model: str | None = None
+        self.sub_models_not_recorded: list[str] = []
+        stepper: nn.Module = model
+        delegates = _generating_sub_models(model, layers)
+        if delegates:
+            self.sub_model, stepper = delegates[0]
+            self.sub_models_not_recorded = [name for name, _ in delegates[1:]]
+            prefix = self.sub_model + "."
+            mine = [layer for layer in layers if layer.name.startswith(prefix)]
+            layers = [dataclasses.replace(layer, index=i) for i, layer in enumerate(mine)]
+        self.layers: list[MoeLayer] = layers
         self.adapter = self.layers[0].adapter
         self.settings = dict(settings or {})
         self.model_id = model_id
         self.revision = revision
         self.on_step = on_step
+        self.shard_tokens = shard_tokens
+        self.on_shard = on_shard
+        self._stepper = stepper
         self._n_experts = np.array([layer.n_experts for layer in self.layers], dtype=np.int64)
-        self._default_k = _config_top_k(model)
+        self._default_k = _config_top_k(stepper) or _config_top_k(model)
         # Modules whose forward passes are steps, with their parameter names and role.
         self._boundaries: list[tuple[nn.Module, list[str], str | None]] = []
-        config = getattr(model, "config", None)
-        get_encoder = getattr(model, "get_encoder", None)
-        get_decoder = getattr(model, "get_decoder", None)
+        config = getattr(stepper, "config", None)
+        get_encoder = getattr(stepper, "get_encoder", None)
+        get_decoder = getattr(stepper, "get_decoder", None)
         if getattr(config, "is_encoder_decoder", False) and callable(get_encoder):
             for role, part in (("encoder", get_encoder()), ("decoder", get_decoder())):  # type: ignore[misc]
                 if isinstance(part, nn.Module):
                     self._boundaries.append((part, _params(part), role))
         if len(self._boundaries) != 2:
-            self._boundaries = [(model, _params(model), None)]
+            self._boundaries = [(stepper, _params(stepper), None)]
         self._handles: list[Any] = []
-        self._generate_patched = False
-        self._generate_prev: Any = None
+        # (module, the instance attribute its generate had before patching, or None)
+        self._generate_patched: list[tuple[nn.Module, Any]] = []
         # Recording state.
         self._active: _Pass | None = None
         self._open: _Requests | None = None
@@ -221,6 +275,10 @@ class Recorder:
         self._tokens_unknown = False
         self.n_passes = 0  # forward passes recorded (= steps)
         self.orphan_calls = 0  # MoE-layer calls seen outside a forward of `model`
+        # Sharding: what earlier shards took (they fix the layer set and top-k of later ones).
+        self.n_shards = 0  # shards handed to on_shard
+        self._shipped_passes = 0
+        self._shard_layout: tuple[list[MoeLayer], int] | None = None
 
     # ------------------------------------------------------------------ attach / detach
     def __enter__(self) -> Recorder:
@@ -260,12 +318,12 @@ class Recorder:
         for h in self._handles:
             h.remove()
         self._handles.clear()
-        if self._generate_patched:
-            if self._generate_prev is None:
-                self.model.__dict__.pop("generate", None)
+        for module, prev in reversed(self._generate_patched):
+            if prev is None:
+                module.__dict__.pop("generate", None)
             else:
-                self.model.__dict__["generate"] = self._generate_prev
-            self._generate_patched = False
+                module.__dict__["generate"] = prev
+        self._generate_patched.clear()
         self._active = None
 
     @property
@@ -273,32 +331,43 @@ class Recorder:
         return bool(self._handles)
 
     def _patch_generate(self) -> None:
-        original = getattr(self.model, "generate", None)
+        self._patch_one_generate(self.model)
+        if self._stepper is not self.model:
+            self._patch_one_generate(self._stepper)
+
+    def _patch_one_generate(self, module: nn.Module) -> None:
+        original = getattr(module, "generate", None)
         if original is None or not callable(original):
             return
-        self._generate_prev = self.model.__dict__.get("generate")
+        prev = module.__dict__.get("generate")
+        # The generate() of the module whose passes are steps opens a request set and says which
+        # end tokens it stops at (a wrapper passes its sub-model other ones, e.g. thinker_*).
+        sub_model = module is self._stepper and module is not self.model
 
         def generate(*args: Any, **kwargs: Any) -> Any:
             self._generate_depth += 1
-            if self._generate_depth == 1:
+            if self._generate_depth == 1 or sub_model:
                 self._generate_passes = 0
                 self._open = None
-                self._set_eos(kwargs)
+                self._set_eos(kwargs, module)
             try:
-                return original(*args, **kwargs)
+                result = original(*args, **kwargs)
             finally:
                 self._generate_depth -= 1
                 if self._generate_depth == 0:
                     self._open = None  # the next call starts new requests
+            if self._generate_depth == 0:
+                self._maybe_cut()  # its requests are complete: a shard may end here
+            return result
 
-        self.model.__dict__["generate"] = generate
-        self._generate_patched = True
+        module.__dict__["generate"] = generate
+        self._generate_patched.append((module, prev))
 
-    def _set_eos(self, kwargs: dict[str, Any]) -> None:
+    def _set_eos(self, kwargs: dict[str, Any], module: nn.Module) -> None:
         eos = kwargs.get("eos_token_id")
         if eos is None:
             gen_config = kwargs.get("generation_config") or getattr(
-                self.model, "generation_config", None
+                module, "generation_config", None
             )
             eos = getattr(gen_config, "eos_token_id", None)
         if isinstance(eos, torch.Tensor):
@@ -388,6 +457,8 @@ class Recorder:
             continuing = has_past
         continuing = continuing and self._open is not None and self._open.batch == batch
         if not continuing:
+            self._open = None
+            self._maybe_cut()  # every earlier request is complete: a shard may end here
             self._open = _Requests(group=self._groups, base=self._next_request, batch=batch)
             self._groups += 1
             self._next_request += batch
@@ -531,9 +602,17 @@ class Recorder:
 
     @property
     def n_tokens(self) -> int:
-        """Tokens recorded so far."""
+        """Tokens recorded so far (with sharding: including the shards already handed over)."""
         self._count()
         return self._n_counted
+
+    @property
+    def held_tokens(self) -> int:
+        """Tokens the recorder holds now, counted from its buffers (not handed to a shard yet)."""
+        self._count()
+        return sum(len(c.positions) for c in self._chunks) + sum(
+            int(r.keep.size) for r in self._pending
+        )
 
     def _count(self) -> None:
         """Find the recorded tokens of the raw steps, in step order: rows carry state across steps."""
@@ -643,9 +722,23 @@ class Recorder:
             )
         return ran
 
+    def _shard_layers(self) -> list[MoeLayer]:
+        """The layers of the next trace: after a shard, the first shard's (all shards alike)."""
+        kept = self._kept_layers()
+        if self._shard_layout is None:
+            return kept
+        fixed = self._shard_layout[0]
+        late = [layer.name for layer in kept if layer not in fixed]
+        if late:
+            raise MoeprofError(
+                f"MoE module {late[0]} first routed tokens after shard 0 was written without it; "
+                "record this input without --shard-tokens (or start with an input that uses it)"
+            )
+        return fixed
+
     def metadata(self) -> dict[str, Any]:
         """Trace metadata: model, MoE layer placement, shared-expert bytes, how it was recorded."""
-        return self._metadata(self._kept_layers())
+        return self._metadata(self._shard_layers())
 
     def _metadata(self, layers: list[MoeLayer]) -> dict[str, Any]:
         config = getattr(self.model, "config", None)
@@ -662,8 +755,17 @@ class Recorder:
             "adapter": self.adapter.name,
             "moe_modules": [layer.name for layer in layers],
             "expert_dtype": self.layers[0].expert_dtype,
-            "forward_passes": self.n_passes,
+            "forward_passes": self.n_passes - self._shipped_passes,
         }
+        if self.sub_model is not None:
+            # Only this sub-model's passes are steps; the others (Qwen3-Omni's talker: speech
+            # codes, not text tokens) are neither hooked nor recorded.
+            source["recorded_sub_model"] = self.sub_model
+            if self.sub_models_not_recorded:
+                source["sub_models_not_recorded"] = self.sub_models_not_recorded
+        if self.shard_tokens is not None:
+            source["shard"] = self.n_shards
+            source["shard_tokens"] = self.shard_tokens
         stacks = [layer.stack for layer in layers]
         if len(set(stacks)) > 1:  # encoder-decoder: say which stack each layer index counts in
             source["moe_layer_stacks"] = stacks
@@ -680,7 +782,10 @@ class Recorder:
         }
 
     def to_trace(self, *, settings: dict[str, Any] | None = None) -> Trace:
-        """Everything recorded so far as a trace (rows request-major). Callable while attached."""
+        """Everything recorded so far as a trace (rows request-major). Callable while attached.
+
+        With sharding, everything not handed to ``on_shard`` yet (the last shard).
+        """
         if self.n_passes == 0 and self.orphan_calls:
             # A wrapper whose generate() runs a sub-model (Qwen3-Omni's thinker): its own forward,
             # where passes begin, never ran, so no token can be placed. An empty trace would lie.
@@ -689,8 +794,16 @@ class Recorder:
                 f"{kind}: its MoE layers ran {self.orphan_calls} times outside {kind}.forward "
                 "(its generate() runs a sub-model); record that sub-model instead"
             )
-        kept = self._kept_layers()
+        kept = self._shard_layers()
         top_k = self.top_k  # unpacks the pending steps too
+        if self._shard_layout is not None:
+            fixed_k = self._shard_layout[1]
+            if top_k > fixed_k:
+                raise MoeprofError(
+                    f"a pass routed {top_k} experts per token after shard 0 was written with "
+                    f"{fixed_k}; record this input without --shard-tokens"
+                )
+            top_k = fixed_k
         n_layers = len(self.layers)
         ids_parts, weight_parts = [], []
         for c in self._chunks:
@@ -757,6 +870,39 @@ class Recorder:
             meta=meta,
         )
 
+    def take_trace(self, *, settings: dict[str, Any] | None = None) -> Trace:
+        """Everything held as a trace, then freed: a shard. Call it between requests (e.g.
+        between ``generate`` calls); tokens of a request still running would become a request
+        of their own in the next shard. Later shards keep this one's layers and top-k."""
+        trace = self.to_trace(settings=settings)
+        self._forget(trace)
+        return trace
+
+    def _forget(self, shard: Trace) -> None:
+        """Free the held tokens once `shard`, built from them, is stored."""
+        if self._shard_layout is None:
+            self._shard_layout = (self._shard_layers(), shard.top_k)
+        self._shipped_passes = self.n_passes
+        self._chunks = []
+        self._pending.clear()
+        self._pending_bytes = 0
+        self._tokens_unknown = False
+        self.n_shards += 1
+
+    def _maybe_cut(self) -> None:
+        """At a request boundary: hand the held tokens to on_shard once they reach shard_tokens.
+
+        The buffers are freed only after on_shard returns, so a Ctrl-C or error while it stores
+        the shard loses nothing: the tokens stay held and go into the next (or last) shard.
+        """
+        if self.shard_tokens is None or self.on_shard is None:
+            return
+        if self.held_tokens < self.shard_tokens:
+            return
+        shard = self.to_trace()
+        self.on_shard(shard)
+        self._forget(shard)
+
 
 def record(
     model: nn.Module,
@@ -766,6 +912,8 @@ def record(
     revision: str | None = None,
     settings: dict[str, Any] | None = None,
     on_step: Callable[[Recorder], None] | None = None,
+    shard_tokens: int | None = None,
+    on_shard: Callable[[Trace], None] | None = None,
 ) -> Recorder:
     """Record the routing of every forward pass of `model` while the context is open.
 
@@ -778,6 +926,7 @@ def record(
 
     Finds the MoE layers now (a model without any raises MoeprofError); hooks attach on
     entering the ``with`` block and always detach on leaving it, also on error.
+    ``shard_tokens``/``on_shard``: bounded-memory recording in shards (see :class:`Recorder`).
     """
     return Recorder(
         model,
@@ -786,4 +935,6 @@ def record(
         revision=revision,
         settings=settings,
         on_step=on_step,
+        shard_tokens=shard_tokens,
+        on_shard=on_shard,
     )

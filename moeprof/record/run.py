@@ -5,6 +5,7 @@ The library behind ``moeprof record``; the command only parses options and rende
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import re
@@ -42,10 +43,65 @@ class LoadedModel:
 
 @dataclass
 class RecordRun:
+    # The whole recording; with shards, the last one (empty if the run ended on a boundary).
     trace: Trace
     interrupted: bool
     seconds: float
     prompts_done: int
+    shards: int = 0  # shards handed to on_shard (0: not sharded)
+
+
+_SHARD_DIGITS = 5
+
+
+def shard_path(output: str | os.PathLike[str], index: int) -> Path:
+    """Shard `index` of a recording written to `output`: ``OUT.moe`` -> ``OUT-00000.moe``.
+
+    Zero-padded so that file-name order is recording order (``moeprof analyze 'OUT-*.moe'``).
+    """
+    out = Path(output)
+    return out.with_name(f"{out.stem}-{index:0{_SHARD_DIGITS}d}{out.suffix or '.moe'}")
+
+
+def existing_shards(output: str | os.PathLike[str]) -> list[Path]:
+    """Files already named as shards of `output` (``OUT-NNNNN.moe``), in index order."""
+    first = shard_path(output, 0)
+    parent = first.parent if str(first.parent) else Path(".")
+    if not parent.is_dir():
+        return []
+    stem = Path(output).stem
+    pattern = re.compile(re.escape(stem) + r"-\d{5}" + re.escape(first.suffix))
+    return sorted(
+        p for p in parent.glob(f"{glob.escape(stem)}-*{first.suffix}") if pattern.fullmatch(p.name)
+    )
+
+
+@dataclass
+class ShardInfo:
+    path: Path
+    tokens: int
+    decode_tokens: int
+    requests: int
+    forward_passes: int
+    file_bytes: int
+
+
+class ShardFiles:
+    """An ``on_shard`` that saves each shard (atomically) as the next ``OUT-NNNNN.moe``."""
+
+    def __init__(self, output: str | os.PathLike[str]) -> None:
+        self.output = Path(output)
+        self.written: list[ShardInfo] = []
+
+    def __call__(self, trace: Trace) -> None:
+        path = shard_path(self.output, len(self.written))
+        trace.save(path)
+        decode = int((trace.phase == 1).sum()) if trace.phase is not None else 0
+        passes = int((trace.meta.get("source") or {}).get("forward_passes", 0))
+        info = ShardInfo(
+            path, trace.n_tokens, decode, trace.n_requests, passes, path.stat().st_size
+        )
+        self.written.append(info)
 
 
 def _offline() -> bool:
@@ -257,12 +313,18 @@ def record_prompts(
     max_new_tokens: int = 32,
     settings: dict[str, Any] | None = None,
     on_step: Callable[[Recorder], None] | None = None,
+    shard_tokens: int | None = None,
+    on_shard: Callable[[Trace], None] | None = None,
 ) -> RecordRun:
     """Run `prompts` through the model in batches, recording every forward pass.
 
     ``max_new_tokens=0`` records the prefill only (one forward pass per batch); otherwise greedy
     ``generate`` with the KV cache, every decode step recorded. Ctrl-C stops after what was
     recorded so far; the returned run says so and its trace is valid.
+
+    ``shard_tokens=N`` and ``on_shard`` (e.g. :class:`ShardFiles`): a shard is cut after the
+    batch during which the held tokens reach N (shards hold whole requests) and handed to
+    ``on_shard``; the tokens left at the end (or at Ctrl-C) are the last shard, handed over too.
     """
     if batch_size < 1:
         raise MoeprofError("batch_size must be at least 1")
@@ -287,6 +349,8 @@ def record_prompts(
         revision=loaded.revision,
         settings=run_settings,
         on_step=on_step,
+        shard_tokens=shard_tokens,
+        on_shard=on_shard,
     )
     interrupted = False
     done = 0
@@ -307,4 +371,11 @@ def record_prompts(
     extra: dict[str, Any] = {"prompts_completed": done, "seconds": round(seconds, 3)}
     if interrupted:
         extra["interrupted"] = True
-    return RecordRun(recorder.to_trace(settings=extra), interrupted, seconds, done)
+    if on_shard is None or shard_tokens is None:
+        return RecordRun(recorder.to_trace(settings=extra), interrupted, seconds, done)
+    if recorder.held_tokens or recorder.n_shards == 0:  # no empty shard after full ones
+        last = recorder.take_trace(settings=extra)
+        on_shard(last)
+    else:
+        last = recorder.to_trace(settings=extra)  # empty: the run ended on a shard boundary
+    return RecordRun(last, interrupted, seconds, done, shards=recorder.n_shards)
