@@ -29,7 +29,7 @@ import numpy as np
 
 from moeprof._version import __version__
 from moeprof.analyze import masks_from_ids, unique_per_batch
-from moeprof.batching import check_batch_sizes, get_policy
+from moeprof.batching import BatchPlan, check_batch_sizes, get_policy
 from moeprof.errors import MoeprofError
 from moeprof.strategies import REGISTRY, check_cache_experts, check_strategies
 from moeprof.strategies.retaining import RetainingStrategy
@@ -498,6 +498,87 @@ class _Counts:
         )
 
 
+@dataclass(frozen=True)
+class CacheSettings:
+    """:func:`simulate_cache`'s arguments, checked (:func:`check_cache_settings`)."""
+
+    chosen: tuple[str, ...]  # the strategies asked for, in run order
+    simulated: tuple[str, ...]  # the caching strategies run: those asked for and the gap's two
+    caps: tuple[int, ...]  # C, sorted and distinct
+    sizes: tuple[int, ...]
+    policy: str
+    budget: str
+    count: str
+    warm: bool
+    phase: str
+    capacity_unit: str
+    spellings: dict[int, str]
+    link_gbps: float | None
+    popularity_from: Trace | None
+
+    def profile(self) -> list[np.ndarray] | None:
+        """static's profile per layer from ``popularity_from`` (None: from the trace itself)."""
+        return None if self.popularity_from is None else requests_per_expert(self.popularity_from)
+
+
+def check_cache_settings(
+    source: TraceSource,
+    strategies: Sequence[str],
+    capacities: Sequence[int],
+    batch_sizes: Sequence[int],
+    policy: str,
+    *,
+    budget: str,
+    count: str,
+    warm: bool,
+    phase: str,
+    popularity_from: Trace | None,
+    capacity_unit: str,
+    capacity_spellings: Mapping[int, str] | None,
+    link_gbps: float | None,
+) -> CacheSettings:
+    """Every argument of :func:`simulate_cache` checked against `source` (one MoeprofError for
+    the first wrong one); reads no expert ids."""
+    get_policy(policy)
+    sizes = check_batch_sizes(batch_sizes)
+    budget = _choice(budget, BUDGETS, "budget")
+    count = _choice(count, COUNTS, "count")
+    capacity_unit = _choice(capacity_unit, CAPACITY_UNITS, "capacity_unit")
+    chosen = cache_strategies(strategies)
+    if isinstance(capacities, (str, bytes)):
+        raise MoeprofError(f"capacities must be whole numbers, not the text {capacities!r}")
+    caps = sorted({check_cache_experts(c) for c in capacities})
+    if not caps:
+        raise MoeprofError("no capacities given")
+    if link_gbps is not None and not (isinstance(link_gbps, (int, float)) and link_gbps > 0):
+        raise MoeprofError(f"link_gbps must be a positive number, got {link_gbps!r}")
+    if source.n_tokens == 0:
+        raise MoeprofError("the trace is empty (no tokens)")
+    bytes_known = bool((source.expert_bytes > 0).all())
+    if budget == "global" and capacity_unit == "bytes" and not bytes_known:
+        raise MoeprofError("capacity_unit 'bytes' needs every layer's expert size")
+    if popularity_from is not None:
+        _check_profile(source.columns(), popularity_from)
+    simulated = tuple(
+        n for n in REGISTRY if REGISTRY[n].uses_cache and (n in chosen or n in (GAP_FROM, GAP_TO))
+    )
+    return CacheSettings(
+        chosen=tuple(chosen),
+        simulated=simulated,
+        caps=tuple(caps),
+        sizes=tuple(sizes),
+        policy=policy,
+        budget=budget,
+        count=count,
+        warm=bool(warm),
+        phase=phase,
+        capacity_unit=capacity_unit,
+        spellings={int(k): str(v) for k, v in (capacity_spellings or {}).items()},
+        link_gbps=link_gbps,
+        popularity_from=popularity_from,
+    )
+
+
 def simulate_cache(
     trace: Trace | TraceSource,
     strategies: Sequence[str] = DEFAULT_CACHE_STRATEGIES,
@@ -530,74 +611,213 @@ def simulate_cache(
     one layer's expert ids at a time (memory: one layer and the plans, docs/scale.md); the
     results are identical. A global pool spans every layer, so it is simulated in memory.
     """
-    get_policy(policy)
-    sizes = check_batch_sizes(batch_sizes)
-    budget = _choice(budget, BUDGETS, "budget")
-    count = _choice(count, COUNTS, "count")
-    capacity_unit = _choice(capacity_unit, CAPACITY_UNITS, "capacity_unit")
-    chosen = cache_strategies(strategies)
-    if isinstance(capacities, (str, bytes)):
-        raise MoeprofError(f"capacities must be whole numbers, not the text {capacities!r}")
-    caps = sorted({check_cache_experts(c) for c in capacities})
-    if not caps:
-        raise MoeprofError("no capacities given")
-    if link_gbps is not None and not (isinstance(link_gbps, (int, float)) and link_gbps > 0):
-        raise MoeprofError(f"link_gbps must be a positive number, got {link_gbps!r}")
     source = as_source(trace)
-    if source.n_tokens == 0:
-        raise MoeprofError("the trace is empty (no tokens)")
+    settings = check_cache_settings(
+        source,
+        strategies,
+        capacities,
+        batch_sizes,
+        policy,
+        budget=budget,
+        count=count,
+        warm=warm,
+        phase=phase,
+        popularity_from=popularity_from,
+        capacity_unit=capacity_unit,
+        capacity_spellings=capacity_spellings,
+        link_gbps=link_gbps,
+    )
+    if stream and settings.budget == "per-layer":
+        return _streamed(source, settings, on_progress)
+    sub = select_phase(source.to_trace(), phase)
+    profile = settings.profile() or requests_per_expert(sub)
+    counted = _in_memory_counts(
+        sub,
+        get_policy(policy),
+        list(settings.sizes),
+        settings.simulated,
+        settings.caps,
+        settings.warm,
+        settings.count,
+        settings.budget,
+        settings.capacity_unit,
+        profile,
+        on_progress,
+    )
+    return _result(source, settings, counted, sub.n_tokens)
+
+
+def _streamed(
+    source: TraceSource,
+    settings: CacheSettings,
+    on_progress: Callable[[int, int], None] | None,
+) -> CacheResult:
+    """The per-layer budget one layer at a time, in this process: each layer's ids are read once
+    and serve every batch size, strategy and capacity (layers are independent under this
+    budget)."""
+    columns, keep, plans = layer_plans(
+        source.columns(), settings.policy, settings.sizes, settings.phase
+    )
+    profile = settings.profile()
+    n_layers = source.n_layers
+    total = n_layers * len(plans) * len(settings.simulated) * len(settings.caps)
+    per_layer: list[LayerCounts] = []
+    for layer in range(n_layers):
+        ids = source.layer_ids(layer)
+        per_layer.append(
+            count_layer(
+                layer,
+                ids if keep is None else ids[keep],
+                columns,
+                plans,
+                settings.simulated,
+                settings.caps,
+                warm=settings.warm,
+                count=settings.count,
+                popularity=None if profile is None else profile[layer],
+            )
+        )
+        del ids
+        if on_progress is not None:
+            on_progress(total * (layer + 1) // n_layers, total)
+    return layers_result(source, settings, columns, plans, per_layer)
+
+
+def layer_plans(
+    columns: Trace, policy: str, sizes: Sequence[int], phase: str
+) -> tuple[Trace, np.ndarray | None, list[BatchPlan]]:
+    """What every layer of the per-layer budget shares: the per-token columns of the simulated
+    rows, those rows (None: all) and each batch size's plan of them."""
+    selected, keep = select_phase_rows(columns, phase)
+    return selected, keep, get_policy(policy).plans(selected, list(sizes))
+
+
+@dataclass(frozen=True)
+class LayerCounts:
+    """One MoE layer's counts under the per-layer budget, per plan (what a layer task returns;
+    picklable)."""
+
+    layer: int
+    requests: np.ndarray  # int64 [n_plans]
+    unique: np.ndarray  # int64 [n_plans]
+    naive: np.ndarray  # int64 [n_plans]
+    dedup: np.ndarray  # int64 [n_plans]
+    working_sets: tuple[WorkingSet, ...]  # one per plan
+    loads: dict[str, dict[int, np.ndarray]]  # strategy -> C -> int64 [n_plans]
+
+
+def count_layer(
+    layer: int,
+    ids: np.ndarray,
+    columns: Trace,
+    plans: Sequence[BatchPlan],
+    simulated: Sequence[str],
+    caps: Sequence[int],
+    *,
+    warm: bool,
+    count: str,
+    popularity: np.ndarray | None,
+) -> LayerCounts:
+    """Every batch size, strategy and capacity of one layer under the per-layer budget, from
+    that layer's expert ids [T, K] of the simulated rows (`columns`' rows). ``popularity``:
+    static's profile of this layer (None: the layer's own requests)."""
+    n_plans = len(plans)
+    one = layer_trace(columns, ids, layer)
+    problem = out_of_range_id(one.expert_ids, one.n_experts)
+    if problem:
+        raise MoeprofError(problem)
+    n_exp = int(columns.n_experts[layer])
+    if popularity is None:
+        popularity = expert_requests(one, 0)
+    requests = np.zeros(n_plans, dtype=np.int64)
+    unique, naive, dedup = np.zeros_like(requests), np.zeros_like(requests), np.zeros_like(requests)
+    working: list[WorkingSet] = []
+    jobs: list[tuple[int, str, int, AccessSequence, np.ndarray, np.ndarray]] = []
+    for p, plan in enumerate(plans):
+        d = distinct_per_batch(one, plan, 0)
+        r, u, nv, dd = _reference_counts([d], warm)
+        requests[p], unique[p], naive[p], dedup[p] = r[0], u[0], nv[0], dd[0]
+        (ws,) = _working_sets([d], plan.batch_size, [int(columns.moe_layer_indices[layer])])
+        working.append(replace(ws, layer=layer))
+        seq = layer_sequence(d, n_exp)
+        item_layer = np.zeros(d.expert.shape[0], dtype=np.int64)
+        for name in simulated:
+            for cap in caps:
+                jobs.append((p, name, cap, seq, item_layer, popularity))
+    del one
+
+    def run(job: tuple[int, str, int, AccessSequence, np.ndarray, np.ndarray]) -> int:
+        _, name, cap, seq, item_layer, popularity = job
+        strategy = REGISTRY[name]
+        assert isinstance(strategy, RetainingStrategy)
+        counted = _simulate_one(
+            strategy, cap, warm, 1, count == "access", (seq, item_layer, popularity)
+        )
+        return int(counted[0])
+
+    loads = {name: {cap: np.zeros(n_plans, dtype=np.int64) for cap in caps} for name in simulated}
+    for job, counted in zip(jobs, map_threads(run, jobs)):  # simulations side by side
+        loads[job[1]][job[2]][job[0]] = counted
+    return LayerCounts(layer, requests, unique, naive, dedup, tuple(working), loads)
+
+
+def layers_result(
+    source: TraceSource,
+    settings: CacheSettings,
+    columns: Trace,
+    plans: Sequence[BatchPlan],
+    per_layer: Sequence[LayerCounts],
+) -> CacheResult:
+    """The :class:`CacheResult` from every layer's counts (in any order), as
+    :func:`simulate_cache` returns it."""
+    by_layer = sorted(per_layer, key=lambda c: c.layer)
+    if [c.layer for c in by_layer] != list(range(source.n_layers)):
+        raise MoeprofError(f"counts of layers {[c.layer for c in by_layer]} for {source.n_layers}")
+
+    def stacked(field: str, p: int) -> np.ndarray:
+        return np.array([int(getattr(c, field)[p]) for c in by_layer], dtype=np.int64)
+
+    counted = [
+        _PlanCounts(
+            plan.batch_size,
+            plan.policy,
+            plan.n_batches,
+            int(plan.batch_tokens.sum()),
+            stacked("requests", p),
+            stacked("unique", p),
+            stacked("naive", p),
+            stacked("dedup", p),
+            [c.working_sets[p] for c in by_layer],
+            {
+                name: {
+                    cap: np.array([int(c.loads[name][cap][p]) for c in by_layer], dtype=np.int64)
+                    for cap in settings.caps
+                }
+                for name in settings.simulated
+            },
+        )
+        for p, plan in enumerate(plans)
+    ]
+    return _result(source, settings, counted, columns.n_tokens)
+
+
+def _result(
+    source: TraceSource,
+    settings: CacheSettings,
+    counted: Sequence[_PlanCounts],
+    tokens_simulated: int,
+) -> CacheResult:
     expert_bytes = source.expert_bytes
     bytes_known = bool((expert_bytes > 0).all())
-    if budget == "global" and capacity_unit == "bytes" and not bytes_known:
-        raise MoeprofError("capacity_unit 'bytes' needs every layer's expert size")
-    streamed = stream and budget == "per-layer"
-    if popularity_from is not None:
-        _check_profile(source.columns(), popularity_from)
-    spellings = {int(k): str(v) for k, v in (capacity_spellings or {}).items()}
-    simulated = [
-        n for n in REGISTRY if REGISTRY[n].uses_cache and (n in chosen or n in (GAP_FROM, GAP_TO))
-    ]
     ebytes = [int(b) for b in expert_bytes]
     weights_differ = len(set(ebytes)) > 1
-    batching = get_policy(policy)
-    if streamed:
-        columns, keep = select_phase_rows(source.columns(), phase)
-        profile = None if popularity_from is None else requests_per_expert(popularity_from)
-        counted = _layer_streamed_counts(
-            source,
-            columns,
-            keep,
-            batching,
-            sizes,
-            simulated,
-            caps,
-            warm,
-            count,
-            profile,
-            on_progress,
-        )
-        tokens_simulated = columns.n_tokens
-    else:
-        sub = select_phase(source.to_trace(), phase)
-        profile = (
-            requests_per_expert(popularity_from)
-            if popularity_from is not None
-            else requests_per_expert(sub)
-        )
-        counted = _in_memory_counts(
-            sub,
-            batching,
-            sizes,
-            simulated,
-            caps,
-            warm,
-            count,
-            budget,
-            capacity_unit,
-            profile,
-            on_progress,
-        )
-        tokens_simulated = sub.n_tokens
+    budget, capacity_unit, count = settings.budget, settings.capacity_unit, settings.count
+    chosen, simulated, caps = settings.chosen, settings.simulated, settings.caps
+    spellings, link_gbps, popularity_from = (
+        settings.spellings,
+        settings.link_gbps,
+        settings.popularity_from,
+    )
     model_layers = source.columns().moe_layer_indices
     rows: list[CacheRow] = []
     working_sets: list[WorkingSet] = []
@@ -624,17 +844,17 @@ def simulate_cache(
         )
         rows += _plan_rows(ctx, plan_counts.loads_of, chosen, simulated, caps, gaps)
 
-    settings = {
+    result_settings = {
         "strategies": list(chosen),
         "capacities": [{"cache_experts": c, "spelling": spellings.get(c, str(c))} for c in caps],
-        "batch_sizes": sizes,
-        "policy": policy,
+        "batch_sizes": list(settings.sizes),
+        "policy": settings.policy,
         "budget": budget,
         "capacity_unit": capacity_unit,
         "count": count,
         "lookups": "requests" if count == "access" else "unique",
-        "warm": bool(warm),
-        "phase": phase,
+        "warm": settings.warm,
+        "phase": settings.phase,
         "tokens_simulated": tokens_simulated,
         "popularity_from": None
         if popularity_from is None
@@ -644,7 +864,7 @@ def simulate_cache(
     }
     return CacheResult(
         trace=source_summary(source),
-        settings=settings,
+        settings=result_settings,
         rows=tuple(rows),
         working_sets=tuple(working_sets),
         gaps=tuple(gaps),
@@ -801,87 +1021,6 @@ def layer_trace(columns: Trace, ids: np.ndarray, layer: int) -> Trace:
         expert_bytes=columns.expert_bytes[layer : layer + 1],
         meta={},
     )
-
-
-def _layer_streamed_counts(
-    source: TraceSource,
-    columns: Trace,
-    keep: np.ndarray | None,
-    batching: Any,
-    sizes: list[int],
-    simulated: Sequence[str],
-    caps: Sequence[int],
-    warm: bool,
-    count: str,
-    profile: Sequence[np.ndarray] | None,
-    on_progress: Callable[[int, int], None] | None,
-) -> list[_PlanCounts]:
-    """The per-layer budget one layer at a time: each layer's ids are read once and serve every
-    batch size, strategy and capacity (layers are independent under this budget)."""
-    n_layers = source.n_layers
-    model_layers = columns.moe_layer_indices
-    plans = batching.plans(columns, sizes)
-    n_plans = len(plans)
-    requests = np.zeros((n_plans, n_layers), dtype=np.int64)
-    unique, naive, dedup = np.zeros_like(requests), np.zeros_like(requests), np.zeros_like(requests)
-    working: list[list[WorkingSet]] = [[] for _ in plans]
-    loads = {
-        name: {cap: np.zeros((n_plans, n_layers), dtype=np.int64) for cap in caps}
-        for name in simulated
-    }
-    jobs_per_layer = n_plans * len(simulated) * len(caps)
-    total, done = n_layers * jobs_per_layer, 0
-    for layer in range(n_layers):
-        ids = source.layer_ids(layer)
-        if keep is not None:
-            ids = ids[keep]
-        one = layer_trace(columns, ids, layer)
-        n_exp = int(columns.n_experts[layer])
-        popularity = expert_requests(one, 0) if profile is None else profile[layer]
-        jobs: list[tuple[int, str, int, AccessSequence, np.ndarray, np.ndarray]] = []
-        for p, plan in enumerate(plans):
-            d = distinct_per_batch(one, plan, 0)
-            r, u, nv, dd = _reference_counts([d], warm)
-            requests[p, layer], unique[p, layer] = r[0], u[0]
-            naive[p, layer], dedup[p, layer] = nv[0], dd[0]
-            (ws,) = _working_sets([d], plan.batch_size, [model_layers[layer]])
-            working[p].append(replace(ws, layer=layer))
-            seq = layer_sequence(d, n_exp)
-            item_layer = np.zeros(d.expert.shape[0], dtype=np.int64)
-            for name in simulated:
-                for cap in caps:
-                    jobs.append((p, name, cap, seq, item_layer, popularity))
-        del ids, one
-
-        def run(job: tuple[int, str, int, AccessSequence, np.ndarray, np.ndarray]) -> int:
-            _, name, cap, seq, item_layer, popularity = job
-            strategy = REGISTRY[name]
-            assert isinstance(strategy, RetainingStrategy)
-            counted = _simulate_one(
-                strategy, cap, warm, 1, count == "access", (seq, item_layer, popularity)
-            )
-            return int(counted[0])
-
-        for job, counted in zip(jobs, map_threads(run, jobs)):  # simulations side by side
-            loads[job[1]][job[2]][job[0], layer] = counted
-        done += jobs_per_layer
-        if on_progress is not None:
-            on_progress(done, total)
-    return [
-        _PlanCounts(
-            plan.batch_size,
-            plan.policy,
-            plan.n_batches,
-            int(plan.batch_tokens.sum()),
-            requests[p],
-            unique[p],
-            naive[p],
-            dedup[p],
-            working[p],
-            {name: {cap: loads[name][cap][p] for cap in caps} for name in simulated},
-        )
-        for p, plan in enumerate(plans)
-    ]
 
 
 def _pool(cap: int, budget: str, unit: str, n_layers: int, ebytes: Sequence[int]) -> int:

@@ -169,12 +169,50 @@ def streams(source: TraceSource) -> bool:
 
 @dataclass(frozen=True)
 class PlanIndex:
-    """One plan as streaming reads it: each row's batch and each batch's first and last row."""
+    """One plan as streaming reads it: each row's batch and each batch's first and last row.
 
-    batch_of_row: np.ndarray  # int64 [T]
-    first_row: np.ndarray  # int64 [n_batches]; -1 for an empty batch
-    last_row: np.ndarray  # int64 [n_batches]; -1 for an empty batch
-    batch_tokens: np.ndarray  # int64 [n_batches]
+    An index may be a *window* of the whole plan's (:meth:`window`): the batch of rows
+    [row_offset, row_offset + len(batch_of_row)) and the batches [batch_offset, batch_offset +
+    len(first_row)) those rows belong to, so that a task mapping one shard receives what its rows
+    need, not the whole trace's index. Lookups take the trace's row and batch numbers."""
+
+    batch_of_row: np.ndarray  # int64: the batch of each row from row_offset on
+    first_row: np.ndarray  # int64: per batch from batch_offset on; -1 for an empty batch
+    last_row: np.ndarray  # int64: per batch from batch_offset on; -1 for an empty batch
+    batch_tokens: np.ndarray  # int64: per batch from batch_offset on
+    row_offset: int = 0
+    batch_offset: int = 0
+
+    def batches_of(self, start: int, stop: int) -> np.ndarray:
+        """The batch of each row in [start, stop) (a view)."""
+        lo, hi = start - self.row_offset, stop - self.row_offset
+        if lo < 0 or hi > self.batch_of_row.shape[0] or lo > hi:
+            end = self.row_offset + self.batch_of_row.shape[0]
+            raise MoeprofError(
+                f"rows {start}..{stop} are outside the plan index's {self.row_offset}..{end}"
+            )
+        return self.batch_of_row[lo:hi]
+
+    def complete(self, ids: np.ndarray, start: int, stop: int) -> np.ndarray:
+        """bool per batch of `ids`: all its rows lie in [start, stop)."""
+        local = ids - self.batch_offset
+        return (self.first_row[local] >= start) & (self.last_row[local] < stop)
+
+    def window(self, start: int, stop: int) -> PlanIndex:
+        """The index of rows [start, stop) only: their batches and the span of batch ids they
+        belong to (views, no copy; what a task for those rows needs)."""
+        bid = self.batches_of(start, stop)
+        lo = int(bid.min()) if bid.size else self.batch_offset
+        hi = int(bid.max()) + 1 if bid.size else lo
+        a, b = lo - self.batch_offset, hi - self.batch_offset
+        return PlanIndex(
+            bid,
+            self.first_row[a:b],
+            self.last_row[a:b],
+            self.batch_tokens[a:b],
+            row_offset=start,
+            batch_offset=lo,
+        )
 
 
 def plan_index(plan: BatchPlan, n_tokens: int) -> PlanIndex:
@@ -223,10 +261,6 @@ class Partial:
     plans: tuple[PlanPartial, ...]
 
 
-def _complete(index: PlanIndex, ids: np.ndarray, start: int, stop: int) -> np.ndarray:
-    return (index.first_row[ids] >= start) & (index.last_row[ids] < stop)
-
-
 def _split_keys(
     keys: np.ndarray,
     counts: np.ndarray,
@@ -249,7 +283,9 @@ def _close_histograms(
     n_layers: int,
     top_k: int,
 ) -> tuple[np.ndarray, np.ndarray]:
-    rows, row_counts = histogram_rows(keys, counts, n_layers, top_k, index.batch_tokens)
+    # Keys number batches as the trace does; a window's sizes start at its batch_offset.
+    local = keys - index.batch_offset * n_layers * top_k
+    rows, row_counts = histogram_rows(local, counts, n_layers, top_k, index.batch_tokens)
     if rows.shape[0] == 0:
         return part_rows, part_counts
     if part_rows.shape[0] == 0:
@@ -266,7 +302,7 @@ def _map_plan(
     top_k: int,
 ) -> PlanPartial:
     n_layers = masks.shape[1]
-    bid = index.batch_of_row[start:stop]
+    bid = index.batches_of(start, stop)
     if bid.size > 1 and bool((bid[1:] < bid[:-1]).any()):
         order = np.argsort(bid, kind="stable")
         sorted_bid, grouped = bid[order], masks[order]
@@ -282,7 +318,7 @@ def _map_plan(
     else:
         ids = np.zeros(0, dtype=np.int64)
         bits = np.zeros((0, *masks.shape[1:]), dtype=np.uint64)
-    done = _complete(index, ids, start, stop)
+    done = index.complete(ids, start, stop)
     unique = popcount(bits[done]).sum(axis=(0, 2), dtype=np.int64)
     keys = counts = np.zeros(0, dtype=np.int64)
     rows = np.zeros((0, 2 + top_k), dtype=np.int64)
@@ -344,7 +380,7 @@ def _merge_plan(
         bits[np.searchsorted(ids, a.open_ids)] = a.open_bits
     if b.open_ids.size:
         bits[np.searchsorted(ids, b.open_ids)] |= b.open_bits
-    done = _complete(index, ids, start, stop)
+    done = index.complete(ids, start, stop)
     unique = a.unique + b.unique + popcount(bits[done]).sum(axis=(0, 2), dtype=np.int64)
     rows, row_counts = (
         unique_rows(
@@ -427,6 +463,22 @@ def finish(
 # ---------------------------------------------------------------------- the driver
 
 
+def plan_indexes(
+    columns: Trace, batching: Any, sizes: Sequence[int]
+) -> tuple[list[BatchPlan], list[PlanIndex]]:
+    """Each batch size's plan without its row order (what :func:`finish` needs) and its
+    :class:`PlanIndex` (what :func:`map_range` and :func:`merge` need), from the per-token
+    columns; one plan's row order is held at a time."""
+    plans: list[BatchPlan] = []
+    indexes: list[PlanIndex] = []
+    for size in sizes if batching.takes_batch_size else sizes[:1]:
+        plan = batching.plan(columns, size)
+        indexes.append(plan_index(plan, columns.n_tokens))
+        plans.append(slim_plan(plan))
+        del plan
+    return plans, indexes
+
+
 def analyze_stream(
     trace: Trace | TraceSource,
     batch_sizes: Iterable[int] = (1, 2, 4, 8, 16, 32, 64),
@@ -474,13 +526,7 @@ def _stream(
     n_tokens = source.n_tokens
     columns = source.columns()
     n_requests = columns.n_requests
-    plans: list[BatchPlan] = []
-    indexes: list[PlanIndex] = []
-    for size in sizes if batching.takes_batch_size else sizes[:1]:
-        plan = batching.plan(columns, size)  # one plan's row order at a time
-        indexes.append(plan_index(plan, n_tokens))
-        plans.append(slim_plan(plan))
-        del plan
+    plans, indexes = plan_indexes(columns, batching, sizes)
     whole: Partial | None = None
     for start in range(0, n_tokens, chunk):
         stop = min(start + chunk, n_tokens)

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 import moeprof
 from moeprof.batching import get_policy
 from moeprof.cache import simulate_cache
+from moeprof.errors import MoeprofError
 from moeprof.schedule import schedule
 from moeprof.shards import open_shards
 from moeprof.stream import (
@@ -302,3 +303,27 @@ def test_cli_cache_and_schedule_stream_identically(tmp_path: Path, run_cli) -> N
                 _without_timings(doc)
             docs.append(doc)
         assert docs[0] == docs[1], verb
+
+
+def test_a_window_maps_its_rows_as_the_whole_index_does() -> None:
+    """A task given windows of the plans' indexes (its rows' batches only) returns the partial
+    the whole indexes give, for ranges whose decode steps reach far outside them."""
+    trace = far_apart_decode_trace()
+    plans = get_policy("decode").plans(trace, [2, 16])
+    indexes = [plan_index(p, trace.n_tokens) for p in plans]
+    for a, b in ((0, 1), (150, 260), (201, 301), (300, trace.n_tokens)):
+        windows = [index.window(a, b) for index in indexes]
+        for index, window in zip(indexes, windows):
+            batches = index.batch_of_row[a:b]
+            assert window.batch_offset == batches.min()
+            assert len(window.first_row) == batches.max() - batches.min() + 1
+            assert np.array_equal(window.batches_of(a, b), batches)
+        ids = np.array(trace.expert_ids[a:b])
+        got = map_range(a, b, ids, trace.n_experts, windows)
+        want = map_range(a, b, ids, trace.n_experts, indexes)
+        assert np.array_equal(got.requests, want.requests)
+        for g, w in zip(got.plans, want.plans):
+            for field in ("unique", "open_ids", "open_bits", "open_keys", "hist_rows"):
+                assert np.array_equal(getattr(g, field), getattr(w, field)), field
+        with pytest.raises(MoeprofError, match="outside the plan index"):
+            windows[0].batches_of(a, b + 1)

@@ -23,7 +23,14 @@ from moeprof.commands._common import (
     progress_bar,
     write_outputs,
 )
-from moeprof.commands.analyze import TRACE_HELP, trace_label
+from moeprof.commands.analyze import (
+    TRACE_HELP,
+    check_executor_options,
+    executor_option,
+    ray_address_option,
+    trace_label,
+    workers_option,
+)
 
 # Decimal and binary units of --gpu-memory, by lower-cased name; a plain number is bytes.
 MEMORY_UNITS = {
@@ -155,6 +162,11 @@ def cache_cmd(
     ),
     layers: bool = layers_option,
     force: bool = force_option,
+    executor: str | None = executor_option(
+        "One task per MoE layer (per-layer budget only, without --prefetch)."
+    ),
+    workers: int | None = workers_option,
+    ray_address: str | None = ray_address_option,
 ) -> None:
     """Simulate expert caches on a trace: loads, hit rates and bytes per token of each
     strategy and capacity, and the gap to the Belady bound.
@@ -202,6 +214,12 @@ def cache_cmd(
         raise MoeprofError(f"--link-gbps must be a positive number, got {link_gbps}")
     if chunk_tokens is not None:
         check_chunk_tokens(chunk_tokens)
+    check_executor_options(executor, workers, ray_address)
+    if executor is not None and (budget != "per-layer" or predictors is not None):
+        raise MoeprofError(
+            "--executor runs one task per MoE layer under the per-layer budget: --budget global "
+            "(one pool over every layer) and --prefetch run in this process, without --executor"
+        )
     _io.check_outputs([json_out, markdown_out, plot_out], force=force)
     shards = open_shards(trace_paths)
     chunk = (
@@ -209,7 +227,8 @@ def cache_cmd(
         if chunk_tokens is None
         else chunk_tokens
     )
-    stream = chunk > 0 and budget == "per-layer"
+    # An executor reads layers on the workers: the driver only plans, like a streamed run.
+    stream = (chunk > 0 or executor is not None) and budget == "per-layer"
     trace = shards if stream else shards.to_trace()
     profile = None if popularity_from is None else load_trace(popularity_from)
     train_trace = None if train is None else load_trace(train)
@@ -225,27 +244,53 @@ def cache_cmd(
         c = fit.cache_experts
         spelled = gpu_memory.strip() if gpu_memory else str(c)
         capacities[c] = f"{capacities[c]} = {spelled}" if c in capacities else spelled
-    how = "cache (streaming, one layer at a time)" if stream else "cache (in memory)"
-    with progress_bar(how, unit="simulations") as update:
-        result = simulate_cache(
-            trace,
-            chosen,
-            sorted(capacities),
-            sizes,
-            policy,
-            budget=budget,
-            count=count,
-            warm=warm,
-            phase=phase,
-            popularity_from=profile,
-            capacity_unit="bytes"
-            if budget == "global" and bool((trace.expert_bytes > 0).all())
-            else "experts",
-            capacity_spellings=capacities,
-            link_gbps=link_gbps,
-            on_progress=lambda done, total: update(done, total),
-            stream=stream,
-        )
+    if executor is not None:
+        from moeprof.distribute import cache_sharded
+        from moeprof.executors import get_executor
+
+        with (
+            get_executor(executor, workers=workers, address=ray_address) as runner,
+            progress_bar(
+                f"cache ({executor}, one task per layer)", unit="layers", eta=True
+            ) as update,
+        ):
+            result = cache_sharded(
+                shards,
+                chosen,
+                sorted(capacities),
+                sizes,
+                policy,
+                runner,
+                count=count,
+                warm=warm,
+                phase=phase,
+                popularity_from=profile,
+                capacity_spellings=capacities,
+                link_gbps=link_gbps,
+                on_progress=update,
+            )
+    else:
+        how = "cache (streaming, one layer at a time)" if stream else "cache (in memory)"
+        with progress_bar(how, unit="simulations") as update:
+            result = simulate_cache(
+                trace,
+                chosen,
+                sorted(capacities),
+                sizes,
+                policy,
+                budget=budget,
+                count=count,
+                warm=warm,
+                phase=phase,
+                popularity_from=profile,
+                capacity_unit="bytes"
+                if budget == "global" and bool((trace.expert_bytes > 0).all())
+                else "experts",
+                capacity_spellings=capacities,
+                link_gbps=link_gbps,
+                on_progress=lambda done, total: update(done, total),
+                stream=stream,
+            )
     doc = result.to_dict()
     if predictors is not None:
         with err_console.status("scoring prefetch..."):

@@ -36,4 +36,4 @@ def get_executor(name: str, *, workers: int | None = None, address: str | None =
 def executor_help() -> str:
     """`--executor` help: every registered executor with its few words."""
     listed = ", ".join(f"{e.name} ({e.help})" for e in REGISTRY.values())
-    return f"Where experiments run: {listed}."
+    return f"Where the work runs: {listed}."
