@@ -645,6 +645,8 @@ def release_pages(obj: Any) -> None:
     resident memory bounded by the chunk, not the file. A no-op for arrays in memory."""
     while isinstance(obj, np.ndarray):
         obj = obj.base
+    if isinstance(obj, memoryview):  # np.frombuffer(map) holds a memoryview of the map
+        obj = obj.obj
     if isinstance(obj, mmap.mmap) and hasattr(mmap, "MADV_DONTNEED") and not obj.closed:
         obj.madvise(mmap.MADV_DONTNEED)
 

@@ -4,6 +4,7 @@ check of a loaded file (moeprof/shards.py, moeprof/trace.py)."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -235,3 +236,26 @@ def test_released_pages_read_back(tmp_path: Path) -> None:
     loaded.release()
     np.testing.assert_array_equal(loaded.expert_ids, before)
     trace.release()  # in memory: nothing to drop, no error
+
+
+def _resident_bytes() -> int:
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+@pytest.mark.skipif(not Path("/proc/self/statm").exists(), reason="needs Linux /proc")
+def test_release_drops_the_pages_read_from_resident_memory(tmp_path: Path) -> None:
+    # 48 MiB of ids: reading them all makes the map's pages resident; release drops them.
+    ids = np.zeros((1 << 20, 6, 8), dtype=np.uint8)
+    ids[:] = np.arange(8, dtype=np.uint8)
+    Trace.from_arrays(ids, n_experts=8).save(tmp_path / "big.moe")
+    trace = load_trace(tmp_path / "big.moe")
+    trace.release()
+    before = _resident_bytes()
+    assert int(trace.expert_ids[:, :, 7].sum()) == 7 * 6 * (1 << 20)  # touches every page
+    touched = _resident_bytes()
+    trace.release()
+    after = _resident_bytes()
+    assert touched - before > 40 << 20
+    assert touched - after > 40 << 20
+    assert int(trace.expert_ids[-1, -1, -1]) == 7  # still readable after the release
