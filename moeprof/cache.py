@@ -41,7 +41,7 @@ from moeprof.strategies.retention import (
 )
 from moeprof.strategies.schedule import Distinct, distinct_per_batch, expert_requests
 from moeprof.stream import TraceSource, as_source, source_summary
-from moeprof.trace import PHASE_DECODE, PHASE_PREFILL, Trace, out_of_range_id
+from moeprof.trace import PHASE_DECODE, PHASE_PREFILL, Trace, ids_placeholder, out_of_range_id
 
 BUDGETS = ("per-layer", "global")
 COUNTS = ("batch", "access")
@@ -242,12 +242,10 @@ def select_phase_rows(columns: Trace, phase: str) -> tuple[Trace, np.ndarray | N
     def rows(arr: np.ndarray | None) -> np.ndarray | None:
         return None if arr is None else np.ascontiguousarray(arr[keep])
 
-    placeholder = np.broadcast_to(
-        np.zeros((1, columns.n_layers, columns.top_k), dtype=columns.expert_ids.dtype),
-        (keep.size, columns.n_layers, columns.top_k),
-    )
     sub = Trace(
-        expert_ids=placeholder,
+        expert_ids=ids_placeholder(
+            keep.size, columns.n_layers, columns.top_k, columns.expert_ids.dtype
+        ),
         request_ids=np.ascontiguousarray(columns.request_ids[keep]),
         positions=np.ascontiguousarray(columns.positions[keep]),
         n_experts=columns.n_experts,

@@ -43,12 +43,13 @@ from moeprof.cache import (
     layer_plans,
     layers_result,
 )
-from moeprof.errors import MoeprofError
+from moeprof.errors import MoeprofError, one_line
 from moeprof.executors import Executor
 from moeprof.shards import Shards
 from moeprof.stream import (
     Partial,
     PlanIndex,
+    check_chunk_tokens,
     default_chunk_tokens,
     finish,
     map_range,
@@ -69,19 +70,24 @@ class ShardFile:
     path: str
     n_bytes: int
     n_tokens: int
+    # A rewrite of the same size (a new trace of the same shape) changes the modification time.
+    mtime_ns: int
 
 
 def shard_files(shards: Shards) -> tuple[ShardFile, ...]:
     """The shard files of `shards` by absolute path (workers may run in another folder)."""
-    return tuple(
-        ShardFile(str(Path(p).resolve()), _file_size(p), trace.n_tokens)
-        for p, trace in zip(shards.paths, shards.traces)
-    )
+    files = []
+    for p, trace in zip(shards.paths, shards.traces):
+        n_bytes, mtime_ns = _file_stamp(p)
+        files.append(ShardFile(str(Path(p).resolve()), n_bytes, trace.n_tokens, mtime_ns))
+    return tuple(files)
 
 
-def _file_size(path: str | os.PathLike[str]) -> int:
+def _file_stamp(path: str | os.PathLike[str]) -> tuple[int, int]:
+    """(size in bytes, modification time in ns) of a shard file where the task runs."""
     try:
-        return os.stat(path).st_size
+        stat = os.stat(path)
+        return stat.st_size, stat.st_mtime_ns
     except FileNotFoundError:
         raise MoeprofError(
             f"shard file {path} not found where its task ran ({socket.gethostname()}); every "
@@ -92,11 +98,15 @@ def _file_size(path: str | os.PathLike[str]) -> int:
 
 
 def _check_unchanged(file: ShardFile, n_tokens: int | None = None) -> None:
-    size = _file_size(file.path)
-    if size != file.n_bytes or (n_tokens is not None and n_tokens != file.n_tokens):
+    size, mtime_ns = _file_stamp(file.path)
+    if (
+        size != file.n_bytes
+        or mtime_ns != file.mtime_ns
+        or (n_tokens is not None and n_tokens != file.n_tokens)
+    ):
         raise MoeprofError(
             f"shard file {file.path} changed after the run was planned ({size:,} bytes, planned "
-            f"{file.n_bytes:,}); run again"
+            f"{file.n_bytes:,}; modified since); run again"
         )
 
 
@@ -123,10 +133,6 @@ def _open_shards(files: tuple[ShardFile, ...]) -> Shards:
     return _cached_shards(files)
 
 
-def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split()) or type(exc).__name__
-
-
 def _run(
     executor: Executor,
     fn: Callable[[T], R],
@@ -148,7 +154,7 @@ def _run(
                 raise
             except Exception as exc:
                 raise MoeprofError(
-                    f"a {executor.name} task failed: {type(exc).__name__}: {_one_line(exc)}"
+                    f"a {executor.name} task failed: {type(exc).__name__}: {one_line(exc)}"
                 ) from None
             done += 1
             yield result
@@ -212,10 +218,6 @@ def analyze_sharded(
     n_tokens = shards.n_tokens
     if n_tokens == 0:
         raise MoeprofError("the trace is empty (no tokens)")
-    if chunk_tokens is not None and (
-        isinstance(chunk_tokens, bool) or not isinstance(chunk_tokens, int) or chunk_tokens < 0
-    ):
-        raise MoeprofError(f"chunk_tokens must be 0 or more, got {chunk_tokens!r}")
     if not streams(shards):
         result = analyze(shards.to_trace(), sizes, policy)
         if on_progress is not None:
@@ -224,7 +226,7 @@ def analyze_sharded(
     chunk = (
         default_chunk_tokens(n_tokens, shards.n_layers, shards.n_experts)
         if chunk_tokens is None
-        else chunk_tokens
+        else check_chunk_tokens(chunk_tokens)
     )
     columns = shards.columns()
     n_requests = columns.n_requests

@@ -16,3 +16,8 @@ class MoeprofError(Exception):
     @property
     def message(self) -> str:
         return str(self.args[0]) if self.args else ""
+
+
+def one_line(exc: BaseException) -> str:
+    """An exception's message on one line (whitespace runs collapsed), else its type's name."""
+    return " ".join(str(exc).split()) or type(exc).__name__

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from moeprof.errors import MoeprofError
-from moeprof.trace import Trace, load_trace
+from moeprof.trace import Trace, ids_placeholder, load_trace
 
 TRACE_SUFFIX = ".moe"
 _GLOB_CHARS = frozenset("*?[")
@@ -99,6 +99,7 @@ class Shards:
         self.bounds = np.concatenate(([0], np.cumsum([t.n_tokens for t in self.traces])))
         self.n_experts = first.n_experts
         self.expert_bytes = first.expert_bytes
+        self._columns: Trace | None = None
 
     @property
     def n_tokens(self) -> int:
@@ -120,10 +121,29 @@ class Shards:
         """The first shard's metadata, plus the shards' file names (one entry per file)."""
         meta = dict(self.traces[0].meta)
         if self.n_shards > 1:
+            meta["source"] = self._source()
             meta["shards"] = [
                 {"file": p.name, "n_tokens": t.n_tokens} for p, t in zip(self.paths, self.traces)
             ]
         return meta
+
+    def _source(self) -> Any:
+        """The shards' `source` as one run's: a recording's shards each count their own forward
+        passes, and the run's totals (prompts completed, seconds, an interruption) are in the
+        shard written last; the shard number describes one file, not the whole."""
+        given_sources = [t.meta.get("source") for t in self.traces]
+        sources = [x for x in given_sources if isinstance(x, dict)]
+        if len(sources) != len(given_sources):
+            return given_sources[0]
+        merged = {k: v for k, v in sources[0].items() if k != "shard"}
+        passes = [x.get("forward_passes") for x in sources]
+        if all(isinstance(n, int) for n in passes):
+            merged["forward_passes"] = sum(int(n) for n in passes if n is not None)
+        for key in ("prompts_completed", "seconds", "interrupted"):
+            given = [x[key] for x in sources if key in x]
+            if given:
+                merged[key] = given[-1]
+        return merged
 
     # ------------------------------------------------------------------ per-token columns
     def _request_ids(self) -> np.ndarray:
@@ -171,14 +191,15 @@ class Shards:
     def columns(self) -> Trace:
         """The logical trace's per-token columns (requests, positions, steps, phases) with a
         placeholder for the expert ids that takes no memory (a zero-stride view of the right
-        shape): enough to plan batches, never to count experts."""
+        shape): enough to plan batches, never to count experts. Built once (O(T))."""
+        if self._columns is None:
+            self._columns = self._build_columns()
+        return self._columns
+
+    def _build_columns(self) -> Trace:
         ids_dtype = self.traces[0].expert_ids.dtype
-        placeholder = np.broadcast_to(
-            np.zeros((1, self.n_layers, self.top_k), dtype=ids_dtype),
-            (self.n_tokens, self.n_layers, self.top_k),
-        )
         return Trace(
-            expert_ids=placeholder,
+            expert_ids=ids_placeholder(self.n_tokens, self.n_layers, self.top_k, ids_dtype),
             request_ids=self._request_ids(),
             positions=_concat([t.positions for t in self.traces], np.int32),
             steps=self._steps(),

@@ -556,6 +556,13 @@ class Trace:
             save_file(tensors, str(tmp), metadata=header_meta)
 
 
+def ids_placeholder(n_tokens: int, n_layers: int, top_k: int, dtype: Any) -> np.ndarray:
+    """Expert ids of the right shape that take no memory (one row, zero stride): for a Trace of
+    per-token columns that plans batches and never counts experts."""
+    row = np.zeros((1, n_layers, top_k), dtype=dtype)
+    return np.broadcast_to(row, (n_tokens, n_layers, top_k))
+
+
 def _corrupt(path: Path, why: str) -> MoeprofError:
     return MoeprofError(f"{path}: not a readable moeprof trace ({why})")
 
@@ -610,27 +617,27 @@ def _chunked_semantic_problem(
     meta: Mapping[str, Any],
 ) -> str | None:
     """:func:`semantic_problem` over row chunks of a mapped file, releasing each chunk's pages,
-    with the same messages (token indices are the file's)."""
+    with the same message for the same file (token indices are the file's): an out-of-range id
+    anywhere comes before a repeated expert anywhere, and both before the order of the rows."""
     n_tokens = ids.shape[0]
     step = max(1, _CHECK_CHUNK_DECISIONS // max(1, ids.shape[1] * ids.shape[2]))
     if n_tokens <= step:
         return semantic_problem(ids, n_experts, request_ids, positions, phase, meta)
-    problem = semantic_problem(ids[:0], n_experts, request_ids, positions, phase, meta)
-    if problem:
-        return problem
+    first_duplicate: str | None = None
     for start in range(0, n_tokens, step):
         chunk = ids[start : start + step]
         problem = out_of_range_id(chunk, n_experts)
-        if problem is None:
+        if problem is not None:
+            release_pages(ids)
+            return _shift_token_index(problem, start)
+        if first_duplicate is None:
             dup = duplicate_expert(chunk, n_experts)
             if dup:
-                problem = _duplicate_message(dup[0] + start, dup[1], dup[2])
-        else:
-            problem = _shift_token_index(problem, start)
+                first_duplicate = _duplicate_message(dup[0] + start, dup[1], dup[2])
         release_pages(ids)
-        if problem:
-            return problem
-    return None
+    if first_duplicate is not None:
+        return first_duplicate
+    return semantic_problem(ids[:0], n_experts, request_ids, positions, phase, meta)
 
 
 def _shift_token_index(problem: str, offset: int) -> str:

@@ -155,6 +155,9 @@ def test_shards_are_valid_whole_requests_and_concatenate_to_the_unsharded_record
     from moeprof.shards import load_traces
 
     logical = load_traces(str(tmp_path / "run-*.moe"))
+    source = logical.meta["source"]  # the run's, not shard 0's
+    assert source["forward_passes"] == passes and "shard" not in source
+    assert source["prompts_completed"] == PROMPTS
     for policy in ("tokens", "decode", "recorded"):
         got = moeprof.analyze(logical, [1, 4, 16], policy).results
         assert got == moeprof.analyze(whole, [1, 4, 16], policy).results, policy

@@ -259,3 +259,28 @@ def test_release_drops_the_pages_read_from_resident_memory(tmp_path: Path) -> No
     assert touched - before > 40 << 20
     assert touched - after > 40 << 20
     assert int(trace.expert_ids[-1, -1, -1]) == 7  # still readable after the release
+
+
+def test_chunked_load_check_reports_what_the_whole_check_reports(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two defects in one file (a repeat early, an out-of-range id late, rows out of order): the
+    chunked check names the same one as the whole-file check."""
+    ids = np.tile(np.array([[[0, 1], [2, 3]]], dtype=np.uint8), (50, 1, 1))
+    ids[3, 0] = [1, 1]
+    ids[45, 1, 1] = 9
+    arrays = {
+        "expert_ids": ids,
+        "request_ids": np.zeros(50, dtype=np.int32),
+        "positions": np.arange(50, dtype=np.int32)[::-1].copy(),
+    }
+    doc = {"n_experts": [8, 8], "expert_bytes": [1, 1]}
+    meta = {"format": "moeprof-trace", "format_version": "1", "moeprof": json.dumps(doc)}
+    save_file(arrays, str(tmp_path / "t.moe"), metadata=meta)
+    with pytest.raises(MoeprofError) as whole:
+        load_trace(tmp_path / "t.moe")
+    monkeypatch.setattr(trace_module, "_CHECK_CHUNK_DECISIONS", 12)
+    with pytest.raises(MoeprofError) as chunked:
+        load_trace(tmp_path / "t.moe")
+    assert "expert id 9 at token 45" in whole.value.message
+    assert chunked.value.message == whole.value.message

@@ -159,18 +159,13 @@ def _save_and_summarise(run: RecordRun, output: Path, n_prompts: int) -> None:
 
 
 def _summarise_shards(run: RecordRun, shards: ShardFiles, output: Path, n_prompts: int) -> None:
-    """Show the totals over the shards written; remove an older run's surplus shards (the
-    arguments were checked with --force); exit 130 after a Ctrl-C (the shards are kept)."""
+    """Show the totals over the shards written; exit 130 after a Ctrl-C (the shards are
+    kept)."""
     from moeprof.formatting import human_bytes
-    from moeprof.record.run import existing_shards
     from moeprof.report.rows import recorded_items
     from moeprof.report.terminal import kv_table
 
     written = shards.written
-    mine = {s.path for s in written}
-    for stale in existing_shards(output):
-        if stale not in mine:
-            stale.unlink(missing_ok=True)
     tokens = sum(s.tokens for s in written)
     decode = sum(s.decode_tokens for s in written)
     size = sum(s.file_bytes for s in written)
@@ -271,9 +266,14 @@ def record_cmd(
         revision=revision,
         trust_remote_code=trust_remote_code,
     )
-    from moeprof.record.run import ShardFiles
+    from moeprof.record.run import ShardFiles, existing_shards
 
     shards = ShardFiles(output) if shard_tokens is not None else None
+    if shards is not None:
+        # An older run's shards (allowed by --force) go before recording starts: left beside a
+        # run that fails half-way they would be read as part of it.
+        for stale in existing_shards(output):
+            stale.unlink(missing_ok=True)
     run = _record_with_progress(
         loaded,
         prompt_list,

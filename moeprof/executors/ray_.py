@@ -11,7 +11,7 @@ import socket
 from collections.abc import Callable, Generator, Sequence
 from typing import Any, ClassVar, TypeVar
 
-from moeprof.errors import MoeprofError
+from moeprof.errors import MoeprofError, one_line
 from moeprof.executors.base import Executor, check_workers
 
 T = TypeVar("T")
@@ -21,15 +21,11 @@ _INSTALL = "pip install 'moeprof[ray]'"
 _CONNECT_TIMEOUT_S = 5.0
 
 
-def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split()) or type(exc).__name__
-
-
 def import_ray() -> Any:
     try:
         import ray
     except ImportError as exc:
-        raise MoeprofError(f"the ray executor needs Ray ({_one_line(exc)}): {_INSTALL}") from None
+        raise MoeprofError(f"the ray executor needs Ray ({one_line(exc)}): {_INSTALL}") from None
     return ray
 
 
@@ -54,7 +50,7 @@ def check_reachable(address: str) -> None:
     try:
         socket.create_connection((host.strip("[]"), int(port)), timeout=_CONNECT_TIMEOUT_S).close()
     except OSError as exc:
-        reason = exc.strerror or _one_line(exc)
+        reason = exc.strerror or one_line(exc)
         raise MoeprofError(f"cannot reach a Ray cluster at {address}: {reason}") from None
 
 
@@ -97,7 +93,7 @@ class RayExecutor(Executor):
                 raise
             except Exception as exc:
                 where = f"the Ray cluster at {address}" if address else "a local Ray runtime"
-                raise MoeprofError(f"could not start {where}: {_one_line(exc)}") from None
+                raise MoeprofError(f"could not start {where}: {one_line(exc)}") from None
             self._started = True
         self._remote = ray.remote(_call)
 

@@ -234,6 +234,8 @@ class Recorder:
         self.revision = revision
         self.on_step = on_step
         self.shard_tokens = shard_tokens
+        # True: no cut until the caller ships the rest itself (its last batch, with its totals).
+        self.hold_cuts = False
         self.on_shard = on_shard
         self._stepper = stepper
         self._n_experts = np.array([layer.n_experts for layer in self.layers], dtype=np.int64)
@@ -895,13 +897,21 @@ class Recorder:
         The buffers are freed only after on_shard returns, so a Ctrl-C or error while it stores
         the shard loses nothing: the tokens stay held and go into the next (or last) shard.
         """
-        if self.shard_tokens is None or self.on_shard is None:
+        if self.shard_tokens is None or self.on_shard is None or self.hold_cuts:
             return
         if self.held_tokens < self.shard_tokens:
             return
-        shard = self.to_trace()
+        self.ship()
+
+    def ship(self, *, settings: dict[str, Any] | None = None) -> Trace:
+        """Hand everything held to ``on_shard`` as a shard, then free it (in that order: a Ctrl-C
+        or error while the shard is stored loses nothing). Returns the shard."""
+        if self.on_shard is None:
+            raise MoeprofError("ship() needs an on_shard callback; use take_trace()")
+        shard = self.to_trace(settings=settings)
         self.on_shard(shard)
         self._forget(shard)
+        return shard
 
 
 def record(

@@ -59,6 +59,10 @@ def shard_path(output: str | os.PathLike[str], index: int) -> Path:
 
     Zero-padded so that file-name order is recording order (``moeprof analyze 'OUT-*.moe'``).
     """
+    if index >= 10**_SHARD_DIGITS:  # a sixth digit would sort out of recording order
+        raise MoeprofError(
+            f"a recording writes at most {10**_SHARD_DIGITS:,} shards; use a larger --shard-tokens"
+        )
     out = Path(output)
     return out.with_name(f"{out.stem}-{index:0{_SHARD_DIGITS}d}{out.suffix or '.moe'}")
 
@@ -359,6 +363,11 @@ def record_prompts(
         try:
             for first in range(0, len(prompts), batch_size):
                 batch = prompts[first : first + batch_size]
+                if first + batch_size >= len(prompts):
+                    # The last batch's cut happens below, as the last shard, so that the run's
+                    # totals (prompts completed, seconds) land in a file even when the run
+                    # ends exactly on a shard boundary. The shards' boundaries are the same.
+                    recorder.hold_cuts = True
                 inputs = encode(tokenizer, batch, loaded.device)
                 if gen_config is None:
                     model(**inputs, use_cache=False)
@@ -374,8 +383,7 @@ def record_prompts(
     if on_shard is None or shard_tokens is None:
         return RecordRun(recorder.to_trace(settings=extra), interrupted, seconds, done)
     if recorder.held_tokens or recorder.n_shards == 0:  # no empty shard after full ones
-        last = recorder.take_trace(settings=extra)
-        on_shard(last)
+        last = recorder.ship(settings=extra)
     else:
         last = recorder.to_trace(settings=extra)  # empty: the run ended on a shard boundary
     return RecordRun(last, interrupted, seconds, done, shards=recorder.n_shards)

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from moeprof._version import __version__
-from moeprof.errors import MoeprofError
+from moeprof.errors import MoeprofError, one_line
 from moeprof.executors import Executor, check_executor, get_executor
 from moeprof.executors.base import check_workers
 from moeprof.sweep.analyses import REGISTRY
@@ -39,7 +39,7 @@ def trace_digest(trace: Trace) -> str:
 
 
 def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split()) or type(exc).__name__
+    text = one_line(exc)
     return text if isinstance(exc, MoeprofError) else f"{type(exc).__name__}: {text}"
 
 
