@@ -25,7 +25,7 @@ from moeprof.distribute import analyze_sharded, cache_sharded
 from moeprof.errors import MoeprofError
 from moeprof.executors import Executor, get_executor
 from moeprof.shards import Shards, open_shards
-from moeprof.trace import PHASE_DECODE, PHASE_PREFILL, Trace
+from moeprof.trace import PHASE_DECODE, PHASE_PREFILL, Trace, load_trace
 
 POLICIES = ("tokens", "decode", "recorded", "serve")
 SIZES = (1, 2, 3, 8, 64)
@@ -236,6 +236,36 @@ def test_a_file_rewritten_after_planning_is_refused(tmp_path: Path) -> None:
             analyze_sharded(opened, (2,), "decode", one)
         with pytest.raises(MoeprofError, match="changed after the run was planned"):
             cache_sharded(opened, ("lru",), (2,), (2,), "decode", one)
+
+
+def test_a_same_size_rewrite_after_a_run_is_not_served_from_the_worker_cache(
+    tmp_path: Path,
+) -> None:
+    """Layer tasks keep the shards open between tasks; a file rewritten with other routing of
+    the same shape (same size, same tokens) must be read again, not served from that cache."""
+    opened = write_shards(tmp_path, fleet_trace(4), cuts=(0, 90))
+    with get_executor("local", workers=1) as one:  # in-process: the cache is this process's
+        first = cache_sharded(opened, ("lru",), (2,), (2,), "decode", one)
+        original = load_trace(opened.paths[1])
+        ids = np.array(original.expert_ids)
+        n_exp = original.n_experts.astype(ids.dtype)[None, :, None]
+        routed = ids != n_exp
+        rotated = np.where(routed, (ids.astype(np.int64) + 1) % n_exp, ids).astype(ids.dtype)
+        Trace(
+            expert_ids=rotated,
+            request_ids=np.array(original.request_ids),
+            positions=np.array(original.positions),
+            steps=None if original.steps is None else np.array(original.steps),
+            phase=None if original.phase is None else np.array(original.phase),
+            n_experts=original.n_experts,
+            expert_bytes=original.expert_bytes,
+            meta=original.meta,
+        ).save(opened.paths[1])
+        reopened = open_shards(list(opened.paths))
+        second = cache_sharded(reopened, ("lru",), (2,), (2,), "decode", one)
+        expected = simulate_cache(reopened.to_trace(), ("lru",), (2,), (2,), "decode")
+    assert second.to_dict() == expected.to_dict()
+    assert second.to_dict() != first.to_dict()
 
 
 # ---------------------------------------------------------------------- the command line
