@@ -229,12 +229,10 @@ class Shards:
         return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
     def layer_ids(self, layer: int) -> np.ndarray:
-        """One layer's expert ids over the whole logical trace, a copy [T, K]; the pages read are
-        dropped from resident memory. A layer is 1/L of the trace."""
-        parts = []
-        for trace in self.traces:
-            parts.append(np.array(trace.expert_ids[:, layer, :]))
-            trace.release()
+        """One layer's expert ids over the whole logical trace, a copy [T, K], read in row chunks
+        whose pages are dropped as it goes (:meth:`Trace.layer_column`). A layer is 1/L of the
+        trace."""
+        parts = [trace.layer_column(layer) for trace in self.traces]
         return np.concatenate(parts) if len(parts) > 1 else parts[0]
 
     def release(self) -> None:

@@ -108,9 +108,7 @@ class InMemory:
         return out
 
     def layer_ids(self, layer: int) -> np.ndarray:
-        out = np.array(self.trace.expert_ids[:, layer, :])
-        self.trace.release()
-        return out
+        return self.trace.layer_column(layer)
 
     def to_trace(self) -> Trace:
         return self.trace

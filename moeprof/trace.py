@@ -509,6 +509,20 @@ class Trace:
             meta=self.meta,
         )
 
+    def layer_column(self, layer: int) -> np.ndarray:
+        """One layer's expert ids, a copy [T, K]. A layer's ids are strided through every row,
+        so reading them touches every page of a mapped file: they are read in row chunks, each
+        chunk's pages dropped before the next, so resident memory stays near the column's size
+        instead of the file's."""
+        ids = self.expert_ids
+        out = np.empty((ids.shape[0], ids.shape[2]), dtype=ids.dtype)
+        row_bytes = max(1, ids.shape[1] * ids.shape[2] * ids.itemsize)
+        step = max(1, _LAYER_READ_BYTES // row_bytes)
+        for start in range(0, ids.shape[0], step):
+            out[start : start + step] = ids[start : start + step, layer, :]
+            release_pages(ids)
+        return out
+
     def release(self) -> None:
         """Drop the file pages this trace's arrays have read from resident memory (see
         :func:`release_pages`); the arrays stay valid. A no-op for a trace built in memory."""
@@ -602,6 +616,9 @@ def load_trace(path: str | os.PathLike[str]) -> Trace:
         meta=meta,
     )
 
+
+# Bytes of rows read at a time when one layer's column is copied out of a mapped file.
+_LAYER_READ_BYTES = 32 << 20
 
 # Rows of expert ids checked at a time when a file is loaded: the check's temporaries and the
 # pages it reads stay bounded whatever the file's size (2 M rows of top-8 ids: about 50 MB).

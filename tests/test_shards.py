@@ -284,3 +284,35 @@ def test_chunked_load_check_reports_what_the_whole_check_reports(
         load_trace(tmp_path / "t.moe")
     assert "expert id 9 at token 45" in whole.value.message
     assert chunked.value.message == whole.value.message
+
+
+def _peak_resident_bytes() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmHWM in /proc/self/status")
+
+
+@pytest.mark.skipif(not Path("/proc/self/statm").exists(), reason="needs Linux /proc")
+def test_a_layer_column_is_read_without_the_whole_file_resident(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # One layer of 48 MiB of ids is strided through every page; read in 1 MiB row chunks, the
+    # file's pages never all become resident at once.
+    ids = np.zeros((1 << 20, 6, 8), dtype=np.uint8)
+    ids[:] = np.arange(8, dtype=np.uint8)
+    ids[:, 3] = np.arange(8, 16, dtype=np.uint8)
+    Trace.from_arrays(ids, n_experts=16).save(tmp_path / "big.moe")
+    trace = load_trace(tmp_path / "big.moe")
+    monkeypatch.setattr(trace_module, "_LAYER_READ_BYTES", 1 << 20)
+    try:  # reset the peak (VmHWM) to the current resident size
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pytest.skip("cannot reset the peak resident size here")
+    before = _resident_bytes()
+    column = trace.layer_column(3)
+    grown = _peak_resident_bytes() - before
+    np.testing.assert_array_equal(column, ids[:, 3])
+    assert column.nbytes == 8 << 20
+    assert grown < column.nbytes + (16 << 20)  # the column, not the 48 MiB file
+    np.testing.assert_array_equal(open_shards(tmp_path / "big.moe").layer_ids(3), ids[:, 3])
