@@ -405,9 +405,17 @@ class _Plan:
 
 
 def _counts(
-    load: np.ndarray, seq: AccessSequence, layer_of_item: np.ndarray, n_layers: int, access: bool
+    load: np.ndarray,
+    seq: AccessSequence,
+    layer_of_item: np.ndarray | None,
+    n_layers: int,
+    access: bool,
 ) -> np.ndarray:
-    """Loads per layer (int64 [L]) from one sequence's load flags."""
+    """Loads per layer (int64 [L]) from one sequence's load flags; `layer_of_item` None: the
+    sequence is one layer's (no per-item array needed)."""
+    if layer_of_item is None:
+        loaded = int(seq.requests[load].sum()) if access else int(np.count_nonzero(load))
+        return np.array([loaded], dtype=np.int64)
     weights = seq.requests[load] if access else None
     return np.bincount(layer_of_item[load], weights=weights, minlength=n_layers).astype(np.int64)
 
@@ -418,7 +426,7 @@ def _simulate_one(
     warm: bool,
     n_layers: int,
     access: bool,
-    job: tuple[AccessSequence, np.ndarray, np.ndarray],
+    job: tuple[AccessSequence, np.ndarray | None, np.ndarray],
 ) -> np.ndarray:
     """Loads per layer of one sequence (a layer, or the global pool) under one strategy."""
     seq, layer_of_item, popularity = job
@@ -730,22 +738,10 @@ def count_layer(
     requests = np.zeros(n_plans, dtype=np.int64)
     unique, naive, dedup = np.zeros_like(requests), np.zeros_like(requests), np.zeros_like(requests)
     working: list[WorkingSet] = []
-    jobs: list[tuple[int, str, int, AccessSequence, np.ndarray, np.ndarray]] = []
-    for p, plan in enumerate(plans):
-        d = distinct_per_batch(one, plan, 0)
-        r, u, nv, dd = _reference_counts([d], warm)
-        requests[p], unique[p], naive[p], dedup[p] = r[0], u[0], nv[0], dd[0]
-        (ws,) = _working_sets([d], plan.batch_size, [int(columns.moe_layer_indices[layer])])
-        working.append(replace(ws, layer=layer))
-        seq = layer_sequence(d, n_exp)
-        item_layer = np.zeros(d.expert.shape[0], dtype=np.int64)
-        for name in simulated:
-            for cap in caps:
-                jobs.append((p, name, cap, seq, item_layer, popularity))
-    del one
+    loads = {name: {cap: np.zeros(n_plans, dtype=np.int64) for cap in caps} for name in simulated}
 
-    def run(job: tuple[int, str, int, AccessSequence, np.ndarray, np.ndarray]) -> int:
-        _, name, cap, seq, item_layer, popularity = job
+    def run(job: tuple[str, int, AccessSequence, None, np.ndarray]) -> int:
+        name, cap, seq, item_layer, popularity = job
         strategy = REGISTRY[name]
         assert isinstance(strategy, RetainingStrategy)
         counted = _simulate_one(
@@ -753,9 +749,21 @@ def count_layer(
         )
         return int(counted[0])
 
-    loads = {name: {cap: np.zeros(n_plans, dtype=np.int64) for cap in caps} for name in simulated}
-    for job, counted in zip(jobs, map_threads(run, jobs)):  # simulations side by side
-        loads[job[1]][job[2]][job[0]] = counted
+    # One plan at a time: a plan's sequence (one item per distinct expert per batch, up to T·k
+    # at batch size 1) is freed before the next plan's is built.
+    for p, plan in enumerate(plans):
+        d = distinct_per_batch(one, plan, 0)
+        r, u, nv, dd = _reference_counts([d], warm)
+        requests[p], unique[p], naive[p], dedup[p] = r[0], u[0], nv[0], dd[0]
+        (ws,) = _working_sets([d], plan.batch_size, [int(columns.moe_layer_indices[layer])])
+        working.append(replace(ws, layer=layer))
+        seq = layer_sequence(d, n_exp)
+        del d
+        jobs = [(name, cap, seq, None, popularity) for name in simulated for cap in caps]
+        for job, counted in zip(jobs, map_threads(run, jobs)):  # simulations side by side
+            loads[job[0]][job[1]][p] = counted
+        del seq, jobs
+    del one
     return LayerCounts(layer, requests, unique, naive, dedup, tuple(working), loads)
 
 

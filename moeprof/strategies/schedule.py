@@ -110,15 +110,36 @@ class Distinct:
 
 
 def distinct_per_batch(trace: Trace, plan: BatchPlan, layer: int) -> Distinct:
-    batch, expert = requests_in_order(trace, plan, layer)
+    """Distinct experts of each batch at `layer`, with their request counts and the issue
+    position (among the layer's routed requests, in the plan's order) of their last request.
+
+    One stable sort of (batch, expert) keys: a group's last member is its last request. Memory
+    is a few int64 arrays of the layer's requests (no inverse index, no scatter), since at batch
+    size 1 a layer of a long trace has as many distinct items as requests.
+    """
+    rows = plan.order[: plan.n_rows]
+    ids = np.asarray(trace.expert_ids[rows, layer, :])
     n_exp = int(trace.n_experts[layer])
-    keys = batch * n_exp + expert
-    uniq, inverse, counts = np.unique(keys, return_inverse=True, return_counts=True)
-    last = np.full(uniq.shape[0], -1, dtype=np.int64)
-    np.maximum.at(last, inverse, np.arange(keys.shape[0], dtype=np.int64))
+    batch_of_row = np.repeat(np.arange(plan.n_batches, dtype=np.int64), plan.batch_tokens)
+    keys = (batch_of_row[:, None] * n_exp + ids).reshape(-1)  # issue order: row, then slot
+    del batch_of_row
+    valid = (ids != n_exp).reshape(-1)
+    if not valid.all():
+        keys = keys[valid]
+    del ids, valid
+    order = np.argsort(keys, kind="stable")
+    keys = keys[order]
+    n = keys.shape[0]
+    new = np.ones(n, dtype=bool)
+    np.not_equal(keys[1:], keys[:-1], out=new[1:])
+    starts = np.flatnonzero(new)
+    del new
+    uniq = keys[starts]
+    del keys
+    ends = np.append(starts[1:], n).astype(np.int64) if n else starts
     return Distinct(
         ptr=batch_ptr(uniq // n_exp, plan.n_batches),
         expert=uniq % n_exp,
-        tokens=counts.astype(np.int64),
-        last_use=last,
+        tokens=(ends - starts).astype(np.int64),
+        last_use=order[ends - 1].astype(np.int64),
     )
