@@ -945,11 +945,13 @@ def _reference_counts(
     """requests, unique, naive and dedup loads per layer of the layers in `distinct`."""
     requests = np.array([int(d.tokens.sum()) for d in distinct], dtype=np.int64)
     unique = np.array([d.expert.shape[0] for d in distinct], dtype=np.int64)
+    if not warm:  # references: no cache, every load counts
+        return requests, unique, requests.copy(), unique.copy()
+    # Warm: the device starts with what first uses need.
     first = [_first_use(d) for d in distinct]
-    # References: no cache. Warm: the device starts with what first uses need.
-    dedup = unique - (np.array([int(f.sum()) for f in first]) if warm else 0)
-    naive = requests - (
-        np.array([int(d.tokens[f].sum()) for d, f in zip(distinct, first)]) if warm else 0
+    dedup = unique - np.array([int(f.sum()) for f in first], dtype=np.int64)
+    naive = requests - np.array(
+        [int(d.tokens[f].sum()) for d, f in zip(distinct, first)], dtype=np.int64
     )
     return requests, unique, naive, dedup
 
@@ -1038,12 +1040,9 @@ def _pool(cap: int, budget: str, unit: str, n_layers: int, ebytes: Sequence[int]
 
 def _first_use(d: Distinct) -> np.ndarray:
     """bool per item: the first batch that uses its expert at this layer."""
+    # Items run in batch order, so an expert's first item is its first batch's.
     first = np.zeros(d.expert.shape[0], dtype=bool)
-    batch = np.repeat(np.arange(d.ptr.shape[0] - 1), np.diff(d.ptr))
-    order = np.lexsort((batch, d.expert))
-    starts = np.ones(order.shape[0], dtype=bool)
-    starts[1:] = d.expert[order[1:]] != d.expert[order[:-1]]
-    first[order[starts]] = True
+    first[np.unique(d.expert, return_index=True)[1]] = True
     return first
 
 

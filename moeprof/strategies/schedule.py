@@ -109,13 +109,20 @@ class Distinct:
         return max(int(np.diff(self.ptr).max(initial=0)), 1)
 
 
+# Largest packed (batch, expert, position) number distinct_per_batch sorts in place.
+_PACKED_LIMIT = 2**62
+
+
 def distinct_per_batch(trace: Trace, plan: BatchPlan, layer: int) -> Distinct:
     """Distinct experts of each batch at `layer`, with their request counts and the issue
     position (among the layer's routed requests, in the plan's order) of their last request.
 
-    One stable sort of (batch, expert) keys: a group's last member is its last request. Memory
-    is a few int64 arrays of the layer's requests (no inverse index, no scatter), since at batch
-    size 1 a layer of a long trace has as many distinct items as requests.
+    Each request becomes one int64, (batch · E + expert) · n + its issue position, sorted in
+    place: groups of equal (batch, expert) come out together, their last member holding the
+    last request. At batch size 1 a layer of a long trace has as many distinct items as
+    requests, so memory matters: one array of the layer's requests is sorted where it lies (no
+    argsort, no inverse index, no scatter). Where the packed number could pass 2^63, a stable
+    argsort of the (batch, expert) keys does the same.
     """
     rows = plan.order[: plan.n_rows]
     ids = np.asarray(trace.expert_ids[rows, layer, :])
@@ -127,19 +134,36 @@ def distinct_per_batch(trace: Trace, plan: BatchPlan, layer: int) -> Distinct:
     if not valid.all():
         keys = keys[valid]
     del ids, valid
-    order = np.argsort(keys, kind="stable")
-    keys = keys[order]
     n = keys.shape[0]
+    if max(plan.n_batches, 1) * n_exp * max(n, 1) < _PACKED_LIMIT:
+        keys *= n
+        keys += np.arange(n, dtype=np.int64)
+        keys.sort()
+        position = keys % max(n, 1)
+        keys //= max(n, 1)
+    else:
+        order = np.argsort(keys, kind="stable")
+        keys = keys[order]
+        position = order
+        del order
     new = np.ones(n, dtype=bool)
     np.not_equal(keys[1:], keys[:-1], out=new[1:])
     starts = np.flatnonzero(new)
     del new
     uniq = keys[starts]
     del keys
-    ends = np.append(starts[1:], n).astype(np.int64) if n else starts
-    return Distinct(
-        ptr=batch_ptr(uniq // n_exp, plan.n_batches),
-        expert=uniq % n_exp,
-        tokens=(ends - starts).astype(np.int64),
-        last_use=order[ends - 1].astype(np.int64),
-    )
+    # A group's last member holds its last request. Arrays are freed as soon as they are used.
+    last = np.empty_like(starts)
+    last[:-1] = starts[1:]
+    if n:
+        last[-1] = n
+    tokens = last - starts
+    del starts
+    last -= 1
+    last_use = position[last]
+    del position, last
+    expert = uniq % n_exp
+    np.floor_divide(uniq, n_exp, out=uniq)  # now each item's batch
+    ptr = batch_ptr(uniq, plan.n_batches)
+    del uniq
+    return Distinct(ptr=ptr, expert=expert, tokens=tokens, last_use=last_use)
