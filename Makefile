@@ -6,7 +6,7 @@ PIP    := $(PY) -m pip
 # A bare `torch` requirement can pull a multi-GB CUDA build; the pinned CPU build is installed first.
 TORCH_PIN ?= torch==2.13.0
 
-.PHONY: install demo test lint typecheck pytest bench bench-replay gpu-check clean
+.PHONY: install demo test lint typecheck pytest bench bench-replay bench-scale gpu-check clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -61,6 +61,10 @@ bench: install
 
 bench-replay: install
 	$(PY) benchmarks/bench_replay.py
+
+# Traces of 10 M, 100 M and 1 B routing decisions (1 B: about 2 GB of ids, 25 minutes on 2 cores).
+bench-scale: install
+	$(PY) benchmarks/bench_scale.py --sizes 10M,100M,1B
 
 # On a GPU machine: gpu tests, doctor, replays, summary (uses whatever python has torch).
 gpu-check:
