@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
 import os
 from collections import OrderedDict, deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -373,3 +376,23 @@ QUEUE_REFERENCES: dict[str, type[ReferenceCache]] = {
     "s3fifo": ReferenceS3Fifo,
     "arc": ReferenceArc,
 }
+
+
+@contextlib.contextmanager
+def local_ray_runtime() -> Iterator[Any]:
+    """A local Ray runtime for one test module (starting one takes seconds): every Ray executor
+    in the module finds it initialised, reuses it and leaves it running. Start it after any
+    local process pool of the module: the pool forks the test process."""
+    ray = pytest.importorskip("ray")
+    assert not ray.is_initialized()
+    ray.init(
+        address="local",
+        num_cpus=2,
+        include_dashboard=False,
+        log_to_driver=False,
+        logging_level=logging.ERROR,
+    )
+    try:
+        yield ray
+    finally:
+        ray.shutdown()

@@ -8,7 +8,6 @@ runtime starts (the Ray tests are last, behind a fixture that runs the pool firs
 from __future__ import annotations
 
 import json
-import logging
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,7 +15,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conftest import reference_loads
+from conftest import local_ray_runtime, reference_loads
 
 import moeprof
 from moeprof.batching import get_policy
@@ -364,17 +363,8 @@ def pool_results(shards: Shards) -> dict[str, Any]:
 @pytest.fixture(scope="module")
 def ray_runtime(pool_results: dict[str, Any]) -> Iterator[Any]:
     """One local Ray runtime for the module: every executor below reuses it."""
-    ray = pytest.importorskip("ray")
-    assert not ray.is_initialized()
-    ray.init(
-        address="local",
-        num_cpus=2,
-        include_dashboard=False,
-        log_to_driver=False,
-        logging_level=logging.ERROR,
-    )
-    yield ray
-    ray.shutdown()
+    with local_ray_runtime() as ray:
+        yield ray
 
 
 def test_ray_equals_the_merged_trace(

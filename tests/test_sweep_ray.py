@@ -5,16 +5,17 @@ Ctrl-C, failures, and a second process joining the runtime by its address."""
 from __future__ import annotations
 
 import json
-import logging
 import shutil
 import subprocess
 import sys
 import textwrap
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import local_ray_runtime
 
 from moeprof.executors import get_executor
 from moeprof.sweep import load_sweep, parse_sweep, run_sweep
@@ -53,20 +54,11 @@ def pool_rows(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
 
 
 @pytest.fixture(scope="module")
-def ray_runtime(pool_rows: list[dict[str, Any]]) -> Any:
+def ray_runtime(pool_rows: list[dict[str, Any]]) -> Iterator[Any]:
     """One local Ray runtime for the module (starting one takes seconds): every executor below
     finds it initialised, reuses it and leaves it running."""
-    ray = pytest.importorskip("ray")
-    assert not ray.is_initialized()
-    ray.init(
-        address="local",
-        num_cpus=2,
-        include_dashboard=False,
-        log_to_driver=False,
-        logging_level=logging.ERROR,
-    )
-    yield ray
-    ray.shutdown()
+    with local_ray_runtime() as ray:
+        yield ray
 
 
 def test_ray_results_and_errors_are_the_pools(ray_runtime: Any) -> None:
