@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
+
 
 class MoeprofError(Exception):
     """A problem with the user's input or environment: printed as one line, exit code 2."""
@@ -21,3 +23,20 @@ class MoeprofError(Exception):
 def one_line(exc: BaseException) -> str:
     """An exception's message on one line (whitespace runs collapsed), else its type's name."""
     return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def check_names(
+    names: Iterable[str], known: Sequence[str], *, param: str, plural: str, singular: str
+) -> tuple[str, ...]:
+    """Known, distinct names in `known`'s order (the order runs and reports use); empty items
+    skipped. A MoeprofError names the parameter (`param`) given as text, an empty choice, or
+    the first unknown `singular`."""
+    if isinstance(names, str):
+        raise MoeprofError(f"{param} must be a list of names, not the text {names!r}")
+    chosen = [n for n in names if n]
+    if not chosen:
+        raise MoeprofError(f"no {plural} given; choose from {', '.join(known)}")
+    for name in chosen:
+        if name not in known:
+            raise MoeprofError(f"unknown {singular} {name!r}; choose from {', '.join(known)}")
+    return tuple(n for n in known if n in chosen)

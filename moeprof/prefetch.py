@@ -40,7 +40,7 @@ from typing import Any
 import numpy as np
 
 from moeprof.batching import BatchPlan, check_batch_sizes, get_policy
-from moeprof.errors import MoeprofError
+from moeprof.errors import MoeprofError, check_names
 from moeprof.strategies.registry import (
     REGISTRY,
     check_cache_experts,
@@ -143,17 +143,13 @@ class PrefetchResult:
 
 def check_predictors(predictors: Sequence[str]) -> tuple[str, ...]:
     """Known, distinct predictor names in PREDICTORS order."""
-    if isinstance(predictors, str):
-        raise MoeprofError(f"predictors must be a list of names, not the text {predictors!r}")
-    chosen = [p for p in predictors if p]
-    if not chosen:
-        raise MoeprofError("no prefetch predictors given; choose from " + ", ".join(PREDICTORS))
-    for name in chosen:
-        if name not in PREDICTORS:
-            raise MoeprofError(
-                f"unknown prefetch predictor {name!r}; choose from {', '.join(PREDICTORS)}"
-            )
-    return tuple(p for p in PREDICTORS if p in chosen)
+    return check_names(
+        predictors,
+        PREDICTORS,
+        param="predictors",
+        plural="prefetch predictors",
+        singular="prefetch predictor",
+    )
 
 
 def check_prefetch_experts(prefetch_experts: Any) -> int:

@@ -48,7 +48,7 @@ from moeprof.batching.serve import (
     request_table,
 )
 from moeprof.cache import layer_trace
-from moeprof.errors import MoeprofError
+from moeprof.errors import MoeprofError, check_names
 from moeprof.strategies import REGISTRY
 from moeprof.strategies.retaining import RetainingStrategy
 from moeprof.strategies.retention import layer_sequence, map_threads
@@ -199,16 +199,13 @@ class GroupAdmission(Admission):
 
 def check_admissions(names: Iterable[str]) -> tuple[str, ...]:
     """Known, distinct admission names in the order of ADMISSIONS, fifo always first."""
-    if isinstance(names, str):
-        raise MoeprofError(f"admissions must be a list of names, not the text {names!r}")
-    chosen = [n for n in names if n]
-    if not chosen:
-        raise MoeprofError("no admission policies given; choose from " + ", ".join(ADMISSIONS))
-    for name in chosen:
-        if name not in ADMISSIONS:
-            raise MoeprofError(
-                f"unknown admission policy {name!r}; choose from {', '.join(ADMISSIONS)}"
-            )
+    chosen = check_names(
+        names,
+        ADMISSIONS,
+        param="admissions",
+        plural="admission policies",
+        singular="admission policy",
+    )
     return tuple(n for n in ADMISSIONS if n in chosen or n == BASELINE)
 
 

@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from moeprof.errors import MoeprofError
+from moeprof.errors import MoeprofError, check_names
 from moeprof.strategies.arc import ArcStrategy
 from moeprof.strategies.base import Strategy
 from moeprof.strategies.belady import BeladyStrategy
@@ -50,14 +50,9 @@ def get_strategy(name: str) -> Strategy:
 
 def check_strategies(names: Sequence[str]) -> tuple[str, ...]:
     """Known, distinct strategy names in run order; a MoeprofError names the first unknown."""
-    if isinstance(names, str):
-        raise MoeprofError(f"strategies must be a list of names, not the text {names!r}")
-    chosen = [s for s in names if s]
-    if not chosen:
-        raise MoeprofError("no strategies given; choose from " + ", ".join(REGISTRY))
-    for name in chosen:
-        get_strategy(name)
-    return tuple(s for s in REGISTRY if s in chosen)
+    return check_names(
+        names, tuple(REGISTRY), param="strategies", plural="strategies", singular="strategy"
+    )
 
 
 def check_cache_experts(cache_experts: Any) -> int:
