@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 
 class MoeprofError(Exception):
@@ -40,3 +42,8 @@ def check_names(
         if name not in known:
             raise MoeprofError(f"unknown {singular} {name!r}; choose from {', '.join(known)}")
     return tuple(n for n in known if n in chosen)
+
+
+def is_whole_number(value: Any) -> bool:
+    """An int or a numpy integer, not a bool (bool is an int subclass, and True is no count)."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)

@@ -40,7 +40,7 @@ from typing import Any
 import numpy as np
 
 from moeprof.batching import BatchPlan, check_batch_sizes, get_policy
-from moeprof.errors import MoeprofError, check_names
+from moeprof.errors import MoeprofError, check_names, is_whole_number
 from moeprof.strategies.registry import (
     REGISTRY,
     check_cache_experts,
@@ -153,9 +153,7 @@ def check_predictors(predictors: Sequence[str]) -> tuple[str, ...]:
 
 
 def check_prefetch_experts(prefetch_experts: Any) -> int:
-    whole = isinstance(prefetch_experts, (int, np.integer)) and not isinstance(
-        prefetch_experts, bool
-    )
+    whole = is_whole_number(prefetch_experts)
     if not whole or prefetch_experts < 1:
         raise MoeprofError(f"prefetch_experts must be 1 or more, got {prefetch_experts!r}")
     return int(prefetch_experts)

@@ -45,7 +45,7 @@ from moeprof.analyze import (
     unique_rows,
 )
 from moeprof.batching import BatchPlan, check_batch_sizes, get_policy
-from moeprof.errors import MoeprofError
+from moeprof.errors import MoeprofError, is_whole_number
 from moeprof.trace import Trace, out_of_range_id
 
 _WORD = 64
@@ -131,7 +131,7 @@ def source_summary(source: TraceSource) -> dict[str, Any]:
 
 
 def check_chunk_tokens(chunk_tokens: Any) -> int:
-    whole = isinstance(chunk_tokens, (int, np.integer)) and not isinstance(chunk_tokens, bool)
+    whole = is_whole_number(chunk_tokens)
     if not whole or int(chunk_tokens) < 0:
         raise MoeprofError(
             f"chunk_tokens must be a whole number of tokens, 0 (in memory) or more, "

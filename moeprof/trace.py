@@ -28,7 +28,7 @@ import numpy as np
 
 from moeprof import _io
 from moeprof._version import __version__
-from moeprof.errors import MoeprofError
+from moeprof.errors import MoeprofError, is_whole_number
 
 FORMAT_NAME = "moeprof-trace"
 FORMAT_VERSION = 1
@@ -66,7 +66,7 @@ def _per_layer(
     if raw.shape != (n_layers,):
         raise MoeprofError(f"{name} must be one int or one value per MoE layer ({n_layers})")
     values = raw.tolist()
-    if not all(_is_int(v) for v in values):
+    if not all(is_whole_number(v) for v in values):
         raise MoeprofError(f"{name} must be whole numbers, got {values[:8]!r}")
     if any(not lo <= int(v) <= hi for v in values):
         raise MoeprofError(f"{name} must be between {lo} and {hi} per layer")
@@ -77,10 +77,6 @@ def _per_layer(
 MAX_EXPERT_BYTES = 1 << 40
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
-
-
 def _meta_problem(meta: Mapping[str, Any], n_layers: int) -> str | None:
     """Why the free-form metadata is unusable, or None. Readers rely on these types."""
     for key in ("model", "source", "library_versions"):
@@ -89,13 +85,13 @@ def _meta_problem(meta: Mapping[str, Any], n_layers: int) -> str | None:
     if "moe_layer_indices" in meta:
         indices = meta["moe_layer_indices"]
         if not isinstance(indices, (list, tuple)) or not all(
-            _is_int(x) and 0 <= int(x) < 2**31 for x in indices
+            is_whole_number(x) and 0 <= int(x) < 2**31 for x in indices
         ):
             return "moe_layer_indices must be a list of whole numbers 0..2^31-1"
         if len(indices) != n_layers:
             return f"moe_layer_indices names {len(indices)} layers, expert_ids has {n_layers}"
     shared = meta.get("shared_expert_bytes", 0)
-    if not _is_int(shared) or not 0 <= int(shared) <= MAX_EXPERT_BYTES:
+    if not is_whole_number(shared) or not 0 <= int(shared) <= MAX_EXPERT_BYTES:
         return "shared_expert_bytes must be a whole number of bytes"
     return None
 
@@ -731,7 +727,7 @@ def _map_arrays(
         except (KeyError, TypeError, ValueError):
             raise _corrupt(p, f"bad entry for array {name!r}") from None
         # Whole JSON numbers only (no floats, no infinity); exact Python-int sizes, no wrap.
-        if not all(_is_int(d) and d >= 0 for d in (*shape, begin, end)):
+        if not all(is_whole_number(d) and d >= 0 for d in (*shape, begin, end)):
             raise _corrupt(p, f"array {name!r} has a bad shape or byte range")
         count = math.prod(shape)
         if end - begin != count * dtype.itemsize:

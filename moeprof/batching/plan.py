@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from moeprof.errors import MoeprofError
+from moeprof.errors import MoeprofError, is_whole_number
 
 MAX_BATCH_SIZE = 2**31 - 1  # rows are indexed by int32-sized counts
 
@@ -69,7 +69,7 @@ class BatchPlan:
 
 
 def check_batch_size(batch_size: Any) -> int:
-    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)):
+    if not is_whole_number(batch_size):
         raise MoeprofError(f"batch size must be a whole number, got {batch_size!r}")
     if batch_size <= 0:
         raise MoeprofError(f"batch size must be at least 1, got {batch_size}")

@@ -25,7 +25,7 @@ import numpy as np
 from moeprof.batching.base import BatchPolicy
 from moeprof.batching.decode import request_spans
 from moeprof.batching.plan import BatchPlan, check_batch_size, plan_from_batch_ids
-from moeprof.errors import MoeprofError
+from moeprof.errors import MoeprofError, is_whole_number
 from moeprof.trace import PHASE_PREFILL, Trace
 
 DEFAULT_MAX_TOKENS_PER_STEP = 2048  # vLLM's max_num_batched_tokens default for chunked prefill
@@ -62,7 +62,7 @@ def request_table(trace: Trace) -> Requests:
 
 
 def check_max_tokens_per_step(value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+    if not is_whole_number(value):
         raise MoeprofError(f"max_tokens_per_step must be a whole number, got {value!r}")
     if value < 1:
         raise MoeprofError(
@@ -74,7 +74,7 @@ def check_max_tokens_per_step(value: Any) -> int:
 def check_max_wait(value: Any) -> int | None:
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+    if not is_whole_number(value) or value < 0:
         raise MoeprofError(f"max_wait must be a whole number of steps, 0 or more, got {value!r}")
     return int(value)
 
@@ -112,7 +112,7 @@ def arrival_steps(n_requests: int, arrival_rate: float | None, seed: int = 0) ->
 
 def check_seed(seed: object) -> int:
     """A seed numpy takes: a whole number, 0 or more."""
-    whole = isinstance(seed, (int, np.integer)) and not isinstance(seed, bool)
+    whole = is_whole_number(seed)
     if not whole or int(seed) < 0:  # type: ignore[call-overload]
         raise MoeprofError(f"seed must be a whole number, 0 or more, got {seed!r}")
     return int(seed)  # type: ignore[call-overload]

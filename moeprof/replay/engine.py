@@ -28,7 +28,7 @@ from moeprof.analyze import (
     unique_per_batch,
 )
 from moeprof.batching import BatchPlan, BatchPolicy, check_batch_sizes, get_policy
-from moeprof.errors import MoeprofError
+from moeprof.errors import MoeprofError, is_whole_number
 from moeprof.replay.backends import (
     DEFAULT_HIDDEN,
     GIB,
@@ -78,7 +78,7 @@ class ReplayInterrupted(KeyboardInterrupt):
 
 
 def _check_whole(value: Any, name: str, minimum: int) -> int:
-    whole = isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+    whole = is_whole_number(value)
     if not whole or value < minimum:
         raise MoeprofError(f"{name} must be at least {minimum}, got {value!r}")
     return int(value)
@@ -92,7 +92,7 @@ def _check_layers(layers: Sequence[int] | None, n_layers: int) -> list[int]:
         raise MoeprofError(f"layers must be MoE layer numbers, not the text {layers!r}")
     out: list[int] = []
     for item in layers:
-        if isinstance(item, bool) or not isinstance(item, (int, np.integer)):
+        if not is_whole_number(item):
             raise MoeprofError(f"MoE layer {item!r} is not a whole number")
         if not 0 <= item < n_layers:
             raise MoeprofError(

@@ -6,9 +6,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-import numpy as np
-
-from moeprof.errors import MoeprofError, check_names
+from moeprof.errors import MoeprofError, check_names, is_whole_number
 from moeprof.strategies.arc import ArcStrategy
 from moeprof.strategies.base import Strategy
 from moeprof.strategies.belady import BeladyStrategy
@@ -56,7 +54,7 @@ def check_strategies(names: Sequence[str]) -> tuple[str, ...]:
 
 
 def check_cache_experts(cache_experts: Any) -> int:
-    whole = isinstance(cache_experts, (int, np.integer)) and not isinstance(cache_experts, bool)
+    whole = is_whole_number(cache_experts)
     if not whole or cache_experts < 0:
         raise MoeprofError(f"cache_experts must be 0 or more, got {cache_experts!r}")
     return int(cache_experts)
