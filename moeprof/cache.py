@@ -187,30 +187,33 @@ def _choice(value: Any, allowed: Sequence[str], name: str) -> str:
     return str(value)
 
 
-def select_phase(trace: Trace, phase: str) -> Trace:
-    """The rows of `trace` in `phase` ('all', 'decode', 'prefill'), in stored order. A trace
-    without phases is all decode."""
+def phase_rows(trace: Trace, phase: str) -> np.ndarray | None:
+    """The rows of `trace` in `phase` ('all', 'decode', 'prefill'), in stored order; None when
+    that is every row. A trace without phases is all decode. Reads only the phase column."""
     _choice(phase, PHASES, "phase")
     if phase == "all":
-        return trace
+        return None
     if trace.phase is None:
         if phase == "prefill":
             raise MoeprofError(
                 "phase 'prefill': the trace records no phases, so all its rows count as decode"
             )
-        return trace
+        return None
     keep = np.flatnonzero(trace.phase == (PHASE_DECODE if phase == "decode" else PHASE_PREFILL))
     if keep.size == 0:
         raise MoeprofError(f"phase {phase!r}: the trace has no {phase} rows")
-    if keep.size == trace.n_tokens:
-        return trace
+    return None if keep.size == trace.n_tokens else keep
+
+
+def _rows_of(trace: Trace, keep: np.ndarray, expert_ids: np.ndarray) -> Trace:
+    """`trace`'s rows `keep` with `expert_ids` for them. A subset of request-major rows stays
+    request-major: no check needs repeating."""
 
     def rows(arr: np.ndarray | None) -> np.ndarray | None:
         return None if arr is None else np.ascontiguousarray(arr[keep])
 
-    # A subset of request-major rows stays request-major: no check needs repeating.
     return Trace(
-        expert_ids=np.ascontiguousarray(trace.expert_ids[keep]),
+        expert_ids=expert_ids,
         request_ids=np.ascontiguousarray(trace.request_ids[keep]),
         positions=np.ascontiguousarray(trace.positions[keep]),
         n_experts=trace.n_experts,
@@ -223,38 +226,24 @@ def select_phase(trace: Trace, phase: str) -> Trace:
     )
 
 
+def select_phase(trace: Trace, phase: str) -> Trace:
+    """The rows of `trace` in `phase` (:func:`phase_rows`) as a trace."""
+    keep = phase_rows(trace, phase)
+    if keep is None:
+        return trace
+    return _rows_of(trace, keep, np.ascontiguousarray(trace.expert_ids[keep]))
+
+
 def select_phase_rows(columns: Trace, phase: str) -> tuple[Trace, np.ndarray | None]:
     """:func:`select_phase` of a trace's per-token columns only (its expert ids are not read:
     they may be a placeholder), and the rows kept (None: all)."""
-    _choice(phase, PHASES, "phase")
-    if phase == "all" or (columns.phase is None and phase == "decode"):
+    keep = phase_rows(columns, phase)
+    if keep is None:
         return columns, None
-    if columns.phase is None:
-        raise MoeprofError(
-            "phase 'prefill': the trace records no phases, so all its rows count as decode"
-        )
-    keep = np.flatnonzero(columns.phase == (PHASE_DECODE if phase == "decode" else PHASE_PREFILL))
-    if keep.size == 0:
-        raise MoeprofError(f"phase {phase!r}: the trace has no {phase} rows")
-    if keep.size == columns.n_tokens:
-        return columns, None
-
-    def rows(arr: np.ndarray | None) -> np.ndarray | None:
-        return None if arr is None else np.ascontiguousarray(arr[keep])
-
-    sub = Trace(
-        expert_ids=ids_placeholder(
-            keep.size, columns.n_layers, columns.top_k, columns.expert_ids.dtype
-        ),
-        request_ids=np.ascontiguousarray(columns.request_ids[keep]),
-        positions=np.ascontiguousarray(columns.positions[keep]),
-        n_experts=columns.n_experts,
-        expert_bytes=columns.expert_bytes,
-        steps=rows(columns.steps),
-        phase=rows(columns.phase),
-        meta=columns.meta,
+    placeholder = ids_placeholder(
+        keep.size, columns.n_layers, columns.top_k, columns.expert_ids.dtype
     )
-    return sub, keep
+    return _rows_of(columns, keep, placeholder), keep
 
 
 def requests_per_expert(trace: Trace) -> list[np.ndarray]:
